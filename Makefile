@@ -1,0 +1,28 @@
+# cancernet: make setup | make demo | make test
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DATA := data/synthetic
+
+.PHONY: setup demo test clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade --quiet pip
+	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt
+	touch $(STAMP)
+
+$(DEMO_DATA)/train_labels.csv: | $(STAMP)
+	$(PY) -m cancernet synth $(DEMO_DATA) --n-train 3000 --n-test 200 --seed 0
+
+demo: $(STAMP) $(DEMO_DATA)/train_labels.csv
+	$(PY) train_ddp.py --config configs/demo.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf runs/demo $(DEMO_DATA)

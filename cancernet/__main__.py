@@ -1,0 +1,64 @@
+"""python -m cancernet {synth,prepare,evaluate,predict,bench,...}: the non-training commands."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+from .console import main_guard, setup_logging
+
+log = logging.getLogger("cancernet")
+
+
+def cmd_synth(args) -> int:
+    from .data.synthetic import write_dataset
+
+    start = time.perf_counter()
+    frame = write_dataset(args.out, args.n_train, args.n_test, args.seed, pool=args.pool,
+                          workers=args.workers)
+    log.info("wrote %d train (%.1f%% positive) and %d test patches to %s in %.1fs", len(frame),
+             100 * frame["label"].mean(), args.n_test, args.out, time.perf_counter() - start)
+    return 0
+
+
+def cmd_fetch_weights(args) -> int:
+    from .models import imagenet_state_dict
+
+    for arch in args.arch:
+        imagenet_state_dict(arch, args.mirror)
+        log.info("ImageNet weights for %s are in the torch hub cache (TORCH_HOME)", arch)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m cancernet", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write a synthetic dataset in the Kaggle layout")
+    p.add_argument("out")
+    p.add_argument("--n-train", type=int, default=2000)
+    p.add_argument("--n-test", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pool", type=int, default=None,
+                   help="render only this many distinct patches and reuse them (fast scale tests)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("fetch-weights", help="download ImageNet weights into the torch hub cache "
+                       "(run on a machine with network, e.g. a cluster's login node)")
+    p.add_argument("--arch", nargs="+", default=["resnet34"], choices=["resnet18", "resnet34", "resnet50"])
+    p.add_argument("--mirror", default=None, help="base URL holding the same file names")
+    p.set_defaults(func=cmd_fetch_weights)
+    return parser
+
+
+def main() -> int:
+    args = build_parser().parse_args()
+    setup_logging(int(os.environ.get("RANK", 0)))
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main_guard(main))

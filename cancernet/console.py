@@ -1,0 +1,26 @@
+"""Logging setup and the one-line error exit shared by train_ddp.py and python -m cancernet."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Callable
+
+from .errors import UserError
+
+
+def setup_logging(rank: int = 0) -> None:
+    """Rank 0 logs at INFO, other ranks at WARNING, each line tagged with its rank."""
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, force=True,
+                        format=f"%(asctime)s [rank{rank}] %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stdout)
+
+
+def main_guard(main: Callable[[], int]) -> int:
+    """Run main; a UserError becomes 'error: <message>' on stderr and exit code 2."""
+    try:
+        return main()
+    except UserError as e:
+        rank = os.environ.get("RANK", "0")
+        print(f"error{'' if rank == '0' else f' (rank {rank})'}: {e}", file=sys.stderr, flush=True)
+        return 2

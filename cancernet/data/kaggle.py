@@ -1,0 +1,112 @@
+"""The Kaggle folder layout: train_labels.csv (id,label) and train/<id>.tif patches."""
+from __future__ import annotations
+
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from ..errors import UserError
+
+PATCH_SHAPE = (96, 96, 3)
+
+
+class DataError(UserError, ValueError):
+    """Input data that cannot be used; the message names the file or id."""
+
+
+class BadImageError(DataError):
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"bad image {path}: {reason}")
+        self.path, self.reason = Path(path), reason
+
+
+def labels_csv(root: str | Path) -> Path:
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data.root {root} does not exist (it must hold train_labels.csv and train/)")
+    path = root / "train_labels.csv"
+    if not path.is_file():
+        raise DataError(f"{path} not found: data.root must hold train_labels.csv and train/")
+    return path
+
+
+def read_labels(root: str | Path, limit: int | None = None) -> pd.DataFrame:
+    """The labels table (id: str, label: int), checked: no missing/duplicate ids, labels in {0,1}."""
+    path = labels_csv(root)
+    try:
+        frame = pd.read_csv(path, dtype={"id": str}, keep_default_na=False, na_values={"label": [""]})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot be parsed as CSV ({e})") from None
+    missing_cols = {"id", "label"} - set(frame.columns)
+    if missing_cols:
+        raise DataError(f"{path}: missing column(s) {sorted(missing_cols)}; expected 'id,label'")
+    blank = frame.index[frame["id"].str.strip() == ""]
+    if len(blank):
+        raise DataError(f"{path}: row {blank[0] + 2} has an empty id")
+    dup = frame["id"][frame["id"].duplicated()]
+    if len(dup):
+        raise DataError(f"{path}: duplicate id {dup.iloc[0]!r} ({len(dup)} duplicate rows)")
+    labels = pd.to_numeric(frame["label"], errors="coerce")
+    bad = frame.index[~labels.isin([0, 1])]
+    if len(bad):
+        row = frame.loc[bad[0]]
+        raise DataError(f"{path}: id {row['id']!r} has label {row['label']!r}; labels must be 0 or 1")
+    frame = frame.assign(label=labels.astype(np.int64))[["id", "label"]]
+    return frame.head(limit).reset_index(drop=True) if limit else frame
+
+
+def read_patch(path: str | Path) -> np.ndarray:
+    """Decode one patch to a (96, 96, 3) uint8 array, or raise BadImageError saying why."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadImageError(path, "file is missing")
+    try:
+        with Image.open(path) as im:
+            im.load()  # full decode: a truncated file fails here, not halfway through training
+            if im.mode != "RGB":
+                raise BadImageError(path, f"mode is {im.mode}, expected RGB")
+            array = np.array(im)
+    except BadImageError:
+        raise
+    except Exception as e:  # PIL raises several types for unreadable/truncated files
+        raise BadImageError(path, f"cannot be decoded ({e})") from None
+    if array.shape != PATCH_SHAPE:
+        raise BadImageError(path, f"size is {array.shape[1]}x{array.shape[0]}, expected 96x96")
+    return array
+
+
+def image_path(root: str | Path, image_id: str, folder: str = "train") -> Path:
+    return Path(root) / folder / f"{image_id}.tif"
+
+
+def _check_one(path: Path) -> str | None:
+    try:
+        read_patch(path)
+    except BadImageError as e:
+        return e.reason
+    return None
+
+
+def find_bad_images(root: str | Path, ids: list[str], workers: int = 0) -> dict[str, str]:
+    """{id: reason} for every listed image that is missing or unusable (decodes all in parallel)."""
+    paths = [image_path(root, i) for i in ids]
+    if workers > 1 and len(paths) > 2000:
+        with ProcessPoolExecutor(workers) as pool:
+            reasons = list(pool.map(_check_one, paths, chunksize=512))
+    else:
+        reasons = [_check_one(p) for p in paths]
+    return {i: r for i, r in zip(ids, reasons) if r is not None}
+
+
+def drop_bad_images(frame: pd.DataFrame, bad: dict[str, str], policy: str, root) -> pd.DataFrame:
+    """Apply data.on_bad_image: fail naming the first bad image, or drop them all."""
+    if not bad:
+        return frame
+    if policy == "fail":
+        first = next(iter(bad))
+        raise DataError(f"bad image {image_path(root, first)}: {bad[first]} "
+                        f"({len(bad)} bad image(s) in all; data.on_bad_image=skip skips and lists them)")
+    return frame[~frame["id"].isin(bad)].reset_index(drop=True)

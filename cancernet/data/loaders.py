@@ -1,0 +1,89 @@
+"""From config to the labelled table (validated, split) and the DataLoaders of each split."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from ..atomic import write_text
+from ..config import Config
+from ..distributed import DistInfo, barrier, broadcast_object
+from .augment import Augment
+from .datasets import FolderDataset, ResumableSampler, ShardSampler
+from .kaggle import drop_bad_images, find_bad_images, read_labels
+from .splits import load_or_make_splits, make_splits, read_groups
+
+log = logging.getLogger(__name__)
+
+
+def load_table(cfg: Config, dist: DistInfo, out_dir: Path | None) -> pd.DataFrame:
+    """id, label, split for every usable image; splits.csv (and bad_images.csv) written by rank 0."""
+    dc = cfg.data
+    frame = read_labels(dc.root, dc.limit)
+    if dc.format == "folder":
+        # Rank 0 decodes every image once up front, so a bad one fails now, not mid-epoch.
+        bad = find_bad_images(dc.root, frame["id"].tolist(), dc.num_workers) if dist.is_main else None
+        bad = broadcast_object(bad, dist)
+    else:
+        from .packed import open_pack
+        bad = open_pack(cfg.data).bad_images
+    frame = drop_bad_images(frame, bad, dc.on_bad_image, dc.root)
+    if bad:
+        log.warning("skipping %d bad image(s), listed in bad_images.csv", len(bad))
+
+    def make() -> pd.DataFrame:
+        groups = read_groups(dc.groups_csv, frame["id"]) if dc.groups_csv else None
+        return make_splits(frame, dc.val_fraction, dc.test_fraction, cfg.train.seed, groups)
+
+    table = load_or_make_splits(out_dir / "splits.csv", frame, make) if out_dir else make()
+    if out_dir is not None and dist.is_main:
+        write_text(out_dir / "splits.csv", table[["id", "split"]].to_csv(index=False))
+        if bad:
+            write_text(out_dir / "bad_images.csv",
+                       pd.DataFrame(bad.items(), columns=["id", "reason"]).to_csv(index=False))
+    barrier(dist)
+    return table
+
+
+@dataclass
+class SplitLoader:
+    """A loader plus the augmentation still to apply on the device (packed path) or None."""
+
+    loader: DataLoader
+    device_augment: Augment | None
+    ids: list[str]
+
+
+def make_loader(cfg: Config, dist: DistInfo, part: pd.DataFrame, train: bool) -> SplitLoader:
+    dc, tc = cfg.data, cfg.train
+    augment = Augment(dc, train=train, channels_last=cfg.model.channels_last)
+    ids, labels = part["id"].tolist(), part["label"].to_numpy()
+    if dc.format == "packed":
+        from .packed import PackedDataset
+        dataset, device_augment = PackedDataset(dc, ids, labels), augment
+    else:
+        dataset, device_augment = FolderDataset(dc.root, ids, labels, augment, tc.seed), None
+    if train:
+        sampler = ResumableSampler(dataset, dist.world_size, dist.rank, shuffle=True,
+                                   seed=tc.seed, drop_last=True)
+    else:
+        sampler = ShardSampler(len(dataset), dist.rank, dist.world_size)
+    loader = DataLoader(dataset, batch_size=tc.batch_size if train else tc.eval_batch_size,
+                        sampler=sampler, num_workers=dc.num_workers, drop_last=train,
+                        pin_memory=dist.device.type == "cuda",
+                        generator=torch.Generator().manual_seed(tc.seed),  # keeps the global RNG untouched
+                        persistent_workers=False, prefetch_factor=4 if dc.num_workers else None)
+    return SplitLoader(loader, device_augment, ids)
+
+
+def set_epoch(split_loader: SplitLoader, epoch: int, start_step: int = 0) -> None:
+    """Shuffle for this epoch; start_step skips the batches already trained (mid-epoch resume)."""
+    loader = split_loader.loader
+    loader.sampler.set_epoch(epoch)
+    loader.sampler.start = start_step * loader.batch_size
+    if isinstance(loader.dataset, FolderDataset):
+        loader.dataset.set_epoch(epoch)

@@ -1,0 +1,70 @@
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from cancernet.config import ConfigError, load_config, resolved_yaml
+from conftest import CONFIGS, ROOT, python_env
+
+
+@pytest.mark.parametrize("name", ["base", "seed_frozen", "demo", "cpu_test"])
+def test_shipped_configs_load(name):
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    assert cfg.train.epochs > 0
+
+
+def test_seed_config_is_the_original_recipe():
+    cfg = load_config(CONFIGS / "seed_frozen.yaml")
+    assert (cfg.model.arch, cfg.model.pretrained, cfg.model.freeze_backbone, cfg.model.head) == \
+        ("resnet34", "imagenet", True, "seed")
+    assert (cfg.optim.name, cfg.optim.lr, cfg.train.batch_size, cfg.train.epochs) == ("adam", 3e-4, 32, 10)
+    assert (cfg.data.image_size, cfg.data.augment) == (224, "seed")
+
+
+def test_overrides_are_yaml_scalars_and_later_ones_win():
+    cfg = load_config(CONFIGS / "cpu_test.yaml",
+                      ["train.epochs=7", "optim.lr=1e-2", "data.limit=null", "train.epochs=9",
+                       "model.freeze_backbone=true", "train.clip_grad=1"])
+    assert cfg.train.epochs == 9 and cfg.optim.lr == 0.01 and cfg.data.limit is None
+    assert cfg.model.freeze_backbone is True and cfg.train.clip_grad == 1.0
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.epoch=3", "train.epoch"),
+    ("trian.epochs=3", "trian"),
+    ("train.epochs=three", "train.epochs"),
+    ("train.epochs=1.5", "train.epochs"),
+    ("model.freeze_backbone=maybe", "model.freeze_backbone"),
+    ("train.amp=fp8", "train.amp"),
+    ("model.arch=vgg16", "model.arch"),
+    ("data.mean=0.5", "data.mean"),
+])
+def test_bad_override_names_the_key(override, key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        load_config(CONFIGS / "cpu_test.yaml", [override])
+
+
+def test_unknown_key_in_file_is_an_error(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: 2\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match="'train.lr'"):
+        load_config(path)
+
+
+def test_resolved_config_round_trips_with_provenance(tmp_path):
+    cfg = load_config(CONFIGS / "demo.yaml", ["train.epochs=3"])
+    text = resolved_yaml(cfg, world_size=4)
+    meta = yaml.safe_load(text)["meta"]
+    assert meta["world_size"] == 4 and meta["torch"]
+    assert "git_commit" in meta
+    (tmp_path / "config.yaml").write_text(text)
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+def test_cli_reports_a_bad_key_in_one_line_and_exits_nonzero():
+    out = subprocess.run([sys.executable, "train_ddp.py", "--config", "configs/cpu_test.yaml",
+                          "train.epohcs=2"], cwd=ROOT, capture_output=True, text=True, env=python_env())
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()]  # one line, no traceback
+    assert "train.epohcs" in out.stderr

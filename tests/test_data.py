@@ -1,0 +1,182 @@
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from cancernet.config import DataConfig
+from cancernet.data.augment import Augment
+from cancernet.data.kaggle import DataError, read_labels, read_patch
+from cancernet.data.splits import make_splits
+from cancernet.data.synthetic import render_patch
+from conftest import train
+
+
+@pytest.fixture
+def root(synth_root, tmp_path):
+    """A private copy of 60 labelled images that a test may damage."""
+    labels = pd.read_csv(synth_root / "train_labels.csv", dtype={"id": str}).head(60)
+    (tmp_path / "train").mkdir()
+    for i in labels["id"]:
+        shutil.copy(synth_root / "train" / f"{i}.tif", tmp_path / "train")
+    labels.to_csv(tmp_path / "train_labels.csv", index=False)
+    return tmp_path
+
+
+def test_synth_writes_the_kaggle_layout(synth_root):
+    labels = pd.read_csv(synth_root / "train_labels.csv", dtype={"id": str})
+    assert list(labels.columns) == ["id", "label"] and len(labels) == 400
+    assert labels["id"].str.fullmatch(r"[0-9a-f]{40}").all()
+    assert 0.3 < labels["label"].mean() < 0.5
+    sub = pd.read_csv(synth_root / "sample_submission.csv", dtype={"id": str})
+    assert len(sub) == 20 and all((synth_root / "test" / f"{i}.tif").is_file() for i in sub["id"])
+    image = Image.open(synth_root / "train" / f"{labels['id'][0]}.tif")
+    assert (image.size, image.mode, image.format) == ((96, 96), "RGB", "TIFF")
+
+
+def test_synthetic_label_lives_in_the_centre():
+    """Tumour nuclei (very dark pixels) touch the centre 32x32 exactly when label is 1."""
+    rng = np.random.default_rng(0)
+    def dark_centre(img):
+        return (img[32:64, 32:64].sum(-1) < 300).any()
+    def dark_anywhere(img):
+        return (img.sum(-1) < 300).any()
+    pos = [render_patch(rng, 1) for _ in range(30)]
+    outside = [render_patch(rng, 0, outside_tumour=True) for _ in range(30)]
+    assert all(dark_centre(p) for p in pos)
+    assert not any(dark_centre(p) for p in outside)
+    assert all(dark_anywhere(p) for p in outside)  # the border holds tumour-like cells
+
+
+def test_missing_root_names_it(tmp_path):
+    with pytest.raises(DataError, match="nowhere"):
+        read_labels(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("csv, message", [
+    ("id,label\naaa,0\naaa,1\n", "duplicate id 'aaa'"),
+    ("id,label\naaa,0\n,1\n", "row 3 has an empty id"),
+    ("id,label\naaa,0\nbbb,2\n", "'bbb' has label"),
+    ("id,label\naaa,0\nbbb,\n", "'bbb' has label"),
+    ("id,target\naaa,0\n", "missing column"),
+])
+def test_bad_labels_csv(tmp_path, csv, message):
+    (tmp_path / "train_labels.csv").write_text(csv)
+    with pytest.raises(DataError, match=message):
+        read_labels(tmp_path)
+
+
+def _damage(root, kind):
+    first = pd.read_csv(root / "train_labels.csv", dtype={"id": str})["id"][0]
+    path = root / "train" / f"{first}.tif"
+    if kind == "missing":
+        path.unlink()
+    elif kind == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif kind == "size":
+        Image.new("RGB", (64, 64)).save(path, format="TIFF")
+    elif kind == "mode":
+        Image.new("L", (96, 96)).save(path, format="TIFF")
+    return first, path
+
+
+@pytest.mark.parametrize("kind, reason", [("missing", "missing"), ("truncated", "cannot be decoded"),
+                                          ("size", "64x64"), ("mode", "mode is L")])
+def test_bad_image_fails_naming_it(root, tmp_path, kind, reason):
+    _, path = _damage(root, kind)
+    with pytest.raises(DataError, match=reason) as err:
+        train(root, tmp_path / "run", "train.epochs=1")
+    assert str(path) in str(err.value)
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing half-written
+
+
+def test_bad_image_skip_lists_it(root, tmp_path):
+    bad_id, _ = _damage(root, "truncated")
+    train(root, tmp_path / "run", "train.epochs=1", "data.on_bad_image=skip")
+    listed = pd.read_csv(tmp_path / "run" / "bad_images.csv", dtype={"id": str})
+    assert listed["id"].tolist() == [bad_id]
+    splits = pd.read_csv(tmp_path / "run" / "splits.csv", dtype={"id": str})
+    assert bad_id not in set(splits["id"]) and len(splits) == 59
+
+
+def test_read_patch_returns_rgb_uint8(synth_root):
+    first = next((synth_root / "train").iterdir())
+    arr = read_patch(first)
+    assert arr.shape == (96, 96, 3) and arr.dtype == np.uint8
+
+
+def _frame(n=1000, seed=0):
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({"id": [f"{i:040x}" for i in range(n)], "label": (rng.random(n) < 0.4).astype(int)})
+
+
+def test_splits_are_stratified_seeded_and_sized():
+    frame = _frame()
+    a = make_splits(frame, 0.15, 0.15, seed=3)
+    assert a.equals(make_splits(frame, 0.15, 0.15, seed=3))
+    assert not a["split"].equals(make_splits(frame, 0.15, 0.15, seed=4)["split"])
+    fractions = a["split"].value_counts(normalize=True)
+    assert fractions["test"] == pytest.approx(0.15, abs=0.01) and fractions["val"] == pytest.approx(0.15, abs=0.01)
+    rates = a.groupby("split")["label"].mean()
+    assert (rates - frame["label"].mean()).abs().max() < 0.02
+
+
+def test_groups_never_span_two_splits():
+    frame = _frame(2000)
+    groups = pd.Series([f"slide{i % 97}" for i in range(2000)], index=frame["id"])
+    split = make_splits(frame, 0.15, 0.15, seed=0, groups=groups)
+    per_group = split.assign(group=groups.to_numpy()).groupby("group")["split"].nunique()
+    assert (per_group == 1).all()
+    assert set(split["split"]) == {"train", "val", "test"}
+
+
+def test_limit_takes_the_first_rows(synth_root):
+    assert read_labels(synth_root, limit=25)["id"].tolist() == \
+        pd.read_csv(synth_root / "train_labels.csv", dtype={"id": str})["id"][:25].tolist()
+
+
+def _batch(n=6):
+    rng = np.random.default_rng(0)
+    return torch.from_numpy(np.stack([render_patch(rng, i % 2) for i in range(n)])).permute(0, 3, 1, 2).contiguous()
+
+
+def test_dihedral_augment_keeps_pixels_and_the_centre():
+    cfg = DataConfig(augment="dihedral", jitter=0.0, hue=0.0, mean=[0, 0, 0], std=[1, 1, 1])
+    x = _batch()
+    y = Augment(cfg, train=True)(x, torch.Generator().manual_seed(0))
+    back = (y * 255).round().to(torch.uint8)
+    for a, b in zip(x, back):  # a flip/rotation: same pixels, same centre 32x32 content
+        assert torch.equal(a.flatten().sort().values, b.flatten().sort().values)
+        assert torch.equal(a[:, 32:64, 32:64].flatten().sort().values, b[:, 32:64, 32:64].flatten().sort().values)
+    assert not torch.equal(x, back)
+
+
+def test_augment_is_seeded_and_eval_is_deterministic():
+    cfg = DataConfig(image_size=64)
+    x = _batch()
+    train_aug = Augment(cfg, train=True)
+    a = train_aug(x, torch.Generator().manual_seed(5))
+    assert torch.equal(a, train_aug(x, torch.Generator().manual_seed(5)))
+    assert not torch.equal(a, train_aug(x, torch.Generator().manual_seed(6)))
+    e = Augment(cfg, train=False)(x)
+    assert e.shape == (6, 3, 64, 64)
+    mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
+    assert torch.allclose(e.mean((0, 2, 3)), ((x.float() / 255 - mean) / torch.tensor(cfg.std).view(1, 3, 1, 1)).mean((0, 2, 3)), atol=0.02)
+
+
+def test_colour_jitter_changes_colour_not_geometry():
+    cfg = DataConfig(augment="none", jitter=0.3, hue=0.05, mean=[0, 0, 0], std=[1, 1, 1])
+    x = _batch()
+    y = Augment(cfg, train=True)(x, torch.Generator().manual_seed(1))
+    assert 0 <= y.min() and y.max() <= 1
+    for a, b in zip(x.float().mean(1), y.mean(1)):  # per image: same structure, other colours
+        assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] > 0.9
+    assert not torch.allclose(x.float() / 255, y, atol=0.02)
+
+
+def test_seed_augment_resizes_and_rotates():
+    cfg = DataConfig(augment="seed", image_size=224, jitter=0.0, hue=0.0)
+    y = Augment(cfg, train=True)(_batch(), torch.Generator().manual_seed(0))
+    assert y.shape == (6, 3, 224, 224)

@@ -1,0 +1,46 @@
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from cancernet.metrics import binary_report, roc_auc, threshold_for_sensitivity, youden_threshold
+
+
+@pytest.fixture
+def scores():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 500)
+    probs = np.clip(labels * 0.3 + rng.normal(0.35, 0.2, 500), 0, 1)
+    return labels, probs
+
+
+def test_report_matches_scikit_learn(scores):
+    labels, probs = scores
+    rep = binary_report(labels, probs)
+    pred = (probs >= 0.5).astype(int)
+    assert rep["n"] == 500
+    assert rep["accuracy"] == pytest.approx(skm.accuracy_score(labels, pred))
+    assert rep["roc_auc"] == pytest.approx(skm.roc_auc_score(labels, probs))
+    assert rep["average_precision"] == pytest.approx(skm.average_precision_score(labels, probs))
+    assert rep["confusion_matrix"] == skm.confusion_matrix(labels, pred).tolist()
+    assert rep["per_class"]["1"]["recall"] == pytest.approx(skm.recall_score(labels, pred))
+    assert rep["per_class"]["0"]["precision"] == pytest.approx(skm.precision_score(labels, pred, pos_label=0))
+    assert rep["per_class"]["1"]["support"] == int(labels.sum())
+
+
+def test_auc_is_nan_with_one_class():
+    assert np.isnan(roc_auc(np.zeros(5), np.linspace(0, 1, 5)))
+
+
+def test_youden_threshold_maximises_j(scores):
+    labels, probs = scores
+    t = youden_threshold(labels, probs)
+    def j(th):
+        pred = probs >= th
+        return pred[labels == 1].mean() - pred[labels == 0].mean()
+    assert all(j(t) >= j(th) - 1e-12 for th in np.linspace(0, 1, 101))
+
+
+def test_threshold_for_sensitivity_reaches_the_target(scores):
+    labels, probs = scores
+    t = threshold_for_sensitivity(labels, probs, 0.95)
+    assert (probs[labels == 1] >= t).mean() >= 0.95
