@@ -32,6 +32,34 @@ def cmd_fetch_weights(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    import dataclasses
+    from pathlib import Path
+
+    from .config import load_config
+    from .data.loaders import load_table, make_loader
+    from .distributed import session
+    from .errors import UserError
+    from .evaluation import evaluate_checkpoint
+    from .models import build_model
+
+    run_dir = Path(args.run)
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run_dir} is not a run directory (no config.yaml)")
+    named = {"best": run_dir / "checkpoints" / "best.pt", "last": run_dir / "checkpoints" / "last.pt"}
+    ckpt = named.get(args.checkpoint, Path(args.checkpoint))
+    cfg = load_config(run_dir / "config.yaml", args.overrides)
+    with session(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_min) as dist:
+        setup_logging(dist.rank)
+        table = load_table(cfg, dist, run_dir)  # reuses the run's splits.csv
+        loaders = {s: make_loader(cfg, dist, table[table["split"] == s], train=False)
+                   for s in dict.fromkeys(["val", args.split])}
+        # the checkpoint brings the weights: never fetch pretrained ones here
+        model = build_model(dataclasses.replace(cfg.model, pretrained="none")).to(dist.device)
+        evaluate_checkpoint(cfg, dist, model, loaders, run_dir, ckpt, table, args.split)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cancernet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -45,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="render only this many distinct patches and reuse them (fast scale tests)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("evaluate", help="evaluate a run's checkpoint and rewrite its report "
+                       "(also under torchrun: ranks share the work)")
+    p.add_argument("--run", required=True, help="run directory (train.out_dir)")
+    p.add_argument("--split", choices=["test", "val"], default="test")
+    p.add_argument("--checkpoint", default="best", help="best | last | a checkpoint path")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.device=cpu")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("fetch-weights", help="download ImageNet weights into the torch hub cache "
                        "(run on a machine with network, e.g. a cluster's login node)")

@@ -15,10 +15,16 @@ def log_loss(labels: np.ndarray, probs: np.ndarray) -> float:
 
 
 def youden_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
-    """The threshold maximising sensitivity + specificity - 1 (Youden's J) on these data."""
+    """The threshold maximising sensitivity + specificity - 1 (Youden's J) on these data.
+
+    Midway between the best cut's score and the next lower one, so that the threshold does not
+    sit exactly on one validation patch's score (which saturates at 1.0 on easy data).
+    """
     fpr, tpr, thresholds = skm.roc_curve(labels, probs)
     best = int(np.argmax(tpr - fpr))
-    return float(min(thresholds[best], 1.0))
+    upper = min(thresholds[best], 1.0)
+    lower = thresholds[best + 1] if best + 1 < len(thresholds) else 0.0
+    return float((upper + lower) / 2)
 
 
 def threshold_for_sensitivity(labels: np.ndarray, probs: np.ndarray, target: float) -> float:

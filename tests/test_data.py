@@ -37,17 +37,19 @@ def test_synth_writes_the_kaggle_layout(synth_root):
 
 
 def test_synthetic_label_lives_in_the_centre():
-    """Tumour nuclei (very dark pixels) touch the centre 32x32 exactly when label is 1."""
+    """Tumour nuclei (dark pixels) touch the centre 32x32 in positives, never in negatives.
+
+    Some positives hold one faint tumour nucleus (the hard cases), so the rule holds for most.
+    """
     rng = np.random.default_rng(0)
-    def dark_centre(img):
-        return (img[32:64, 32:64].sum(-1) < 300).any()
-    def dark_anywhere(img):
-        return (img.sum(-1) < 300).any()
-    pos = [render_patch(rng, 1) for _ in range(30)]
-    outside = [render_patch(rng, 0, outside_tumour=True) for _ in range(30)]
-    assert all(dark_centre(p) for p in pos)
-    assert not any(dark_centre(p) for p in outside)
-    assert all(dark_anywhere(p) for p in outside)  # the border holds tumour-like cells
+    def dark(img):
+        return (img.sum(-1) < 330).any()
+    pos = [render_patch(rng, 1) for _ in range(100)]
+    outside = [render_patch(rng, 0, outside_tumour=True) for _ in range(100)]
+    normal = [render_patch(rng, 0) for _ in range(100)]
+    assert np.mean([dark(p[32:64, 32:64]) for p in pos]) > 0.9
+    assert not any(dark(p[32:64, 32:64]) for p in outside + normal)
+    assert np.mean([dark(p) for p in outside]) > 0.9  # their border holds tumour-like cells
 
 
 def test_missing_root_names_it(tmp_path):

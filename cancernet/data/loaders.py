@@ -10,11 +10,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..atomic import write_text
-from ..config import Config
+from ..config import Config, DataConfig
 from ..distributed import DistInfo, barrier, broadcast_object
 from .augment import Augment
 from .datasets import FolderDataset, ResumableSampler, ShardSampler
-from .kaggle import drop_bad_images, find_bad_images, read_labels
+from .kaggle import drop_bad_images, find_bad_images, image_path, read_labels, read_patch
 from .splits import load_or_make_splits, make_splits, read_groups
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,14 @@ def load_table(cfg: Config, dist: DistInfo, out_dir: Path | None) -> pd.DataFram
                        pd.DataFrame(bad.items(), columns=["id", "reason"]).to_csv(index=False))
     barrier(dist)
     return table
+
+
+def image_reader(cfg: DataConfig):
+    """id -> (96, 96, 3) uint8 patch, from the folder (or the pack when data.format=packed)."""
+    if cfg.format == "packed":
+        from .packed import open_pack
+        return open_pack(cfg).read_by_id
+    return lambda image_id: read_patch(image_path(cfg.root, image_id))
 
 
 @dataclass

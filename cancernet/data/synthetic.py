@@ -36,14 +36,14 @@ def _tumour_cluster(rng, img, centre, count, avoid_centre: bool) -> None:
     while placed < count and tries < 200:
         tries += 1
         cy, cx = centre + rng.normal(0, 7, 2)
-        a, b = rng.uniform(3.5, 6.5), rng.uniform(3.0, 5.0)
+        a, b = rng.uniform(2.5, 6.5), rng.uniform(2.2, 5.0)  # overlaps normal nuclei at the low end
         r = max(a, b) + 1
         lo, hi = CENTRE[0] - r, CENTRE[1] + r
         if avoid_centre and lo < cy < hi and lo < cx < hi:
             continue
         if not (r <= cy < SIZE - r and r <= cx < SIZE - r) and rng.random() < 0.7:
             continue
-        colour = np.array([75, 35, 125]) * rng.uniform(0.75, 1.1) + rng.normal(0, 6, 3)
+        colour = np.array([75, 35, 125]) * rng.uniform(0.75, 1.6) + rng.normal(0, 6, 3)
         _nucleus(img, cy, cx, a, b, rng.uniform(0, np.pi), colour)
         placed += 1
 
@@ -61,10 +61,10 @@ def render_patch(rng: np.random.Generator, label: int, outside_tumour: bool = Fa
         colour = np.array([140, 95, 180]) + stain + rng.normal(0, 8, 3)
         r = rng.uniform(1.8, 3.0)
         _nucleus(img, *rng.uniform(0, SIZE, 2), r, r * rng.uniform(0.8, 1.2), 0.0, colour)
-    if label == 1:
-        _tumour_cluster(rng, img, rng.uniform(38, 58, 2), rng.integers(7, 15), avoid_centre=False)
-    elif outside_tumour:
-        edge = rng.uniform(6, 20)
+    if label == 1:  # some positives hold only a few tumour nuclei: the hard cases
+        _tumour_cluster(rng, img, rng.uniform(38, 58, 2), rng.integers(1, 15), avoid_centre=False)
+    elif outside_tumour:  # up to the edge of the centre box, never inside it
+        edge = rng.uniform(6, 28)
         side = rng.integers(4)
         along = rng.uniform(10, 86)
         centre = [(edge, along), (SIZE - edge, along), (along, edge), (along, SIZE - edge)][side]

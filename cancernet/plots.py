@@ -1,0 +1,185 @@
+"""Figures from saved predictions and summary.csv; each function returns a matplotlib Figure."""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from sklearn import metrics as skm
+
+CLASS_NAMES = ("normal (0)", "tumour (1)")
+COLOURS = ("#1f77b4", "#d62728")  # blue = normal, red = tumour, everywhere
+SPLIT_ORDER = ("train", "val", "test")
+
+
+def _axes(ncols: int = 1, width: float = 5.5, height: float = 4.2):
+    fig = Figure(figsize=(width * ncols, height), layout="constrained")
+    axes = fig.subplots(1, ncols)
+    return fig, np.atleast_1d(axes)
+
+
+def _epoch_axis(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def history_loss(summary: pd.DataFrame) -> Figure:
+    fig, (ax,) = _axes()
+    _epoch_axis(ax)
+    ax.plot(summary["epoch"], summary["train_loss"], "o-", label="train")
+    ax.plot(summary["epoch"], summary["val_loss"], "s-", label="validation")
+    ax.set(title="Loss per epoch", xlabel="epoch", ylabel="cross-entropy loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def history_accuracy(summary: pd.DataFrame) -> Figure:
+    fig, (ax,) = _axes()
+    _epoch_axis(ax)
+    ax.plot(summary["epoch"], summary["train_acc"], "o-", label="train")
+    ax.plot(summary["epoch"], summary["val_acc"], "s-", label="validation")
+    ax.set(title="Accuracy per epoch", xlabel="epoch", ylabel="accuracy")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def history_auc_lr(summary: pd.DataFrame) -> Figure:
+    fig, (ax,) = _axes()
+    _epoch_axis(ax)
+    ax.plot(summary["epoch"], summary["val_auc"], "s-", color="C2", label="validation ROC AUC")
+    ax.set(title="Validation AUC and learning rate", xlabel="epoch", ylabel="validation ROC AUC")
+    lr_ax = ax.twinx()
+    lr_ax.plot(summary["epoch"], summary["lr"], "--", color="C7", label="learning rate (epoch end)")
+    lr_ax.set_ylabel("learning rate")
+    lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    lines = ax.get_lines() + lr_ax.get_lines()
+    ax.legend(lines, [line.get_label() for line in lines], loc="lower right")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def confusion_matrix(labels, probs, threshold: float) -> Figure:
+    cm = skm.confusion_matrix(labels, np.asarray(probs) >= threshold, labels=[0, 1])
+    rows = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    fig, (ax,) = _axes(width=5.2, height=4.4)
+    image = ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+    for i in range(2):
+        for j in range(2):
+            ax.text(j, i, f"{cm[i, j]:,}\n{100 * rows[i, j]:.1f}%", ha="center", va="center",
+                    fontsize=13, color="white" if rows[i, j] > 0.5 else "black")
+    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=CLASS_NAMES, yticklabels=CLASS_NAMES,
+           xlabel="predicted", ylabel="true",
+           title=f"Confusion matrix (threshold {threshold:.3f}; row %)")
+    fig.colorbar(image, ax=ax, label="fraction of true class")
+    return fig
+
+
+def roc(labels, probs, threshold: float | None = None) -> Figure:
+    fpr, tpr, thresholds = skm.roc_curve(labels, probs)
+    fig, (ax,) = _axes(width=5, height=4.6)
+    ax.plot(fpr, tpr, color="C3", label=f"ROC (AUC = {skm.auc(fpr, tpr):.4f})")
+    ax.plot([0, 1], [0, 1], ":", color="gray", label="chance")
+    if threshold is not None:
+        pred = np.asarray(probs) >= threshold
+        labels = np.asarray(labels)
+        ax.plot(pred[labels == 0].mean(), pred[labels == 1].mean(), "ko",
+                label=f"operating point (t = {threshold:.3f})")
+    ax.set(title="ROC curve", xlabel="false positive rate (1 - specificity)",
+           ylabel="true positive rate (sensitivity)", xlim=(-0.01, 1.01), ylim=(-0.01, 1.01))
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def precision_recall(labels, probs) -> Figure:
+    precision, recall, _ = skm.precision_recall_curve(labels, probs)
+    ap = skm.average_precision_score(labels, probs)
+    fig, (ax,) = _axes(width=5, height=4.6)
+    ax.step(recall, precision, where="post", color="C3", label=f"PR (AP = {ap:.4f})")
+    ax.axhline(np.mean(labels), ls=":", color="gray", label=f"prevalence ({np.mean(labels):.3f})")
+    ax.set(title="Precision-recall curve", xlabel="recall (sensitivity)", ylabel="precision",
+           xlim=(-0.01, 1.01), ylim=(-0.01, 1.01))
+    ax.legend(loc="lower left")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def prediction_distribution(labels, probs, threshold: float) -> Figure:
+    labels, probs = np.asarray(labels), np.asarray(probs)
+    fig, (ax,) = _axes(width=6)
+    bins = np.linspace(0, 1, 41)
+    for cls in (0, 1):
+        ax.hist(probs[labels == cls], bins=bins, alpha=0.6, color=COLOURS[cls],
+                label=f"true {CLASS_NAMES[cls]} (n={int((labels == cls).sum()):,})")
+    ax.axvline(threshold, color="black", ls="--", label=f"threshold {threshold:.3f}")
+    ax.set(title="Predicted tumour probability by true class", xlabel="P(tumour)",
+           ylabel="patches (log scale)", yscale="log")
+    ax.legend(loc="upper center", framealpha=0.9)
+    return fig
+
+
+def label_distribution(table: pd.DataFrame) -> Figure:
+    """table: one row per image with label and split columns."""
+    fig, (bar_ax, pie_ax) = _axes(2, width=5.5)
+    splits = [s for s in SPLIT_ORDER if s in set(table["split"])]
+    counts = table.groupby(["split", "label"]).size().unstack(fill_value=0).reindex(splits)
+    counts = counts.reindex(columns=[0, 1], fill_value=0)
+    x = np.arange(len(splits) + 1)
+    totals = table["label"].value_counts().reindex([0, 1], fill_value=0)
+    for cls in (0, 1):
+        values = [totals[cls], *counts[cls]]
+        bars = bar_ax.bar(x + (cls - 0.5) * 0.38, values, 0.38, color=COLOURS[cls], label=CLASS_NAMES[cls])
+        bar_ax.bar_label(bars, labels=[f"{v:,}" for v in values], fontsize=8)
+    bar_ax.set(xticks=x, xticklabels=["all", *splits], ylabel="patches",
+               title="Labels per split (share of tumour below)")
+    rates = [table["label"].mean(), *(table[table["split"] == s]["label"].mean() for s in splits)]
+    for xi, rate in zip(x, rates):
+        bar_ax.annotate(f"{100 * rate:.1f}%", (xi, 0), xytext=(0, -28), textcoords="offset points",
+                        ha="center", fontsize=8, color=COLOURS[1])
+    bar_ax.legend()
+    pie_ax.pie(totals, labels=[f"{n}\n{c:,}" for n, c in zip(CLASS_NAMES, totals)], colors=COLOURS,
+               autopct="%1.1f%%", startangle=90, textprops={"fontsize": 9},
+               wedgeprops={"edgecolor": "white"})
+    pie_ax.set_title(f"All labelled patches (n={len(table):,})")
+    return fig
+
+
+def sample_grid(predictions: pd.DataFrame, load_image: Callable[[str], np.ndarray],
+                threshold: float, n: int = 24, seed: int = 0) -> Figure:
+    """Test patches with true label and P(tumour); misclassified ones framed in red with a cross.
+
+    Half the panels show misclassified patches when there are that many.
+    """
+    wrong = predictions[(predictions["prob"] >= threshold) != (predictions["label"] == 1)]
+    right = predictions.drop(wrong.index)
+    n_wrong = min(len(wrong), n // 2)
+    pick = pd.concat([wrong.sample(n_wrong, random_state=seed),
+                      right.sample(min(len(right), n - n_wrong), random_state=seed)])
+    cols = 8
+    rows = max(1, int(np.ceil(len(pick) / cols)))
+    fig = Figure(figsize=(cols * 1.6, rows * 1.9), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for ax, row in zip(axes, pick.itertuples()):
+        ax.imshow(load_image(row.id))
+        ax.add_patch(_centre_box())
+        mistake = (row.prob >= threshold) != (row.label == 1)
+        ax.set_title(f"true {row.label} · p={row.prob:.2f}{' ✗' if mistake else ''}", fontsize=8,
+                     color="red" if mistake else "black")
+        if mistake:
+            ax.axis("on")
+            ax.set(xticks=[], yticks=[])
+            for spine in ax.spines.values():
+                spine.set(color="red", linewidth=3)
+    fig.suptitle("Test patches: true label, predicted P(tumour); dashed box = the labelled centre "
+                 f"32x32; red = misclassified at threshold {threshold:.3f}", fontsize=10)
+    return fig
+
+
+def _centre_box():
+    from matplotlib.patches import Rectangle
+    return Rectangle((31.5, 31.5), 32, 32, fill=False, ls="--", lw=0.8, ec="white")
