@@ -60,6 +60,33 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_prepare(args) -> int:
+    from .config import load_config
+    from .data.packed import prepare
+
+    cfg = load_config(args.config, args.overrides)
+    prepare(cfg.data, args.workers)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import json
+
+    from . import bench
+    from .config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.what == "data":
+        results = bench.bench_data(cfg, args.steps, paths=args.paths)
+    elif args.what == "step":
+        results = [bench.bench_step(cfg, args.steps)]
+    else:
+        results = [bench.bench_train(cfg, args.steps)]
+    for result in results:
+        print(json.dumps(result), flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cancernet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +109,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.device=cpu")
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser("prepare", help="pack data.root's images into one array file (data.format=packed)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding processes")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. data.root=/data/pcam")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("bench", help="throughput: data path, train step ceiling, real loop (JSON lines)")
+    p.add_argument("what", choices=["data", "step", "train"])
+    p.add_argument("--config", required=True)
+    p.add_argument("--steps", type=int, default=20, help="timed batches (after a warm-up)")
+    p.add_argument("--paths", nargs="+", default=["folder", "packed"], choices=["folder", "packed"],
+                   help="bench data: which data paths to time")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.batch_size=128")
+    p.set_defaults(func=cmd_bench)
+
     p = sub.add_parser("fetch-weights", help="download ImageNet weights into the torch hub cache "
                        "(run on a machine with network, e.g. a cluster's login node)")
     p.add_argument("--arch", nargs="+", default=["resnet34"], choices=["resnet18", "resnet34", "resnet50"])
@@ -91,7 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main() -> int:
-    args = build_parser().parse_args()
+    parser = build_parser()
+    args, extra = parser.parse_known_args()
+    # key=value overrides may stand anywhere, also before options
+    if any(x.startswith("-") or "=" not in x for x in extra) or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*extra, *args.overrides]
     setup_logging(int(os.environ.get("RANK", 0)))
     return args.func(args)
 

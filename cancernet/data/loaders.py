@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader
 
 from ..atomic import write_text
 from ..config import Config, DataConfig
@@ -59,9 +59,11 @@ def image_reader(cfg: DataConfig):
 
 @dataclass
 class SplitLoader:
-    """A loader plus the augmentation still to apply on the device (packed path) or None."""
+    """A loader, its index sampler, and the augmentation left for the device (packed) or None."""
 
     loader: DataLoader
+    sampler: ResumableSampler | ShardSampler
+    batch_size: int
     device_augment: Augment | None
     ids: list[str]
 
@@ -70,28 +72,29 @@ def make_loader(cfg: Config, dist: DistInfo, part: pd.DataFrame, train: bool) ->
     dc, tc = cfg.data, cfg.train
     augment = Augment(dc, train=train, channels_last=cfg.model.channels_last)
     ids, labels = part["id"].tolist(), part["label"].to_numpy()
-    if dc.format == "packed":
-        from .packed import PackedDataset
-        dataset, device_augment = PackedDataset(dc, ids, labels), augment
-    else:
-        dataset, device_augment = FolderDataset(dc.root, ids, labels, augment, tc.seed), None
+    batch_size = tc.batch_size if train else tc.eval_batch_size
     if train:
-        sampler = ResumableSampler(dataset, dist.world_size, dist.rank, shuffle=True,
+        sampler = ResumableSampler(range(len(ids)), dist.world_size, dist.rank, shuffle=True,
                                    seed=tc.seed, drop_last=True)
     else:
-        sampler = ShardSampler(len(dataset), dist.rank, dist.world_size)
-    loader = DataLoader(dataset, batch_size=tc.batch_size if train else tc.eval_batch_size,
-                        sampler=sampler, num_workers=dc.num_workers, drop_last=train,
-                        pin_memory=dist.device.type == "cuda",
-                        generator=torch.Generator().manual_seed(tc.seed),  # keeps the global RNG untouched
-                        persistent_workers=False, prefetch_factor=4 if dc.num_workers else None)
-    return SplitLoader(loader, device_augment, ids)
+        sampler = ShardSampler(len(ids), dist.rank, dist.world_size)
+    common = dict(num_workers=dc.num_workers, pin_memory=dist.device.type == "cuda",
+                  generator=torch.Generator().manual_seed(tc.seed),  # keeps the global RNG untouched
+                  prefetch_factor=4 if dc.num_workers else None)
+    if dc.format == "packed":
+        # One read per batch of uint8 rows; augmentation happens on the training device.
+        from .packed import PackedDataset
+        batches = BatchSampler(sampler, batch_size, drop_last=train)
+        loader = DataLoader(PackedDataset(dc, ids, labels), batch_size=None, sampler=batches, **common)
+        return SplitLoader(loader, sampler, batch_size, augment, ids)
+    dataset = FolderDataset(dc.root, ids, labels, augment, tc.seed)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=train, **common)
+    return SplitLoader(loader, sampler, batch_size, None, ids)
 
 
 def set_epoch(split_loader: SplitLoader, epoch: int, start_step: int = 0) -> None:
     """Shuffle for this epoch; start_step skips the batches already trained (mid-epoch resume)."""
-    loader = split_loader.loader
-    loader.sampler.set_epoch(epoch)
-    loader.sampler.start = start_step * loader.batch_size
-    if isinstance(loader.dataset, FolderDataset):
-        loader.dataset.set_epoch(epoch)
+    split_loader.sampler.set_epoch(epoch)
+    split_loader.sampler.start = start_step * split_loader.batch_size
+    if isinstance(split_loader.loader.dataset, FolderDataset):
+        split_loader.loader.dataset.set_epoch(epoch)

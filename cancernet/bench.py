@@ -1,0 +1,149 @@
+"""Throughput benchmarks: the data path, the model's train step (the ceiling), the real loop.
+
+Each returns one JSON-able dict per measurement; `python -m cancernet bench` prints them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import platform
+import resource
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .config import Config
+from .data.kaggle import read_labels
+from .data.loaders import make_loader, set_epoch
+from .distributed import DistInfo, pick_device
+from .engine import autocast, train_one_epoch
+from .models import build_model
+from .optim import build_optimizer
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _context(cfg: Config, device: torch.device) -> dict:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return {"device": name, "threads": torch.get_num_threads(), "image_size": cfg.data.image_size,
+            "augment": cfg.data.augment, "torch": str(torch.__version__)}
+
+
+def peak_rss_mb() -> dict:
+    """Peak resident memory of this process and of its largest finished child (loader workers)."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"peak_rss_mb": round(own, 1), "peak_child_rss_mb": round(children, 1)}
+
+
+def bench_data(cfg: Config, batches: int, warmup: int = 2, paths=("folder", "packed")) -> list[dict]:
+    """Training batches per second through each path, twice: the loader alone (uint8 patches
+    out) and with the augmentation (in the workers for folder, on the device for packed).
+
+    batches=0 iterates one whole epoch (and reports peak memory).
+    """
+    device = pick_device(cfg.train.device, 0)
+    dist = DistInfo(device=device)
+    frame = read_labels(cfg.data.root, cfg.data.limit).assign(split="train")
+    results = []
+    for path, augmented in itertools.product(paths, (False, True)):
+        path_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, format=path))
+        split = make_loader(path_cfg, dist, frame, train=True)
+        if not augmented:  # uint8 patches as they leave the loader
+            split.device_augment = None
+            if path == "folder":
+                split.loader.dataset.augment = None
+        set_epoch(split, 0)
+        total = len(split.loader) if batches == 0 else warmup + batches
+        seen, start = 0, time.perf_counter()
+        for step, (images, labels, _) in enumerate(itertools.islice(split.loader, total)):
+            if step == warmup and batches:
+                _sync(device)
+                start, seen = time.perf_counter(), 0
+            images = images.to(device, non_blocking=True)
+            if split.device_augment is not None:
+                images = split.device_augment(images, torch.Generator(device).manual_seed(step))
+            seen += len(labels)
+        _sync(device)
+        seconds = time.perf_counter() - start
+        results.append({"bench": "data", "path": path, "augmented": augmented,
+                        "images_per_s": round(seen / seconds, 1), "images": seen,
+                        "seconds": round(seconds, 3), "batch_size": cfg.train.batch_size,
+                        "num_workers": cfg.data.num_workers, **_context(cfg, device),
+                        **(peak_rss_mb() if batches == 0 else {})})
+    return results
+
+
+def bench_step(cfg: Config, steps: int, warmup: int = 5) -> dict:
+    """Forward + backward + optimizer step on synthetic on-device batches: the loop's ceiling."""
+    device = pick_device(cfg.train.device, 0)
+    model = build_model(dataclasses.replace(cfg.model, pretrained="none")).to(device)
+    model = torch.compile(model) if cfg.model.compile else model
+    optimizer = build_optimizer(cfg.optim, model)
+    n, size = cfg.train.batch_size, cfg.data.image_size
+    images = torch.randn(n, 3, size, size, device=device)
+    if cfg.model.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 2, (n,), device=device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    model.train()
+    for step in range(warmup + steps):
+        if step == warmup:
+            _sync(device)
+            start = time.perf_counter()
+        with autocast(device, cfg.train.amp):
+            loss = F.cross_entropy(model(images).float(), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    return {"bench": "step", "arch": cfg.model.arch, "amp": cfg.train.amp, "compile": cfg.model.compile,
+            "images_per_s": round(steps * n / seconds, 1), "batch_size": n, "steps": steps,
+            "seconds": round(seconds, 3), **_context(cfg, device)}
+
+
+class _Limited:
+    """The first n batches of a loader, with a length (what the training loop expects)."""
+
+    def __init__(self, loader, n: int):
+        self.loader, self.n = loader, n
+
+    def __iter__(self):
+        return itertools.islice(iter(self.loader), self.n)
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def bench_train(cfg: Config, steps: int, warmup: int = 5) -> dict:
+    """The real training loop (loader, augmentation, AMP, optimizer) over `steps` batches."""
+    from .runner import build
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+            cfg.train, out_dir=tmp, log_every=0, progress="off", grad_accum=1))
+        cfg.data.val_fraction = cfg.data.test_fraction = 0.01
+        device = pick_device(cfg.train.device, 0)
+        t = build(cfg, DistInfo(device=device))
+        split = t.loaders["train"]
+        timings = []
+        for epoch, n in enumerate((warmup, steps)):
+            set_epoch(split, epoch)
+            _sync(device)
+            start = time.perf_counter()
+            stats = train_one_epoch(t.model, _Limited(split.loader, n), t.optimizer, t.scheduler, t.scaler,
+                                    cfg, t.dist, epoch, split.device_augment)
+            _sync(device)
+            timings.append((stats["images"], time.perf_counter() - start))
+    images, seconds = timings[1]
+    return {"bench": "train", "path": cfg.data.format, "arch": cfg.model.arch, "amp": cfg.train.amp,
+            "images_per_s": round(images / seconds, 1), "images": images, "seconds": round(seconds, 3),
+            "batch_size": cfg.train.batch_size, "num_workers": cfg.data.num_workers,
+            **_context(cfg, device), **peak_rss_mb()}

@@ -1,0 +1,121 @@
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cancernet.config import DataConfig
+from cancernet.data.augment import Augment
+from cancernet.data.datasets import FolderDataset
+from cancernet.data.kaggle import DataError, read_patch
+from cancernet.data.packed import PackedDataset, open_pack, prepare
+from conftest import ROOT, python_env, train
+
+
+def _copy(synth_root, dest, n=None):
+    labels = pd.read_csv(synth_root / "train_labels.csv", dtype={"id": str})
+    labels = labels.head(n) if n else labels
+    (dest / "train").mkdir(parents=True)
+    for i in labels["id"]:
+        shutil.copy(synth_root / "train" / f"{i}.tif", dest / "train")
+    labels.to_csv(dest / "train_labels.csv", index=False)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def packed_root(synth_root, tmp_path_factory):
+    root = _copy(synth_root, tmp_path_factory.mktemp("packed_root"))
+    prepare(DataConfig(root=str(root)), workers=2, chunk=64)
+    return root
+
+
+def test_pack_holds_every_patch_as_decoded(packed_root):
+    pack = open_pack(DataConfig(root=str(packed_root)))
+    manifest = json.loads((packed_root / "packed" / "manifest.json").read_text())
+    labels = pd.read_csv(packed_root / "train_labels.csv", dtype={"id": str})
+    assert manifest["count"] == len(labels) == len(pack.ids) and manifest["shape"] == [96, 96, 3]
+    assert pack.ids == labels["id"].tolist() and (pack.labels == labels["label"]).all()
+    for image_id in labels["id"].sample(20, random_state=0):
+        assert np.array_equal(pack.read_by_id(image_id), read_patch(packed_root / "train" / f"{image_id}.tif"))
+    assert not (packed_root / "packed.partial").exists()
+
+
+def test_packed_and_folder_datasets_give_the_same_eval_inputs(packed_root):
+    cfg = DataConfig(root=str(packed_root), image_size=64)
+    ids = pd.read_csv(packed_root / "train_labels.csv", dtype={"id": str})["id"][:16].tolist()
+    labels = np.zeros(16, dtype=np.int64)
+    augment = Augment(cfg, train=False)
+    folder = torch.stack([FolderDataset(packed_root, ids, labels, augment)[i][0] for i in range(16)])
+    images, _, index = PackedDataset(cfg, ids, labels)[list(range(16))]
+    assert images.dtype == torch.uint8 and index.tolist() == list(range(16))
+    assert torch.allclose(augment(images), folder, atol=1e-5)
+
+
+def test_a_partial_pack_is_never_used_and_prepare_restarts(synth_root, tmp_path):
+    root = _copy(synth_root, tmp_path / "d", n=40)
+    (root / "packed.partial").mkdir()
+    (root / "packed.partial" / "images.npy").write_bytes(b"half written")
+    with pytest.raises(DataError, match="no complete pack.*prepare"):
+        open_pack(DataConfig(root=str(root)))
+    prepare(DataConfig(root=str(root)), workers=1)
+    assert len(open_pack(DataConfig(root=str(root))).ids) == 40
+    assert not (root / "packed.partial").exists()
+
+
+def test_pack_of_another_labels_csv_is_refused(synth_root, tmp_path):
+    root = _copy(synth_root, tmp_path / "d", n=40)
+    prepare(DataConfig(root=str(root)), workers=1)
+    labels = pd.read_csv(root / "train_labels.csv", dtype={"id": str})
+    labels.assign(label=1 - labels["label"]).to_csv(root / "train_labels.csv", index=False)
+    with pytest.raises(DataError, match="different .*train_labels.csv.*re-run prepare"):
+        open_pack(DataConfig(root=str(root)))
+
+
+def test_bad_image_fails_prepare_or_is_skipped_and_listed(synth_root, tmp_path):
+    root = _copy(synth_root, tmp_path / "d", n=40)
+    bad = pd.read_csv(root / "train_labels.csv", dtype={"id": str})["id"][3]
+    path = root / "train" / f"{bad}.tif"
+    path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(DataError, match=str(path)):
+        prepare(DataConfig(root=str(root)), workers=1)
+    assert not (root / "packed").exists() and not (root / "packed.partial").exists()
+    prepare(DataConfig(root=str(root), on_bad_image="skip"), workers=1)
+    assert list(open_pack(DataConfig(root=str(root))).bad_images) == [bad]
+    out = tmp_path / "run"
+    train(root, out, "data.format=packed", "data.on_bad_image=skip", "train.epochs=1")
+    assert pd.read_csv(out / "bad_images.csv", dtype={"id": str})["id"].tolist() == [bad]
+    with pytest.raises(DataError, match=bad):  # a training run that does not allow skipping
+        train(root, tmp_path / "run2", "data.format=packed", "train.epochs=1")
+
+
+def test_packed_training_learns_as_well_as_folder(packed_root, tmp_path):
+    aucs = {}
+    for fmt in ("folder", "packed"):
+        train(packed_root, tmp_path / fmt, f"data.format={fmt}", "train.epochs=3", "data.image_size=48")
+        aucs[fmt] = json.loads((tmp_path / fmt / "report" / "metrics.json").read_text())["roc_auc"]
+    assert min(aucs.values()) > 0.9, aucs
+    assert abs(aucs["folder"] - aucs["packed"]) < 0.05, aucs
+
+
+def test_packed_mid_epoch_resume_is_exact(packed_root, tmp_path, monkeypatch):
+    from test_checkpoint import COMMON, _assert_same_run, _train_stopping
+    common = (*COMMON, "data.format=packed")
+    train(packed_root, tmp_path / "full", *common)
+    assert _train_stopping(packed_root, tmp_path / "resumed", monkeypatch, None, 7, *common) == "stopped"
+    train(packed_root, tmp_path / "resumed", *common)
+    _assert_same_run(tmp_path / "full", tmp_path / "resumed")
+
+
+def test_bench_prints_one_json_line_per_measurement(packed_root):
+    proc = subprocess.run([sys.executable, "-m", "cancernet", "bench", "data", "--config",
+                           "configs/cpu_test.yaml", f"data.root={packed_root}", "--steps", "3"],
+                          cwd=ROOT, env=python_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [(r["path"], r["augmented"]) for r in rows] == [
+        ("folder", False), ("folder", True), ("packed", False), ("packed", True)]
+    assert all(r["images_per_s"] > 0 and r["images"] == 96 for r in rows)
