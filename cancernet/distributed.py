@@ -49,6 +49,21 @@ def _env_ranks() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
+def _elastic_store(rank: int, world_size: int, timeout: datetime.timedelta):
+    """Under torchrun: its store, with keys namespaced by the restart attempt; else None (env://).
+
+    torch 2.14's elastic agent keeps one store across restarts, so a restarted group could read
+    the previous attempt's gloo addresses and fail to connect (seen with --max-restarts).
+    """
+    env = os.environ
+    if "TORCHELASTIC_RESTART_COUNT" not in env:
+        return None
+    agent_hosts = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = tdist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size,
+                           is_master=not agent_hosts and rank == 0, timeout=timeout)
+    return tdist.PrefixStore(f"cancernet/attempt_{env['TORCHELASTIC_RESTART_COUNT']}", store)
+
+
 def pick_device(requested: str, local_rank: int) -> torch.device:
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
@@ -68,8 +83,9 @@ def session(device: str = "auto", backend: str = "auto", timeout_min: int = 30) 
     if world_size > 1:
         if backend == "auto":
             backend = "nccl" if dev.type == "cuda" else "gloo"
-        tdist.init_process_group(backend, rank=rank, world_size=world_size,
-                                 timeout=datetime.timedelta(minutes=timeout_min),
+        timeout = datetime.timedelta(minutes=timeout_min)
+        tdist.init_process_group(backend, store=_elastic_store(rank, world_size, timeout), rank=rank,
+                                 world_size=world_size, timeout=timeout,
                                  device_id=dev if dev.type == "cuda" else None)
     try:
         yield info

@@ -158,7 +158,10 @@ def train_epoch(t: Training, epoch: int, stop: StopFlag, tracker: NullTracker) -
                  "%.0f img/s %.1fs", epoch + 1, cfg.train.epochs, row["train_loss"], row["train_acc"],
                  row["val_loss"], row["val_acc"], row["val_auc"], " (best)" if is_best else "",
                  row["images_per_s"], row["epoch_s"])
-    return not _any_rank(stop.requested, dist)
+    if _any_rank(stop.requested, dist):
+        log.warning("stop requested: stopping after epoch %d, checkpoint saved", epoch + 1)
+        return False
+    return True
 
 
 def _any_rank(flag: bool, dist: DistInfo) -> bool:

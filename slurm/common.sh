@@ -1,0 +1,51 @@
+# Sourced by slurm/*.sbatch: run directory, processes per node, signal forwarding and requeue.
+# Uses the Python environment active at submission (sbatch passes it on); installs nothing.
+
+CANCERNET_HOME=${CANCERNET_HOME:-$SLURM_SUBMIT_DIR}
+CONFIG=${1:?usage: sbatch slurm/<script>.sbatch CONFIG [key=value ...]}
+shift
+OVERRIDES=("$@")
+# Stable across requeues: a requeued job keeps its job id. RUN_DIR=... to choose another.
+RUN_DIR=${RUN_DIR:-runs/$(basename "$CONFIG" .yaml)-${SLURM_JOB_ID}}
+MAX_RESTARTS=${MAX_RESTARTS:-3}   # torchrun restarts the worker group this often (elastic)
+
+if [[ -z "${NPROC_PER_NODE:-}" ]]; then  # one process per GPU Slurm gave this node
+  if [[ -n "${SLURM_GPUS_ON_NODE:-}" ]]; then NPROC_PER_NODE=$SLURM_GPUS_ON_NODE
+  elif [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then NPROC_PER_NODE=$(tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | wc -l)
+  else NPROC_PER_NODE=1
+  fi
+fi
+
+TRAIN_ARGS=("$CANCERNET_HOME/train_ddp.py" --config "$CONFIG" "train.out_dir=$RUN_DIR" "${OVERRIDES[@]}" train.resume=auto)
+
+echo "$(date -Is) job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}:" \
+     "${SLURM_NNODES:-1} node(s) x ${NPROC_PER_NODE} process(es), run dir ${RUN_DIR}, python $(command -v python)"
+
+STOPPING=0
+on_signal() {
+  # Slurm's time-limit warning (USR1, from --signal=B:USR1@120) or preemption (TERM):
+  # TERM makes torchrun (srun forwards it) pass TERM to every worker; the workers only set a
+  # flag, agree at the next step boundary, rank 0 writes last.pt, and all exit cleanly.
+  echo "$(date -Is) received a stop signal: asking training to checkpoint and stop"
+  STOPPING=1
+  kill -TERM "$CHILD" 2>/dev/null || true
+}
+
+run_and_requeue() {
+  # Run "$@" in the background so that the traps fire while it runs, then requeue if stopped.
+  trap on_signal USR1 TERM
+  "$@" &
+  CHILD=$!
+  STATUS=0
+  while true; do
+    wait "$CHILD" && STATUS=0 || STATUS=$?
+    kill -0 "$CHILD" 2>/dev/null || break  # a trap interrupted wait: keep waiting for the child
+  done
+  if [[ $STOPPING == 1 ]]; then
+    echo "$(date -Is) training stopped with status $STATUS; requeueing job ${SLURM_JOB_ID}"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+  fi
+  echo "$(date -Is) training finished with status $STATUS"
+  exit "$STATUS"
+}

@@ -1,0 +1,90 @@
+"""slurm/*.sbatch on a real one-node Slurm cluster that the fixture starts (root, slurm-wlm, munge).
+
+Skipped where Slurm cannot run, unless CANCERNET_REQUIRE_SLURM=1 (set by .ci/run): then a
+missing cluster is a failure.
+"""
+import os
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import ROOT
+from slurm_cluster import Cluster, available
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    why = available()
+    if why:
+        if os.environ.get("CANCERNET_REQUIRE_SLURM") == "1":
+            pytest.fail(f"Slurm is required here (CANCERNET_REQUIRE_SLURM=1) but {why}")
+        pytest.skip(why)
+    c = Cluster(tmp_path_factory.mktemp("slurm")).start()
+    yield c
+    c.stop()
+
+
+def sbatch(cluster, tmp_path, script, *args, sbatch_args=(), nproc=2):
+    """Submit from a scratch folder with this checkout's Python first on PATH; returns the job id."""
+    env = {"NPROC_PER_NODE": str(nproc), "CANCERNET_HOME": str(ROOT), "RUN_DIR": str(tmp_path / "run"),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT),
+           "WANDB_MODE": "disabled"}
+    out = cluster.run("sbatch", "--parsable", "--gres=none", f"--output={tmp_path}/%j.out", *sbatch_args,
+                      str(ROOT / "slurm" / script), str(ROOT / "configs" / "cpu_test.yaml"), *args,
+                      env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().split(";")[0]
+
+
+def log_of(tmp_path, job_id):
+    return (tmp_path / f"{job_id}.out").read_text()
+
+
+def test_train_sbatch_writes_the_full_run_directory(cluster, synth_root, tmp_path):
+    job = sbatch(cluster, tmp_path, "train.sbatch", f"data.root={synth_root}", "data.limit=200", "train.epochs=2")
+    info = cluster.wait(job, timeout=300)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log_of(tmp_path, job)[-3000:]
+    run = tmp_path / "run"
+    for name in ("config.yaml", "summary.csv", "splits.csv", "checkpoints/last.pt", "checkpoints/best.pt",
+                 "predictions/test.csv", "report/metrics.json", "report/roc.png", "report/index.html"):
+        assert (run / name).is_file(), name
+    assert "world_size: 2" in (run / "config.yaml").read_text()
+    assert pd.read_csv(run / "summary.csv")["epoch"].tolist() == [1, 2]
+    assert "1 node(s) x 2 process(es)" in log_of(tmp_path, job)
+
+
+def test_usr1_checkpoints_requeues_and_resumes(cluster, synth_root, tmp_path):
+    job = sbatch(cluster, tmp_path, "train.sbatch", f"data.root={synth_root}", "data.limit=300", "train.epochs=6")
+    summary = tmp_path / "run" / "summary.csv"
+    deadline = time.time() + 240
+    while not summary.is_file() or len(pd.read_csv(summary)) < 2:
+        assert time.time() < deadline and cluster.job(job)["JobState"] in ("PENDING", "RUNNING"), \
+            log_of(tmp_path, job)[-3000:]
+        time.sleep(0.2)
+    assert cluster.run("scancel", "--batch", "--signal=USR1", job).returncode == 0
+    while int(cluster.job(job).get("Restarts", 0)) < 1:
+        assert time.time() < deadline + 120, log_of(tmp_path, job)[-3000:]
+        time.sleep(0.5)
+    # a requeued job becomes eligible after the credential lifetime (cred_expire: 10 s here,
+    # 120 s by default), then starts by itself
+    info = cluster.wait(job, timeout=300)
+    log = log_of(tmp_path, job)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
+    assert int(info["Restarts"]) >= 1
+    assert "requeueing job" in log and "resumed from" in log and "(restart 1)" in log
+    assert pd.read_csv(summary)["epoch"].tolist() == [1, 2, 3, 4, 5, 6]  # each epoch exactly once
+    assert (tmp_path / "run" / "report" / "metrics.json").is_file()
+
+
+def test_multinode_script_runs_srun_and_torchrun_rendezvous_on_one_node(cluster, synth_root, tmp_path):
+    job = sbatch(cluster, tmp_path, "multinode.sbatch", f"data.root={synth_root}", "data.limit=200",
+                 "train.epochs=1", sbatch_args=("--nodes=1",))
+    info = cluster.wait(job, timeout=300)
+    log = log_of(tmp_path, job)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
+    assert "1 node(s) x 2 process(es)" in log
+    assert "world_size: 2" in (tmp_path / "run" / "config.yaml").read_text()
+    assert (tmp_path / "run" / "report" / "metrics.json").is_file()
