@@ -56,7 +56,40 @@ def cmd_evaluate(args) -> int:
                    for s in dict.fromkeys(["val", args.split])}
         # the checkpoint brings the weights: never fetch pretrained ones here
         model = build_model(dataclasses.replace(cfg.model, pretrained="none")).to(dist.device)
-        evaluate_checkpoint(cfg, dist, model, loaders, run_dir, ckpt, table, args.split)
+        evaluate_checkpoint(cfg, dist, model, loaders, run_dir, ckpt, table, args.split, tta=args.tta,
+                            target_sensitivity=args.target_sensitivity)
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from pathlib import Path
+
+    from . import inference
+    from .atomic import write_text
+    from .distributed import session
+
+    with session(args.device, "auto") as dist:
+        setup_logging(dist.rank)
+        ids, paths = inference.list_images(args.images, args.ids)
+        model, cfg, state = inference.load_model(args.checkpoint, dist.device)
+        threshold = (inference.checkpoint_threshold(state, Path(args.checkpoint))
+                     if args.threshold_from_checkpoint else args.threshold)
+        amp = "bf16" if dist.device.type == "cuda" else "off"
+        start = time.perf_counter()
+        probs = inference.predict_folder(model, cfg, dist, paths, args.batch_size, args.num_workers, args.tta, amp)
+        if dist.is_main:
+            write_text(args.out, inference.submission(ids, probs, threshold).to_csv(index=False, float_format="%.8g"))
+            log.info("wrote %d predictions%s to %s in %.1fs (%.0f patches/s)", len(ids),
+                     f" (labels at threshold {threshold:.4f})" if threshold is not None else "", args.out,
+                     time.perf_counter() - start, len(ids) / (time.perf_counter() - start))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .inference import export
+
+    info = export(args.checkpoint, args.out)
+    log.info("exported %s (%s) to %s: model.ts, weights.pt, model.json", args.checkpoint, info["arch"], args.out)
     return 0
 
 
@@ -106,8 +139,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run directory (train.out_dir)")
     p.add_argument("--split", choices=["test", "val"], default="test")
     p.add_argument("--checkpoint", default="best", help="best | last | a checkpoint path")
+    p.add_argument("--tta", action="store_true", help="also report metrics averaged over the 8 dihedral views")
+    p.add_argument("--target-sensitivity", type=float, default=None, metavar="S",
+                   help="choose the threshold reaching sensitivity S on validation and store it in the checkpoint")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.device=cpu")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="predict P(tumour) for every patch of a folder (Kaggle submission CSV)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--images", required=True, help="folder of .tif/.png patches")
+    p.add_argument("--out", required=True, help="CSV to write: id,label")
+    p.add_argument("--ids", default=None, help="CSV with an id column (e.g. sample_submission.csv): predict these, in this order")
+    p.add_argument("--tta", action="store_true", help="average over the 8 dihedral views")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--threshold", type=float, default=None, help="write 0/1 labels at this threshold")
+    group.add_argument("--threshold-from-checkpoint", action="store_true",
+                       help="write 0/1 labels at the checkpoint's validation-chosen operating point")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="TorchScript model with preprocessing inside + plain state dict")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True, help="folder for model.ts, weights.pt, model.json")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("prepare", help="pack data.root's images into one array file (data.format=packed)")
     p.add_argument("--config", required=True)

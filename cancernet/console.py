@@ -22,5 +22,7 @@ def main_guard(main: Callable[[], int]) -> int:
         return main()
     except UserError as e:
         rank = os.environ.get("RANK", "0")
-        print(f"error{'' if rank == '0' else f' (rank {rank})'}: {e}", file=sys.stderr, flush=True)
+        # an error re-raised from a loader worker carries its traceback: keep the last line
+        message = str(e).strip().splitlines()[-1].split("Error: ", 1)[-1] if "\n" in str(e) else str(e)
+        print(f"error{'' if rank == '0' else f' (rank {rank})'}: {message}", file=sys.stderr, flush=True)
         return 2

@@ -120,9 +120,22 @@ def _log_step(epoch, step, steps, loss, optimizer, start, data_s, totals, dist) 
              time.strftime("%H:%M:%S", time.gmtime(eta)), mem)
 
 
+def dihedral_views(images: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 flips/quarter turns of a square NCHW batch (test-time augmentation)."""
+    turns = [torch.rot90(images, k, dims=(-2, -1)) for k in range(4)]
+    return turns + [t.flip(-1) for t in turns]
+
+
+def predict_proba(model: nn.Module, images: torch.Tensor, amp: str = "off", tta: bool = False) -> torch.Tensor:
+    """(N, 2) class probabilities; with tta, averaged over the 8 dihedral views."""
+    views = dihedral_views(images) if tta else [images]
+    with autocast(images.device, amp):
+        return torch.stack([model(v).float().softmax(1) for v in views]).mean(0)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, dist: DistInfo, amp: str = "off", augment=None,
-             progress=None) -> dict[str, np.ndarray]:
+             progress=None, tta: bool = False) -> dict[str, np.ndarray]:
     """Predict every sample of a sharded loader; every rank gets all rows, sorted by index.
 
     Pass the unwrapped model: DDP's forward would start collectives that uneven shards break.
@@ -131,10 +144,9 @@ def evaluate(model: nn.Module, loader, dist: DistInfo, amp: str = "off", augment
     rows = []
     for images, labels, index in loader:
         images, labels = _to_device(images, labels, dist, augment, 0)
-        with autocast(dist.device, amp):
-            logits = model(images).float()
-        loss = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
-        prob = logits.softmax(1)[:, 1]
+        probs = predict_proba(model, images, amp, tta)
+        loss = F.nll_loss(probs.clamp_min(1e-7).log(), labels.clamp(min=0), reduction="none")
+        prob = probs[:, 1]
         rows.append(torch.stack([index.to(dist.device).double(), labels.double(), prob.double(),
                                  loss.double()], 1))
         if progress is not None:

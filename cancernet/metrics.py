@@ -14,24 +14,24 @@ def log_loss(labels: np.ndarray, probs: np.ndarray) -> float:
     return float(skm.log_loss(labels, np.clip(probs, 1e-7, 1 - 1e-7), labels=[0, 1]))
 
 
-def youden_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
-    """The threshold maximising sensitivity + specificity - 1 (Youden's J) on these data.
-
-    Midway between the best cut's score and the next lower one, so that the threshold does not
-    sit exactly on one validation patch's score (which saturates at 1.0 on easy data).
-    """
-    fpr, tpr, thresholds = skm.roc_curve(labels, probs)
-    best = int(np.argmax(tpr - fpr))
-    upper = min(thresholds[best], 1.0)
-    lower = thresholds[best + 1] if best + 1 < len(thresholds) else 0.0
+def _between(thresholds: np.ndarray, index: int) -> float:
+    """Midway between the ROC cut at index and the next lower score: the same cut on these
+    data, but not sitting exactly on one patch's score (rounding could flip that patch)."""
+    upper = min(thresholds[index], 1.0)
+    lower = thresholds[index + 1] if index + 1 < len(thresholds) else 0.0
     return float((upper + lower) / 2)
 
 
-def threshold_for_sensitivity(labels: np.ndarray, probs: np.ndarray, target: float) -> float:
-    """The highest threshold whose sensitivity on these data is at least target."""
+def youden_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
+    """The threshold maximising sensitivity + specificity - 1 (Youden's J) on these data."""
     fpr, tpr, thresholds = skm.roc_curve(labels, probs)
-    ok = np.flatnonzero(tpr >= target)
-    return float(min(thresholds[ok[0]], 1.0))
+    return _between(thresholds, int(np.argmax(tpr - fpr)))
+
+
+def threshold_for_sensitivity(labels: np.ndarray, probs: np.ndarray, target: float) -> float:
+    """The highest cut whose sensitivity on these data is at least target (most specific one)."""
+    fpr, tpr, thresholds = skm.roc_curve(labels, probs, drop_intermediate=False)
+    return _between(thresholds, int(np.flatnonzero(tpr >= target)[0]))
 
 
 def at_threshold(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict:

@@ -17,7 +17,7 @@ from .atomic import atomic_path, write_text
 from .metrics import at_threshold, binary_report, youden_threshold
 
 FIGURES = ("history_loss", "history_accuracy", "history_auc_lr", "confusion_matrix", "roc",
-           "precision_recall", "prediction_distribution", "label_distribution", "sample_grid")
+           "precision_recall", "prediction_distribution", "label_distribution", "sample_grid", "gradcam")
 
 
 def predictions_frame(ids: list[str], result: dict[str, np.ndarray]) -> pd.DataFrame:
@@ -28,7 +28,7 @@ def predictions_frame(ids: list[str], result: dict[str, np.ndarray]) -> pd.DataF
 
 def write_predictions(path: Path, frame: pd.DataFrame, threshold: float) -> None:
     frame = frame.assign(pred=(frame["prob"] >= threshold).astype(int))
-    write_text(path, frame.to_csv(index=False, float_format="%.6f"))
+    write_text(path, frame.to_csv(index=False, float_format="%.8g"))
 
 
 def compute_metrics(val: pd.DataFrame, evaluated: pd.DataFrame) -> dict:
@@ -43,13 +43,15 @@ def compute_metrics(val: pd.DataFrame, evaluated: pd.DataFrame) -> dict:
 
 def write_report(run_dir: Path, split: str, val: pd.DataFrame, evaluated: pd.DataFrame,
                  summary: pd.DataFrame | None, table: pd.DataFrame,
-                 load_image: Callable[[str], np.ndarray], extra: dict | None = None) -> tuple[dict, dict]:
+                 load_image: Callable[[str], np.ndarray], extra: dict | None = None,
+                 extra_figures: dict | None = None) -> tuple[dict, dict]:
     """Write predictions/<split>.csv, report/metrics.json, figures and index.html.
 
+    extra: more metrics.json entries; extra_figures: {name: function(threshold) -> Figure}.
     Returns (metrics, {figure name: path}).
     """
     run_dir = Path(run_dir)
-    metrics = {"split": split, **(extra or {}), **compute_metrics(val, evaluated)}
+    metrics = {"split": split, **compute_metrics(val, evaluated), **(extra or {})}
     threshold = metrics["val_threshold"]["value"]
     write_predictions(run_dir / "predictions" / "val.csv", val, threshold)
     write_predictions(run_dir / "predictions" / f"{split}.csv", evaluated, threshold)
@@ -63,6 +65,7 @@ def write_report(run_dir: Path, split: str, val: pd.DataFrame, evaluated: pd.Dat
         "prediction_distribution": lambda: plots.prediction_distribution(labels, probs, threshold),
         "label_distribution": lambda: plots.label_distribution(table),
         "sample_grid": lambda: plots.sample_grid(evaluated, load_image, threshold),
+        **{name: (lambda make=make: make(threshold)) for name, make in (extra_figures or {}).items()},
     }
     if summary is not None and len(summary):
         figures = {"history_loss": lambda: plots.history_loss(summary),

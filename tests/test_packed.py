@@ -49,7 +49,8 @@ def test_packed_and_folder_datasets_give_the_same_eval_inputs(packed_root):
     ids = pd.read_csv(packed_root / "train_labels.csv", dtype={"id": str})["id"][:16].tolist()
     labels = np.zeros(16, dtype=np.int64)
     augment = Augment(cfg, train=False)
-    folder = torch.stack([FolderDataset(packed_root, ids, labels, augment)[i][0] for i in range(16)])
+    paths = [packed_root / "train" / f"{i}.tif" for i in ids]
+    folder = torch.stack([FolderDataset(paths, labels, augment)[i][0] for i in range(16)])
     images, _, index = PackedDataset(cfg, ids, labels)[list(range(16))]
     assert images.dtype == torch.uint8 and index.tolist() == list(range(16))
     assert torch.allclose(augment(images), folder, atol=1e-5)

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from .augment import Augment
-from .kaggle import image_path, read_patch
+from .kaggle import read_patch
 
 
 def sample_seed(*parts: int) -> int:
@@ -17,14 +17,13 @@ def sample_seed(*parts: int) -> int:
 
 
 class FolderDataset(Dataset):
-    """Decodes <root>/<folder>/<id>.tif; augments per sample here (in the loader workers).
+    """Decodes one patch file per item; augments per sample here (in the loader workers).
 
     With augment=None it yields uint8 CHW tensors for augmentation on the device instead.
     """
 
-    def __init__(self, root: str | Path, ids: list[str], labels: np.ndarray | None,
-                 augment: Augment | None, seed: int = 0, folder: str = "train"):
-        self.paths = [image_path(root, i, folder) for i in ids]
+    def __init__(self, paths: list[Path], labels: np.ndarray | None, augment: Augment | None, seed: int = 0):
+        self.paths = paths
         self.labels = labels
         self.augment, self.seed, self.epoch = augment, seed, 0
 

@@ -1,6 +1,7 @@
 """The Kaggle folder layout: train_labels.csv (id,label) and train/<id>.tif patches."""
 from __future__ import annotations
 
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -18,8 +19,9 @@ class DataError(UserError, ValueError):
 
 
 class BadImageError(DataError):
-    def __init__(self, path: Path, reason: str):
-        super().__init__(f"bad image {path}: {reason}")
+    def __init__(self, path: Path | str, reason: str | None = None):
+        # one argument: a ready message (how DataLoader re-raises a worker's exception)
+        super().__init__(f"bad image {path}: {reason}" if reason is not None else str(path))
         self.path, self.reason = Path(path), reason
 
 
@@ -64,7 +66,8 @@ def read_patch(path: str | Path) -> np.ndarray:
     if not path.is_file():
         raise BadImageError(path, "file is missing")
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings(), Image.open(path) as im:
+            warnings.simplefilter("ignore")  # PIL's warnings on damaged files; we raise instead
             im.load()  # full decode: a truncated file fails here, not halfway through training
             if im.mode != "RGB":
                 raise BadImageError(path, f"mode is {im.mode}, expected RGB")

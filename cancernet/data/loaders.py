@@ -87,7 +87,7 @@ def make_loader(cfg: Config, dist: DistInfo, part: pd.DataFrame, train: bool) ->
         batches = BatchSampler(sampler, batch_size, drop_last=train)
         loader = DataLoader(PackedDataset(dc, ids, labels), batch_size=None, sampler=batches, **common)
         return SplitLoader(loader, sampler, batch_size, augment, ids)
-    dataset = FolderDataset(dc.root, ids, labels, augment, tc.seed)
+    dataset = FolderDataset([image_path(dc.root, i) for i in ids], labels, augment, tc.seed)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=train, **common)
     return SplitLoader(loader, sampler, batch_size, None, ids)
 

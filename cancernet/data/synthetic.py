@@ -35,7 +35,8 @@ def _tumour_cluster(rng, img, centre, count, avoid_centre: bool) -> None:
     placed, tries = 0, 0
     while placed < count and tries < 200:
         tries += 1
-        cy, cx = centre + rng.normal(0, 7, 2)
+        # a positive's first nucleus sits on the cluster centre, inside the centre 32x32
+        cy, cx = centre + (rng.normal(0, 7, 2) if placed or avoid_centre else 0)
         a, b = rng.uniform(2.5, 6.5), rng.uniform(2.2, 5.0)  # overlaps normal nuclei at the low end
         r = max(a, b) + 1
         lo, hi = CENTRE[0] - r, CENTRE[1] + r
