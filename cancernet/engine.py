@@ -68,9 +68,10 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, cfg:
                                     sample_seed(tc.seed, epoch, step, dist.rank))
         boundary = (step + 1) % accum == 0
         no_sync = model.no_sync() if dist.is_distributed and not boundary else contextlib.nullcontext()
-        with no_sync, autocast(dist.device, tc.amp):
-            logits = model(images).float()
-            loss = F.cross_entropy(logits, labels)
+        with no_sync:
+            with autocast(dist.device, tc.amp):  # forward only: backward runs outside autocast
+                logits = model(images).float()
+                loss = F.cross_entropy(logits, labels)
             scaler.scale(loss / accum).backward()
         if boundary:
             _optimizer_step(model, optimizer, scheduler, scaler, tc.clip_grad)
@@ -81,7 +82,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, cfg:
             flags = all_reduce_sum(torch.stack([totals[3], torch.tensor(
                 float(stop is not None and stop.requested), dtype=torch.float64, device=dist.device)]), dist)
             if flags[0] > 0:
-                raise NonFiniteLossError(f"non-finite loss in epoch {epoch} by step {step}")
+                raise NonFiniteLossError(f"non-finite loss in epoch {epoch + 1} by step {step}; last.pt keeps "
+                                         "the last good epoch")
             if flags[1] > 0:
                 stopped = True
                 break
@@ -92,7 +94,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, cfg:
         fetched = time.perf_counter()
     totals = all_reduce_sum(totals, dist)
     if totals[3] > 0:
-        raise NonFiniteLossError(f"non-finite loss in epoch {epoch}")
+        raise NonFiniteLossError(f"non-finite loss in epoch {epoch + 1}; last.pt keeps the last good epoch")
     seconds = time.perf_counter() - start
     seen = max(totals[2].item(), 1)
     return {"train_loss": totals[0].item() / seen, "train_acc": totals[1].item() / seen,

@@ -116,7 +116,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(synth_root, tm
     before = (out / "checkpoints" / "last.pt").read_bytes()
     loss = engine.F.cross_entropy
     monkeypatch.setattr(engine.F, "cross_entropy", lambda *a, **k: loss(*a, **k) * float("nan"))
-    with pytest.raises(engine.NonFiniteLossError, match="epoch 1"):
+    with pytest.raises(engine.NonFiniteLossError, match="epoch 2"):
         train(synth_root, out, "data.limit=150", "train.epochs=2")
     assert (out / "checkpoints" / "last.pt").read_bytes() == before
     assert len(pd.read_csv(out / "summary.csv")) == 1
