@@ -81,10 +81,9 @@ class Cluster:
         self.procs: list[subprocess.Popen] = []
 
     def start(self, timeout: float = 60) -> "Cluster":
-        munge_dir = Path("/run/munge")
-        munge_dir.mkdir(parents=True, exist_ok=True)
-        socket_path = munge_dir / "munge.socket.2"
-        if not socket_path.exists():  # one munged per machine; reuse a running one
+        Path("/run/munge").mkdir(parents=True, exist_ok=True)
+        if subprocess.run(["munge", "-n"], capture_output=True).returncode != 0:  # reuse a live munged
+            # --force: start even over a stale socket left by a munged that was killed
             key = Path("/etc/munge/munge.key")
             if not key.exists():
                 subprocess.run(["mungekey", "--create", "--keyfile", str(key)], check=True)
