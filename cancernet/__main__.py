@@ -1,4 +1,5 @@
-"""python -m cancernet {synth,prepare,evaluate,predict,bench,...}: the non-training commands."""
+"""python -m cancernet {synth,prepare,evaluate,predict,export,bench,fetch-weights}: the commands
+besides training (also installed as the `cancernet` console script)."""
 from __future__ import annotations
 
 import argparse
@@ -13,11 +14,15 @@ log = logging.getLogger("cancernet")
 
 
 def cmd_synth(args) -> int:
-    from .data.synthetic import write_dataset
-
     start = time.perf_counter()
-    frame = write_dataset(args.out, args.n_train, args.n_test, args.seed, pool=args.pool,
-                          workers=args.workers)
+    if args.format == "pcam":
+        from .data.pcam import write_release
+        sizes = write_release(args.out, args.n_train, args.n_valid, args.n_test, args.seed, gzip_files=args.gzip,
+                              workers=args.workers, pool=args.pool)
+        log.info("wrote a PCam-layout release (%s) to %s in %.1fs", sizes, args.out, time.perf_counter() - start)
+        return 0
+    from .data.synthetic import write_dataset
+    frame = write_dataset(args.out, args.n_train, args.n_test, args.seed, pool=args.pool, workers=args.workers)
     log.info("wrote %d train (%.1f%% positive) and %d test patches to %s in %.1fs", len(frame),
              100 * frame["label"].mean(), args.n_test, args.out, time.perf_counter() - start)
     return 0
@@ -34,30 +39,32 @@ def cmd_fetch_weights(args) -> int:
 
 def cmd_evaluate(args) -> int:
     import dataclasses
-    from pathlib import Path
+
+    import pandas as pd
 
     from .config import load_config
     from .data.loaders import load_table, make_loader
     from .distributed import session
     from .errors import UserError
-    from .evaluation import evaluate_checkpoint
+    from .evaluation import Request, evaluate_checkpoint
     from .models import build_model
+    from .rundir import RunDir
 
-    run_dir = Path(args.run)
-    if not (run_dir / "config.yaml").is_file():
-        raise UserError(f"{run_dir} is not a run directory (no config.yaml)")
-    named = {"best": run_dir / "checkpoints" / "best.pt", "last": run_dir / "checkpoints" / "last.pt"}
-    ckpt = named.get(args.checkpoint, Path(args.checkpoint))
-    cfg = load_config(run_dir / "config.yaml", args.overrides)
+    run = RunDir(args.run)
+    if not run.config.is_file():
+        raise UserError(f"{run.root} is not a run directory (no config.yaml)")
+    cfg = load_config(run.config, args.overrides)
+    ckpt = run.checkpoint(args.checkpoint)
     with session(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_min) as dist:
         setup_logging(dist.rank)
-        table = load_table(cfg, dist, run_dir)  # reuses the run's splits.csv
+        saved = pd.read_csv(run.splits, dtype={"id": str}) if run.splits.is_file() else None
+        table, _ = load_table(cfg, dist, saved)  # the run's own splits
         loaders = {s: make_loader(cfg, dist, table[table["split"] == s], train=False)
                    for s in dict.fromkeys(["val", args.split])}
         # the checkpoint brings the weights: never fetch pretrained ones here
-        model = build_model(dataclasses.replace(cfg.model, pretrained="none")).to(dist.device)
-        evaluate_checkpoint(cfg, dist, model, loaders, run_dir, ckpt, table, args.split, tta=args.tta,
-                            target_sensitivity=args.target_sensitivity)
+        model = build_model(dataclasses.replace(cfg.model, pretrained="none"), cfg.data.image_size).to(dist.device)
+        evaluate_checkpoint(cfg, dist, model, loaders, run, table, ckpt,
+                            Request(args.split, args.tta, args.target_sensitivity, args.calibrate))
     return 0
 
 
@@ -72,24 +79,27 @@ def cmd_predict(args) -> int:
         setup_logging(dist.rank)
         ids, paths = inference.list_images(args.images, args.ids)
         model, cfg, state = inference.load_model(args.checkpoint, dist.device)
-        threshold = (inference.checkpoint_threshold(state, Path(args.checkpoint))
+        temperature = inference.checkpoint_temperature(state, not args.no_calibration)
+        threshold = (inference.checkpoint_threshold(state, Path(args.checkpoint), args.tta, temperature)
                      if args.threshold_from_checkpoint else args.threshold)
         amp = "bf16" if dist.device.type == "cuda" else "off"
         start = time.perf_counter()
-        probs = inference.predict_folder(model, cfg, dist, paths, args.batch_size, args.num_workers, args.tta, amp)
+        probs = inference.predict_folder(model, cfg, dist, paths, args.batch_size, args.num_workers, args.tta, amp,
+                                         temperature)
         if dist.is_main:
             write_text(args.out, inference.submission(ids, probs, threshold).to_csv(index=False, float_format="%.8g"))
-            log.info("wrote %d predictions%s to %s in %.1fs (%.0f patches/s)", len(ids),
+            log.info("wrote %d predictions%s to %s in %.1fs (%.0f patches/s; temperature %.3g)", len(ids),
                      f" (labels at threshold {threshold:.4f})" if threshold is not None else "", args.out,
-                     time.perf_counter() - start, len(ids) / (time.perf_counter() - start))
+                     time.perf_counter() - start, len(ids) / (time.perf_counter() - start), temperature)
     return 0
 
 
 def cmd_export(args) -> int:
-    from .inference import export
+    from .inference import EXPORT_FILES, export
 
-    info = export(args.checkpoint, args.out)
-    log.info("exported %s (%s) to %s: model.ts, weights.pt, model.json", args.checkpoint, info["arch"], args.out)
+    info = export(args.checkpoint, args.out, calibrated=not args.no_calibration)
+    log.info("exported %s (%s, temperature %.3g) to %s: %s", args.checkpoint, info["arch"], info["temperature"],
+             args.out, ", ".join(EXPORT_FILES))
     return 0
 
 
@@ -120,37 +130,46 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m cancernet", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("synth", help="write a synthetic dataset in the Kaggle layout")
+def add_synth(sub) -> None:
+    p = sub.add_parser("synth", help="write a synthetic dataset in the Kaggle layout (or PCam's release layout)")
     p.add_argument("out")
+    p.add_argument("--format", choices=["kaggle", "pcam"], default="kaggle",
+                   help="kaggle: train/*.tif + train_labels.csv; pcam: the HDF5 release (x/y .h5 + meta CSVs)")
     p.add_argument("--n-train", type=int, default=2000)
+    p.add_argument("--n-valid", type=int, default=200, help="pcam: patches in the valid split")
     p.add_argument("--n-test", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gzip", action="store_true", help="pcam: write .h5.gz files, as the release is distributed")
     p.add_argument("--pool", type=int, default=None,
                    help="render only this many distinct patches and reuse them (fast scale tests)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.set_defaults(func=cmd_synth)
 
+
+def add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="evaluate a run's checkpoint and rewrite its report "
                        "(also under torchrun: ranks share the work)")
     p.add_argument("--run", required=True, help="run directory (train.out_dir)")
     p.add_argument("--split", choices=["test", "val"], default="test")
     p.add_argument("--checkpoint", default="best", help="best | last | a checkpoint path")
-    p.add_argument("--tta", action="store_true", help="also report metrics averaged over the 8 dihedral views")
+    p.add_argument("--tta", action="store_true",
+                   help="also report metrics averaged over the 8 dihedral views, with their own operating point")
     p.add_argument("--target-sensitivity", type=float, default=None, metavar="S",
                    help="choose the threshold reaching sensitivity S on validation and store it in the checkpoint")
+    p.add_argument("--calibrate", action="store_true",
+                   help="fit a temperature on validation predictions (else the checkpoint's is kept)")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.device=cpu")
     p.set_defaults(func=cmd_evaluate)
 
+
+def add_predict(sub) -> None:
     p = sub.add_parser("predict", help="predict P(tumour) for every patch of a folder (Kaggle submission CSV)")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--images", required=True, help="folder of .tif/.png patches")
     p.add_argument("--out", required=True, help="CSV to write: id,label")
     p.add_argument("--ids", default=None, help="CSV with an id column (e.g. sample_submission.csv): predict these, in this order")
     p.add_argument("--tta", action="store_true", help="average over the 8 dihedral views")
+    p.add_argument("--no-calibration", action="store_true", help="ignore the checkpoint's fitted temperature")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--threshold", type=float, default=None, help="write 0/1 labels at this threshold")
     group.add_argument("--threshold-from-checkpoint", action="store_true",
@@ -160,17 +179,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("export", help="TorchScript model with preprocessing inside + plain state dict")
+
+def add_export(sub) -> None:
+    p = sub.add_parser("export", help="model.ts (TorchScript) and model.pt2 (torch.export) with preprocessing "
+                       "inside, weights.pt (state dict), model.json")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--out", required=True, help="folder for model.ts, weights.pt, model.json")
+    p.add_argument("--out", required=True, help="folder for model.ts, model.pt2, weights.pt, model.json")
+    p.add_argument("--no-calibration", action="store_true", help="leave the fitted temperature out")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("prepare", help="pack data.root's images into one array file (data.format=packed)")
+
+def add_prepare(sub) -> None:
+    p = sub.add_parser("prepare", help="pack data.root's images (or a PCam release) into one array file")
     p.add_argument("--config", required=True)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding processes")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. data.root=/data/pcam")
     p.set_defaults(func=cmd_prepare)
 
+
+def add_bench(sub) -> None:
     p = sub.add_parser("bench", help="throughput: data path, train step ceiling, real loop (JSON lines)")
     p.add_argument("what", choices=["data", "step", "train"])
     p.add_argument("--config", required=True)
@@ -180,11 +207,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.batch_size=128")
     p.set_defaults(func=cmd_bench)
 
+
+def add_fetch_weights(sub) -> None:
     p = sub.add_parser("fetch-weights", help="download ImageNet weights into the torch hub cache "
                        "(run on a machine with network, e.g. a cluster's login node)")
-    p.add_argument("--arch", nargs="+", default=["resnet34"], choices=["resnet18", "resnet34", "resnet50"])
+    p.add_argument("--arch", nargs="+", default=["resnet34"], help="any torchvision classification model name")
     p.add_argument("--mirror", default=None, help="base URL holding the same file names")
     p.set_defaults(func=cmd_fetch_weights)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m cancernet", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (add_synth, add_evaluate, add_predict, add_export, add_prepare, add_bench, add_fetch_weights):
+        add(sub)
     return parser
 
 
@@ -200,5 +236,10 @@ def main() -> int:
     return args.func(args)
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The `cancernet` console script."""
     sys.exit(main_guard(main))
+
+
+if __name__ == "__main__":
+    entry()

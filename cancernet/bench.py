@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .config import Config
 from .data.kaggle import read_labels
-from .data.loaders import make_loader, set_epoch
+from .data.loaders import make_loader, set_epoch, to_device
 from .distributed import DistInfo, pick_device
 from .engine import autocast, train_one_epoch
 from .models import build_model
@@ -31,7 +31,8 @@ def _sync(device: torch.device) -> None:
 def _context(cfg: Config, device: torch.device) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     return {"device": name, "threads": torch.get_num_threads(), "image_size": cfg.data.image_size,
-            "augment": cfg.data.augment, "torch": str(torch.__version__)}
+            "augment": cfg.data.augment, "amp": cfg.train.amp, "channels_last": cfg.model.channels_last,
+            "torch": str(torch.__version__)}
 
 
 def peak_rss_mb() -> dict:
@@ -43,7 +44,7 @@ def peak_rss_mb() -> dict:
 
 def bench_data(cfg: Config, batches: int, warmup: int = 2, paths=("folder", "packed")) -> list[dict]:
     """Training batches per second through each path, twice: the loader alone (uint8 patches
-    out) and with the augmentation (in the workers for folder, on the device for packed).
+    out) and with the augmentation on the training device.
 
     batches=0 iterates one whole epoch (and reports peak memory).
     """
@@ -54,20 +55,16 @@ def bench_data(cfg: Config, batches: int, warmup: int = 2, paths=("folder", "pac
     for path, augmented in itertools.product(paths, (False, True)):
         path_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, format=path))
         split = make_loader(path_cfg, dist, frame, train=True)
-        if not augmented:  # uint8 patches as they leave the loader
-            split.device_augment = None
-            if path == "folder":
-                split.loader.dataset.augment = None
         set_epoch(split, 0)
         total = len(split.loader) if batches == 0 else warmup + batches
         seen, start = 0, time.perf_counter()
-        for step, (images, labels, _) in enumerate(itertools.islice(split.loader, total)):
+        for step, batch in enumerate(itertools.islice(split.loader, total)):
             if step == warmup and batches:
                 _sync(device)
                 start, seen = time.perf_counter(), 0
-            images = images.to(device, non_blocking=True)
-            if split.device_augment is not None:
-                images = split.device_augment(images, torch.Generator(device).manual_seed(step))
+            images, labels, index = to_device(batch, device)
+            if augmented:
+                split.augment(images, index, 0)
             seen += len(labels)
         _sync(device)
         seconds = time.perf_counter() - start
@@ -82,14 +79,15 @@ def bench_data(cfg: Config, batches: int, warmup: int = 2, paths=("folder", "pac
 def bench_step(cfg: Config, steps: int, warmup: int = 5) -> dict:
     """Forward + backward + optimizer step on synthetic on-device batches: the loop's ceiling."""
     device = pick_device(cfg.train.device, 0)
-    model = build_model(dataclasses.replace(cfg.model, pretrained="none")).to(device)
+    model = build_model(dataclasses.replace(cfg.model, pretrained="none"), cfg.data.image_size).to(device)
+    optimizer = build_optimizer(cfg.optim, model, device)
     model = torch.compile(model) if cfg.model.compile else model
-    optimizer = build_optimizer(cfg.optim, model)
     n, size = cfg.train.batch_size, cfg.data.image_size
     images = torch.randn(n, 3, size, size, device=device)
     if cfg.model.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 2, (n,), device=device)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     model.train()
@@ -99,12 +97,13 @@ def bench_step(cfg: Config, steps: int, warmup: int = 5) -> dict:
             start = time.perf_counter()
         with autocast(device, cfg.train.amp):
             loss = F.cross_entropy(model(images).float(), labels)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
     _sync(device)
     seconds = time.perf_counter() - start
-    return {"bench": "step", "arch": cfg.model.arch, "amp": cfg.train.amp, "compile": cfg.model.compile,
+    return {"bench": "step", "arch": cfg.model.arch, "compile": cfg.model.compile,
             "images_per_s": round(steps * n / seconds, 1), "batch_size": n, "steps": steps,
             "seconds": round(seconds, 3), **_context(cfg, device)}
 
@@ -123,27 +122,33 @@ class _Limited:
 
 
 def bench_train(cfg: Config, steps: int, warmup: int = 5) -> dict:
-    """The real training loop (loader, augmentation, AMP, optimizer) over `steps` batches."""
-    from .runner import build
+    """The real training loop (loader, device augmentation, AMP, optimizer) over `steps` batches,
+    plus one epoch boundary: validation on val_batches and the blocking part of a checkpoint."""
+    from .runner import build, save_checkpoints, validate_epoch
+    from .rundir import RunDir
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(
-            cfg.train, out_dir=tmp, log_every=0, progress="off", grad_accum=1))
-        cfg.data.val_fraction = cfg.data.test_fraction = 0.01
+        cfg = dataclasses.replace(
+            cfg, train=dataclasses.replace(cfg.train, out_dir=tmp, log_every=0, progress="off", grad_accum=1),
+            data=dataclasses.replace(cfg.data, val_fraction=0.02, test_fraction=0.01))
         device = pick_device(cfg.train.device, 0)
-        t = build(cfg, DistInfo(device=device))
+        t = build(cfg, DistInfo(device=device), RunDir(tmp))
         split = t.loaders["train"]
         timings = []
         for epoch, n in enumerate((warmup, steps)):
             set_epoch(split, epoch)
             _sync(device)
             start = time.perf_counter()
-            stats = train_one_epoch(t.model, _Limited(split.loader, n), t.optimizer, t.scheduler, t.scaler,
-                                    cfg, t.dist, epoch, split.device_augment)
+            stats = train_one_epoch(t.parts, _Limited(split.loader, n), split.augment, cfg.train, t.dist, epoch,
+                                    position=0)
             _sync(device)
-            timings.append((stats["images"], time.perf_counter() - start))
+            timings.append((stats.images, time.perf_counter() - start))
+        row = validate_epoch(t, 1, stats)
+        ckpt_s = save_checkpoints(t, best=True)
+        t.writer.wait()
     images, seconds = timings[1]
-    return {"bench": "train", "path": cfg.data.format, "arch": cfg.model.arch, "amp": cfg.train.amp,
+    return {"bench": "train", "path": cfg.data.format, "arch": cfg.model.arch, "compile": cfg.model.compile,
             "images_per_s": round(images / seconds, 1), "images": images, "seconds": round(seconds, 3),
+            "val_s": round(row.val_s, 3), "val_images": len(t.loaders["val"].ids), "ckpt_s": round(ckpt_s, 3),
             "batch_size": cfg.train.batch_size, "num_workers": cfg.data.num_workers,
             **_context(cfg, device), **peak_rss_mb()}

@@ -1,7 +1,12 @@
-"""Atomic checkpoints that load with weights_only=True, and resume."""
+"""Checkpoints: atomic files that load with weights_only=True, written in the background; resume.
+
+last.pt holds everything a resume needs; best.pt only what evaluation, predict and export need
+(weights, config, epoch, operating point, temperature), so it costs a fraction of last.pt.
+"""
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -9,13 +14,13 @@ import torch
 from torch import nn
 
 from .atomic import atomic_path
-from .errors import UserError
+from .distributed import DistInfo, gather_objects
+from .errors import CheckpointError
 
 log = logging.getLogger(__name__)
-
-
-class CheckpointError(UserError, RuntimeError):
-    """A checkpoint that cannot be read or does not fit this run."""
+# Keys whose change makes a checkpoint's state meaningless for this run (resume refuses them).
+RESUME_FIXED = ("model.arch", "model.head", "model.freeze_backbone", "optim.name", "data.val_fraction",
+                "data.test_fraction", "data.limit", "data.groups_csv", "train.seed")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -25,23 +30,79 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process' RNG states: the CPU generator and its own CUDA device's."""
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def gather_rng(dist: DistInfo) -> list[dict[str, Any]]:
+    """Every rank's RNG states, indexed by rank (a collective: every rank calls it)."""
+    return gather_objects(rng_state(dist.device), dist)
+
+
+def set_rng_state(states: list[dict[str, Any]], dist: DistInfo) -> bool:
+    """Restore this rank's saved states; False when the checkpoint has none for this rank."""
+    if dist.rank >= len(states):
+        return False
+    state = states[dist.rank]
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and dist.device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], dist.device)
+    return True
+
+
+def snapshot(obj: Any) -> Any:
+    """A copy of a (nested) state whose tensors are on the CPU and no longer change with training."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(snapshot(v) for v in obj)
+    return obj
 
 
 def save(path: str | Path, state: dict[str, Any]) -> None:
     """Write state to path atomically: readers see the old file or the new one, never half."""
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
+
+
+class CheckpointWriter:
+    """Saves in a background thread: the caller blocks only for the copy to the CPU (and for a
+    previous write still running). A crash mid-write leaves the previous file intact."""
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def copy(self, files: dict[Path, dict[str, Any]]) -> dict[Path, dict[str, Any]]:
+        """The blocking part: wait for the previous write, copy the states to the CPU."""
+        self.wait()
+        return {path: snapshot(state) for path, state in files.items()}
+
+    def start(self, copies: dict[Path, dict[str, Any]]) -> None:
+        """Write copies (from copy()) in the background."""
+        self._thread = threading.Thread(target=self._write, args=(copies,), name="checkpoint-writer", daemon=True)
+        self._thread.start()
+
+    def _write(self, files: dict[Path, dict[str, Any]]) -> None:
+        try:
+            for path, state in files.items():
+                save(path, state)
+        except BaseException as e:  # re-raised in the training thread by wait()
+            self._error = e
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 def load(path: str | Path) -> dict[str, Any]:
@@ -59,23 +120,55 @@ def load(path: str | Path) -> dict[str, Any]:
     return state
 
 
-def load_model_state(model: nn.Module, state: dict[str, Any], path: str | Path) -> None:
+def load_model_state(model: nn.Module, state: dict[str, Any], path: str | Path, key: str = "model") -> None:
     """Load weights, turning a shape/key mismatch into an error that names both architectures."""
     try:
-        unwrap(model).load_state_dict(state["model"])
+        unwrap(model).load_state_dict(state[key])
     except RuntimeError as e:
         saved = state["config"].get("model", {})
+        lines = str(e).splitlines()
         raise CheckpointError(
             f"checkpoint {path} does not fit this model: it holds {saved.get('arch')} "
-            f"(head {saved.get('head')}); first problem: {str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}"
-        ) from None
+            f"(head {saved.get('head')}); first problem: {lines[1].strip() if len(lines) > 1 else e}") from None
 
 
-def resume_path(resume: str, out_dir: Path) -> Path | None:
+def _setting(config: dict, key: str):
+    section, name = key.split(".")
+    return config.get(section, {}).get(name)
+
+
+def check_resumable(saved_config: dict, config: dict, path: Path) -> None:
+    """Refuse, before any step, a checkpoint whose model, optimizer or splits this run would change."""
+    for key in RESUME_FIXED:
+        before, now = _setting(saved_config, key), _setting(config, key)
+        if before != now:
+            raise CheckpointError(
+                f"checkpoint {path} was trained with {key}={before!r}; this run asks for {now!r}, which it "
+                "cannot resume: use a new train.out_dir (model.pretrained=PATH starts from its weights), "
+                f"or keep {key}={before!r}")
+
+
+def changed_settings(saved_config: dict, config: dict, sections=("train", "optim", "data")) -> list[str]:
+    """'key: old -> new' for every setting of these sections that differs (the resume log line)."""
+    out = []
+    for section in sections:
+        before, now = saved_config.get(section, {}), config.get(section, {})
+        out += [f"{section}.{k}: {before.get(k)!r} -> {v!r}" for k, v in now.items()
+                if k in before and before[k] != v and k not in ("resume", "out_dir")]
+    return out
+
+
+def resume_path(resume: str, last: Path) -> Path | None:
     """train.resume: auto -> last.pt if present; none -> start fresh; else an explicit path."""
     if resume == "none":
         return None
     if resume == "auto":
-        last = out_dir / "checkpoints" / "last.pt"
         return last if last.is_file() else None
     return Path(resume)
+
+
+def store_evaluation(path: Path, values: dict[str, Any]) -> None:
+    """Add what evaluation chose (operating points, temperature) to a checkpoint (atomic rewrite)."""
+    state = load(path)
+    state.update(values)
+    save(path, state)

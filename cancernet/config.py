@@ -12,78 +12,94 @@ from typing import Any
 
 import yaml
 
-from .errors import UserError
+from .errors import ConfigError
 
-
-class ConfigError(UserError, ValueError):
-    """A config file or override that cannot be used; the message names the key."""
+__all__ = ["Config", "ConfigError", "load_config", "from_dict", "resolved_yaml"]
 
 
 def choice(default: Any, *options: Any) -> Any:
     return field(default=default, metadata={"choices": options})
 
 
+def bounded(default: Any, lo: float | None = None, hi: float | None = None, hi_open: bool = False) -> Any:
+    """A number in [lo, hi] (or [lo, hi) with hi_open); None stays allowed where the type allows it."""
+    return field(default=default, metadata={"range": (lo, hi, hi_open)})
+
+
 @dataclass
 class DataConfig:
     root: str = "data/synthetic"
-    format: str = choice("folder", "folder", "packed")
+    format: str = choice("folder", "folder", "packed", "pcam")
     packed_dir: str | None = None  # default: <root>/packed
-    image_size: int = 96
-    num_workers: int = 4
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
-    limit: int | None = None
+    image_size: int = bounded(96, 8)
+    num_workers: int = bounded(4, 0)
+    val_fraction: float = bounded(0.15, 0, 1, hi_open=True)
+    test_fraction: float = bounded(0.15, 0, 1, hi_open=True)
+    limit: int | None = bounded(None, 1)
     groups_csv: str | None = None  # id,group (e.g. patch -> slide); a group never spans two splits
     on_bad_image: str = choice("fail", "fail", "skip")
     augment: str = choice("dihedral", "dihedral", "seed", "none")  # seed = hflip + rotation +-10 deg
-    jitter: float = 0.1  # brightness/contrast/saturation strength; 0 = off
-    hue: float = 0.02
+    jitter: float = bounded(0.1, 0, 1)  # brightness/contrast/saturation strength; 0 = off
+    hue: float = bounded(0.02, 0, 0.5)
+    stain: str = choice("none", "none", "hed")  # HED stain augmentation (Tellez et al. 2019)
+    stain_sigma: float = bounded(0.05, 0, 1)  # per-stain scale drawn from U(1 - sigma, 1 + sigma)
+    stain_bias: float = bounded(0.01, 0, 1)  # per-stain shift drawn from U(-bias, bias)
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
 
 
 @dataclass
 class ModelConfig:
-    arch: str = choice("resnet34", "resnet18", "resnet34", "resnet50")
+    arch: str = field(default="resnet34", metadata={"check": "arch"})  # any torchvision classifier
     pretrained: str = "imagenet"  # imagenet | none | path to a state dict
     weights_url: str | None = None  # mirror folder for the ImageNet weight files
     freeze_backbone: bool = False
     head: str = choice("linear", "seed", "linear")
     channels_last: bool = True
     compile: bool = False
+    sync_bn: bool = False  # SyncBatchNorm across ranks (CUDA)
 
 
 @dataclass
 class OptimConfig:
     name: str = choice("adamw", "adam", "adamw", "sgd")
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    momentum: float = 0.9
+    lr: float = bounded(1e-3, 0)
+    lr_scale: str = choice("none", "none", "linear")  # linear: lr x global batch / base_batch
+    base_batch: int = bounded(256, 1)
+    weight_decay: float = bounded(1e-4, 0)
+    decay_norm_bias: bool = False  # weight decay on normalisation weights and biases too
+    momentum: float = bounded(0.9, 0, 1)
     schedule: str = choice("cosine", "cosine", "onecycle", "none")
-    warmup_epochs: float = 0.0
+    warmup_epochs: float = bounded(0.0, 0)
+    label_smoothing: float = bounded(0.0, 0, 1, hi_open=True)
+    head_lr_mult: float = bounded(1.0, 0)  # head LR = lr x head_lr_mult
+    layer_decay: float = bounded(1.0, 0, 1)  # layer-wise LR decay over the backbone's stages; 1 = off
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 256  # per process
-    eval_batch_size: int = 512
-    grad_accum: int = 1
-    clip_grad: float | None = None
-    amp: str = choice("bf16", "bf16", "fp16", "off")
+    epochs: int = bounded(10, 1)
+    batch_size: int = bounded(256, 1)  # per process
+    eval_batch_size: int = bounded(512, 1)
+    grad_accum: int = bounded(1, 1)
+    clip_grad: float | None = bounded(None, 0)
+    amp: str = choice("bf16", "bf16", "fp16", "off")  # on every device, the CPU included
+    ema_decay: float = bounded(0.0, 0, 1, hi_open=True)  # EMA of the weights; 0 = off
     device: str = choice("auto", "auto", "cpu", "cuda")
     out_dir: str = "runs/default"
     resume: str = "auto"  # auto | none | path to a checkpoint
+    overwrite: bool = False  # a fresh run (resume=none) may replace the run files in out_dir
     seed: int = 0
-    log_every: int = 50  # steps between log lines when no progress bar is shown
-    sync_every: int = 10  # steps between the all-ranks check for stop requests / non-finite loss
+    eval_every: int = bounded(1, 1)  # validate every N epochs, and always after the last
+    log_every: int = bounded(50, 0)  # steps between log lines when no progress bar is shown
+    sync_every: int = bounded(10, 1)  # optimizer steps between the all-ranks check for stop / NaN loss
     progress: str = choice("auto", "auto", "on", "off")
 
 
 @dataclass
 class DistConfig:
     backend: str = choice("auto", "auto", "nccl", "gloo")
-    timeout_min: int = 30
+    timeout_min: int = bounded(30, 1)
 
 
 @dataclass
@@ -93,7 +109,15 @@ class WandbConfig:
     entity: str | None = None
     name: str | None = None
     tags: list[str] = field(default_factory=list)
-    log_model: bool = True
+    log_model: bool = False  # upload best.pt (weights only) as a model artifact
+    init_timeout: float = bounded(20.0, 1)  # seconds the online start may take before falling back
+
+
+@dataclass
+class ReportConfig:
+    bootstrap: int = bounded(1000, 0)  # resamples for the 95% CIs; 0 = none
+    calibrate: bool = True  # fit a temperature on validation predictions after training
+    figures: bool = True  # write the report figures (metrics.json and predictions always)
 
 
 @dataclass
@@ -104,9 +128,19 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _check_range(key: str, value: Any, bounds: tuple) -> None:
+    lo, hi, hi_open = bounds
+    if value is None:
+        return
+    if lo is not None and value < lo or hi is not None and (value >= hi if hi_open else value > hi):
+        interval = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}{')' if hi_open else ']'}"
+        raise ConfigError(f"config key '{key}': {value!r} is outside {interval}")
 
 
 def _check_value(key: str, value: Any, hint: Any, meta: typing.Mapping) -> Any:
@@ -122,6 +156,8 @@ def _check_value(key: str, value: Any, hint: Any, meta: typing.Mapping) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
         return [_check_value(f"{key}[{i}]", v, item, {}) for i, v in enumerate(value)]
+    if hint is str and isinstance(value, bool) and {"on", "off"} & set(meta.get("choices", ())):
+        value = "on" if value else "off"  # YAML 1.1 reads train.amp=off as False
     if hint is float and isinstance(value, str):
         with contextlib.suppress(ValueError):  # YAML 1.1 reads 1e-3 (no dot) as a string
             value = float(value)
@@ -137,6 +173,11 @@ def _check_value(key: str, value: Any, hint: Any, meta: typing.Mapping) -> Any:
     choices = meta.get("choices")
     if choices and value not in choices:
         raise ConfigError(f"config key '{key}': {value!r} is not one of {list(choices)}")
+    if "range" in meta:
+        _check_range(key, value, meta["range"])
+    if meta.get("check") == "arch":
+        from .archs import check_arch  # lazy: torchvision is slow to import
+        check_arch(value, key)
     return value
 
 
@@ -158,6 +199,31 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def check(cfg: Config) -> Config:
+    """Checks that span several keys; each error names a key, before any data is read."""
+    d, t = cfg.data, cfg.train
+    if d.format == "pcam":
+        for key in ("val_fraction", "test_fraction"):
+            if getattr(d, key) != getattr(DataConfig, key):
+                raise ConfigError(f"config key 'data.{key}' does not apply to data.format=pcam: the release's "
+                                  "own train/valid/test splits are used")
+        if d.groups_csv:
+            raise ConfigError("config key 'data.groups_csv' does not apply to data.format=pcam: slide ids "
+                              "come from the release's meta CSVs")
+    else:
+        for key in ("val_fraction", "test_fraction"):
+            if getattr(d, key) <= 0:
+                raise ConfigError(f"config key 'data.{key}' must be above 0: training needs a validation split "
+                                  "(best checkpoint) and a test split (final evaluation)")
+        if d.val_fraction + d.test_fraction >= 1:
+            raise ConfigError("config keys 'data.val_fraction' + 'data.test_fraction' must sum below 1")
+    if len(d.mean) != 3 or len(d.std) != 3 or min(d.std) <= 0:
+        raise ConfigError("config keys 'data.mean'/'data.std' need 3 values each (RGB), std above 0")
+    if t.resume not in ("auto", "none") and not Path(t.resume).is_file():
+        raise ConfigError(f"config key 'train.resume': {t.resume} is neither auto, none nor a checkpoint file")
+    return cfg
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """Turn ['train.epochs=2', ...] into a nested dict; values are parsed as YAML scalars."""
     nested: dict[str, Any] = {}
@@ -171,7 +237,10 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{item}' conflicts with an earlier one")
-        node[leaf] = yaml.safe_load(raw) if raw != "" else None
+        try:
+            node[leaf] = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            raise ConfigError(f"override '{item}': the value is not a YAML scalar") from None
     return nested
 
 
@@ -200,10 +269,11 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             values = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-        values.pop("meta", None)  # written by save_resolved; not a setting
         if not isinstance(values, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections")
-    return from_dict(_merge(values, parse_overrides(list(overrides))))
+            raise ConfigError(f"config file {path} must hold a mapping of sections (data:, model:, ...), "
+                              f"not a {type(values).__name__}")
+        values.pop("meta", None)  # written by resolved_yaml; not a setting
+    return check(from_dict(_merge(values, parse_overrides(list(overrides)))))
 
 
 def git_commit() -> str | None:
@@ -215,9 +285,10 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def resolved_yaml(cfg: Config, world_size: int) -> str:
+def resolved_yaml(cfg: Config, world_size: int, extra_meta: dict | None = None) -> str:
     """The config as run, plus what produced it (git commit, torch version, world size)."""
     import torch
 
-    meta = {"git_commit": git_commit(), "torch": str(torch.__version__), "world_size": world_size}
+    meta = {"git_commit": git_commit(), "torch": str(torch.__version__), "world_size": world_size,
+            **(extra_meta or {})}
     return yaml.safe_dump({**cfg.to_dict(), "meta": meta}, sort_keys=False)

@@ -127,3 +127,23 @@ def broadcast_object(obj, dist: DistInfo):
     box = [obj]
     tdist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather_objects(obj, dist: DistInfo) -> list:
+    """[rank 0's obj, rank 1's obj, ...] on every rank."""
+    if not dist.is_distributed:
+        return [obj]
+    out = [None] * dist.world_size
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_buffers(module: torch.nn.Module, dist: DistInfo) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics).
+
+    DDP broadcasts buffers at the start of each forward, so after the last training step every
+    rank holds statistics updated by its own batch; validation must use one model on all shards.
+    """
+    if dist.is_distributed:
+        for buffer in module.buffers():
+            tdist.broadcast(buffer, src=0)

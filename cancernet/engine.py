@@ -1,160 +1,237 @@
-"""train_one_epoch and evaluate: pure loops over loaders (no file I/O)."""
+"""train_one_epoch and evaluate: pure loops over loaders (no file I/O).
+
+Inside a training step the host never waits for the device: counts are kept on the host, sums
+on the device, and both are read together every `train.sync_every` optimizer steps.
+"""
 from __future__ import annotations
 
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import Config
-from .data.datasets import sample_seed
-from .errors import UserError
+from .config import TrainConfig
+from .data.augment import dihedral_views
+from .data.loaders import to_device
 from .distributed import DistInfo, all_reduce_sum, gather_rows
+from .ema import ModelEma
+from .errors import NonFiniteLossError
+from .optim import LrSchedule
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(UserError, RuntimeError):
-    """Raised on every rank together when any rank saw a NaN/inf loss."""
-
-
 @dataclass
 class StopFlag:
-    """Set from a signal handler; the loop checks it (on all ranks together) at step boundaries."""
+    """Set from a signal handler; the loop checks it (on all ranks together) at sync points."""
 
     requested: bool = False
 
 
 def autocast(device: torch.device, amp: str):
-    """Mixed precision on CUDA; a no-op on CPU, where bf16 autocast is rarely faster."""
-    if device.type != "cuda" or amp == "off":
+    """train.amp on any device, the CPU included (bf16: no scaler; fp16: with a GradScaler)."""
+    if amp == "off":
         return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
-def _to_device(images, labels, dist: DistInfo, augment, generator_seed: int):
-    images = images.to(dist.device, non_blocking=True)
-    labels = labels.to(dist.device, non_blocking=True)
-    if augment is not None:  # packed path: uint8 batch, augmented on the training device
-        gen = torch.Generator(dist.device).manual_seed(generator_seed)
-        images = augment(images, gen)
-    return images, labels
+@dataclass
+class EpochTotals:
+    """Sums over the training samples of one epoch, all ranks together."""
+
+    loss_sum: float = 0.0
+    correct: float = 0.0
+    seen: int = 0
+
+    def __add__(self, other: "EpochTotals") -> "EpochTotals":
+        return EpochTotals(self.loss_sum + other.loss_sum, self.correct + other.correct, self.seen + other.seen)
+
+    @property
+    def train_loss(self) -> float:
+        return self.loss_sum / max(self.seen, 1)
+
+    @property
+    def train_acc(self) -> float:
+        return self.correct / max(self.seen, 1)
 
 
-def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, cfg: Config,
-                    dist: DistInfo, epoch: int, augment=None, stop: StopFlag | None = None,
-                    progress=None, resume: dict | None = None) -> dict:
-    """One pass over loader. Returns epoch stats; 'stopped_at_step' is set when stopped early.
+@dataclass
+class MidEpoch:
+    """Where a stopped epoch was: samples trained (all ranks) and their totals."""
 
-    resume: {'step', 'totals'} of a mid-epoch checkpoint (totals: all ranks' sums, passed to one
-    rank only); the loader must already skip those steps.
-    """
-    model.train()
-    accum, tc = cfg.train.grad_accum, cfg.train
-    step = resume["step"] if resume else 0
-    # loss sum, correct, seen, non-finite losses: summed on device, read only at sync points
-    totals = torch.zeros(4, dtype=torch.float64, device=dist.device)
-    if resume:
-        totals += torch.tensor(resume["totals"], dtype=torch.float64, device=dist.device)
-    start, fetched, data_s, stopped = time.perf_counter(), time.perf_counter(), 0.0, False
-    for images, labels, _ in loader:
-        data_s += time.perf_counter() - fetched
-        images, labels = _to_device(images, labels, dist, augment,
-                                    sample_seed(tc.seed, epoch, step, dist.rank))
-        boundary = (step + 1) % accum == 0
-        no_sync = model.no_sync() if dist.is_distributed and not boundary else contextlib.nullcontext()
-        with no_sync:
-            with autocast(dist.device, tc.amp):  # forward only: backward runs outside autocast
-                logits = model(images).float()
-                loss = F.cross_entropy(logits, labels)
-            scaler.scale(loss / accum).backward()
-        if boundary:
-            _optimizer_step(model, optimizer, scheduler, scaler, tc.clip_grad)
-        step += 1
-        totals += torch.stack([loss.detach() * len(labels), (logits.argmax(1) == labels).sum(),
-                               torch.tensor(len(labels), device=dist.device), ~torch.isfinite(loss.detach())]).double()
-        if boundary and (step // accum) % tc.sync_every == 0:
-            flags = all_reduce_sum(torch.stack([totals[3], torch.tensor(
-                float(stop is not None and stop.requested), dtype=torch.float64, device=dist.device)]), dist)
-            if flags[0] > 0:
-                raise NonFiniteLossError(f"non-finite loss in epoch {epoch + 1} by step {step}; last.pt keeps "
-                                         "the last good epoch")
-            if flags[1] > 0:
-                stopped = True
-                break
+    samples: int
+    totals: EpochTotals = field(default_factory=EpochTotals)
+
+
+@dataclass
+class EpochStats:
+    totals: EpochTotals  # the whole epoch, including what a resumed run trained before
+    images: int  # trained in this process' session (for throughput)
+    seconds: float
+    data_s: float  # of which waiting for the loader
+    position: int  # samples seen since the run began, after this epoch
+    stopped_at: int | None = None  # samples into the epoch when a stop request ended it
+
+
+@dataclass
+class StepParts:
+    """What one optimizer step touches."""
+
+    model: nn.Module  # what the loop calls: compiled and/or DDP-wrapped
+    optimizer: torch.optim.Optimizer
+    schedule: LrSchedule
+    scaler: torch.amp.GradScaler
+    ema: ModelEma | None = None
+    clip_grad: float | None = None
+    label_smoothing: float = 0.0
+
+
+class _DeviceSums:
+    """loss sum, correct, non-finite losses: accumulated on the device, read only at sync points."""
+
+    def __init__(self, device: torch.device):
+        self.values = torch.zeros(3, dtype=torch.float64, device=device)
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.values += torch.stack([torch.nan_to_num(loss * len(labels), nan=0.0, posinf=0.0, neginf=0.0),
+                                    (logits.argmax(1) == labels).sum(), (~torch.isfinite(loss)).float()]).double()
+
+    def reduced(self, dist: DistInfo, stop: bool = False) -> tuple[float, float, float, bool]:
+        """(loss sum, correct, non-finite, any rank asked to stop): all ranks' sums, on the host."""
+        flags = torch.cat([self.values, torch.tensor([float(stop)], dtype=torch.float64, device=self.values.device)])
+        loss_sum, correct, non_finite, stops = all_reduce_sum(flags, dist).tolist()
+        return loss_sum, correct, non_finite, stops > 0
+
+
+def train_one_epoch(parts: StepParts, loader, augment, cfg: TrainConfig, dist: DistInfo, epoch: int, *,
+                    position: int, start: MidEpoch | None = None, stop: StopFlag | None = None,
+                    progress=None) -> EpochStats:
+    """One pass over loader (which already skips start.samples). position: samples seen before."""
+    parts.model.train()
+    n_batches, accum = len(loader), cfg.grad_accum
+    earlier = start.totals if start else EpochTotals()
+    in_epoch, images, optimizer_steps, window_samples = (start.samples if start else 0), 0, 0, 0
+    sums, stopped = _DeviceSums(dist.device), False
+    clock = _Clock(epoch, n_batches, cfg.log_every if progress is None else 0)
+    for k, batch in enumerate(loader):
+        clock.fetched()
+        images_u8, labels, index = to_device(batch, dist.device)
+        inputs = augment(images_u8, index, epoch)
+        window = min(accum, n_batches - k // accum * accum)  # the epoch's last window may be short
+        closes_window = (k + 1) % accum == 0 or k + 1 == n_batches
+        sync_grads = contextlib.nullcontext() if closes_window or not dist.is_distributed else parts.model.no_sync()
+        with sync_grads:
+            with autocast(dist.device, cfg.amp):  # forward only: backward runs outside autocast
+                logits = parts.model(inputs).float()
+                loss = F.cross_entropy(logits, labels, label_smoothing=parts.label_smoothing)
+            parts.scaler.scale(loss / window).backward()
+        sums.add(loss.detach(), logits.detach(), labels)
+        n = len(labels) * dist.world_size  # host arithmetic: the shape is known without the device
+        images, in_epoch, window_samples = images + len(labels), in_epoch + n, window_samples + n
+        if closes_window:
+            parts.schedule.step(position, window_samples)
+            _optimizer_step(parts)
+            position, window_samples, optimizer_steps = position + window_samples, 0, optimizer_steps + 1
+            # A sync point every sync_every optimizer steps, and when a log line is due (it reads the device)
+            if optimizer_steps % cfg.sync_every == 0 or clock.log_due(k + 1):
+                loss_sum, _, non_finite, stopped = sums.reduced(dist, stop is not None and stop.requested)
+                if non_finite:
+                    raise NonFiniteLossError(f"non-finite loss in epoch {epoch + 1} by step {k + 1}; "
+                                             "last.pt keeps the last good checkpoint")
+                if clock.log_due(k + 1):
+                    clock.log(k + 1, loss_sum / max(images * dist.world_size, 1), parts.schedule.lr,
+                              images * dist.world_size, dist)
+                if stopped:
+                    break
         if progress is not None:
             progress.update(1)
-        if progress is None and tc.log_every and step % tc.log_every == 0:
-            _log_step(epoch, step, len(loader), loss, optimizer, start, data_s, totals, dist)
-        fetched = time.perf_counter()
-    totals = all_reduce_sum(totals, dist)
-    if totals[3] > 0:
-        raise NonFiniteLossError(f"non-finite loss in epoch {epoch + 1}; last.pt keeps the last good epoch")
-    seconds = time.perf_counter() - start
-    seen = max(totals[2].item(), 1)
-    return {"train_loss": totals[0].item() / seen, "train_acc": totals[1].item() / seen,
-            "images": int(totals[2].item()), "epoch_s": seconds, "data_s": data_s,
-            "stopped_at_step": step if stopped else None, "totals": totals.tolist()}
+        clock.step_done()
+    loss_sum, correct, non_finite, _ = sums.reduced(dist)
+    if non_finite:
+        raise NonFiniteLossError(f"non-finite loss in epoch {epoch + 1}; last.pt keeps the last good checkpoint")
+    session = EpochTotals(loss_sum, correct, images * dist.world_size)
+    return EpochStats(earlier + session, images * dist.world_size, clock.elapsed(), clock.data_s, position,
+                      in_epoch if stopped else None)
 
 
-def _optimizer_step(model, optimizer, scheduler, scaler, clip_grad: float | None) -> None:
-    if clip_grad:
-        scaler.unscale_(optimizer)
-        nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    scheduler.step()
+def _optimizer_step(parts: StepParts) -> None:
+    if parts.clip_grad:
+        parts.scaler.unscale_(parts.optimizer)  # clip the true gradients, not the loss-scaled ones
+        nn.utils.clip_grad_norm_([p for g in parts.optimizer.param_groups for p in g["params"]], parts.clip_grad)
+    parts.scaler.step(parts.optimizer)
+    parts.scaler.update()
+    parts.optimizer.zero_grad(set_to_none=True)
+    if parts.ema is not None:
+        parts.ema.update()
 
 
-def _log_step(epoch, step, steps, loss, optimizer, start, data_s, totals, dist) -> None:
-    elapsed = time.perf_counter() - start
-    rate = totals[2].item() * dist.world_size / max(elapsed, 1e-9)
-    eta = elapsed / step * (steps - step) if step else 0.0
-    mem = f" mem {torch.cuda.max_memory_allocated() / 2**30:.1f}G" if dist.device.type == "cuda" else ""
-    log.info("epoch %d [%d/%d] loss %.4f lr %.2e %.0f img/s data %.0f%% eta %s%s", epoch, step, steps,
-             loss.item(), optimizer.param_groups[0]["lr"], rate, 100 * data_s / max(elapsed, 1e-9),
-             time.strftime("%H:%M:%S", time.gmtime(eta)), mem)
+class _Clock:
+    """Step timing and the periodic log line (ETA, images/s, data share, GPU memory)."""
+
+    def __init__(self, epoch: int, steps: int, log_every: int):
+        self.epoch, self.steps, self.log_every = epoch, steps, log_every
+        self.start = self.last = time.perf_counter()
+        self.data_s, self.logged_at = 0.0, 0
+
+    def fetched(self) -> None:
+        self.data_s += time.perf_counter() - self.last
+
+    def step_done(self) -> None:
+        self.last = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def log_due(self, step: int) -> bool:
+        return bool(self.log_every) and step - self.logged_at >= self.log_every
+
+    def log(self, step: int, loss: float, lr: float, images: int, dist: DistInfo) -> None:
+        self.logged_at = step
+        elapsed = self.elapsed()
+        eta = elapsed / step * (self.steps - step)
+        mem = f" mem {torch.cuda.max_memory_allocated() / 2**30:.1f}G" if dist.device.type == "cuda" else ""
+        log.info("epoch %d [%d/%d] loss %.4f lr %.2e %.0f img/s data %.0f%% eta %s%s", self.epoch + 1, step,
+                 self.steps, loss, lr, images / max(elapsed, 1e-9), 100 * self.data_s / max(elapsed, 1e-9),
+                 time.strftime("%H:%M:%S", time.gmtime(eta)), mem)
 
 
-def dihedral_views(images: torch.Tensor) -> list[torch.Tensor]:
-    """The 8 flips/quarter turns of a square NCHW batch (test-time augmentation)."""
-    turns = [torch.rot90(images, k, dims=(-2, -1)) for k in range(4)]
-    return turns + [t.flip(-1) for t in turns]
-
-
-def predict_proba(model: nn.Module, images: torch.Tensor, amp: str = "off", tta: bool = False) -> torch.Tensor:
-    """(N, 2) class probabilities; with tta, averaged over the 8 dihedral views."""
-    views = dihedral_views(images) if tta else [images]
-    with autocast(images.device, amp):
-        return torch.stack([model(v).float().softmax(1) for v in views]).mean(0)
+def predict_scores(model: nn.Module, inputs: torch.Tensor, amp: str = "off", tta: bool = False,
+                   temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P(tumour), its log-odds), each (N,). The log-odds of one view is (logit_1 - logit_0) / T;
+    with tta, P is averaged over the 8 dihedral views (each tempered first)."""
+    views = dihedral_views(inputs) if tta else [inputs]
+    with autocast(inputs.device, amp):
+        log_odds = [(model(v).float().diff(dim=1)[:, 0] / temperature) for v in views]
+    if len(log_odds) == 1:
+        return log_odds[0].sigmoid(), log_odds[0]
+    prob = torch.stack([lo.double().sigmoid() for lo in log_odds]).mean(0)
+    return prob.float(), torch.logit(prob, eps=1e-12).float()
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, dist: DistInfo, amp: str = "off", augment=None,
-             progress=None, tta: bool = False) -> dict[str, np.ndarray]:
+def evaluate(model: nn.Module, loader, preprocess: nn.Module, dist: DistInfo, amp: str = "off",
+             tta: bool = False, temperature: float = 1.0, progress=None) -> dict[str, np.ndarray]:
     """Predict every sample of a sharded loader; every rank gets all rows, sorted by index.
 
     Pass the unwrapped model: DDP's forward would start collectives that uneven shards break.
+    Returns index, label, prob, loss (per-sample NLL) and log_odds (of prob).
     """
     model.eval()
     rows = []
-    for images, labels, index in loader:
-        images, labels = _to_device(images, labels, dist, augment, 0)
-        probs = predict_proba(model, images, amp, tta)
-        loss = F.nll_loss(probs.clamp_min(1e-7).log(), labels.clamp(min=0), reduction="none")
-        prob = probs[:, 1]
-        rows.append(torch.stack([index.to(dist.device).double(), labels.double(), prob.double(),
-                                 loss.double()], 1))
+    for batch in loader:
+        images, labels, index = to_device(batch, dist.device)
+        prob, log_odds = predict_scores(model, preprocess(images), amp, tta, temperature)
+        loss = F.binary_cross_entropy_with_logits(log_odds.double(), labels.clamp(min=0).double(), reduction="none")
+        rows.append(torch.stack([index.double(), labels.double(), prob.double(), loss, log_odds.double()], 1))
         if progress is not None:
             progress.update(1)
-    local = torch.cat(rows) if rows else torch.zeros(0, 4, dtype=torch.float64, device=dist.device)
+    local = torch.cat(rows) if rows else torch.zeros(0, 5, dtype=torch.float64, device=dist.device)
     table = gather_rows(local, dist).cpu().numpy()
     table = table[np.argsort(table[:, 0], kind="stable")]
     return {"index": table[:, 0].astype(np.int64), "label": table[:, 1].astype(np.int64),
-            "prob": table[:, 2], "loss": table[:, 3]}
+            "prob": table[:, 2], "loss": table[:, 3], "log_odds": table[:, 4]}

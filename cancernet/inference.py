@@ -15,23 +15,24 @@ from torch.utils.data import DataLoader
 from . import checkpoint
 from .atomic import atomic_path, write_text
 from .config import Config, from_dict
-from .data.augment import Augment
+from .data.augment import Preprocess
 from .data.datasets import FolderDataset, ShardSampler
-from .data.kaggle import DataError
+from .data.kaggle import check_ids
 from .distributed import DistInfo
 from .engine import evaluate
-from .errors import UserError
+from .errors import DataError, UserError
 from .models import build_model
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
+EXPORT_FILES = ("model.ts", "model.pt2", "weights.pt", "model.json")
 
 
 def load_model(path: str | Path, device: torch.device) -> tuple[nn.Module, Config, dict]:
     """The model of a checkpoint, in eval mode, with the config it was trained with."""
     state = checkpoint.load(path)
     cfg = from_dict(state["config"])
-    model = build_model(dataclasses.replace(cfg.model, pretrained="none"))  # weights come from state
+    model = build_model(dataclasses.replace(cfg.model, pretrained="none"), cfg.data.image_size)  # weights: state
     checkpoint.load_model_state(model, state, path)
     return model.to(device).eval(), cfg, state
 
@@ -46,9 +47,10 @@ def list_images(folder: str | Path, ids_csv: str | Path | None) -> tuple[list[st
         if not found:
             raise DataError(f"no .tif or .png images in {folder}")
         return list(found), list(found.values())
-    ids_frame = pd.read_csv(ids_csv, dtype={"id": str})
+    ids_frame = pd.read_csv(ids_csv, dtype={"id": str}, keep_default_na=False)
     if "id" not in ids_frame.columns:
         raise DataError(f"--ids {ids_csv} has no 'id' column")
+    check_ids(ids_frame["id"], f"--ids {ids_csv}")
     ids = ids_frame["id"].tolist()
     duplicated = ids_frame["id"][ids_frame["id"].duplicated()]
     if len(duplicated):
@@ -61,14 +63,13 @@ def list_images(folder: str | Path, ids_csv: str | Path | None) -> tuple[list[st
 
 
 def predict_folder(model: nn.Module, cfg: Config, dist: DistInfo, paths: list[Path], batch_size: int,
-                   num_workers: int, tta: bool, amp: str) -> np.ndarray:
+                   num_workers: int, tta: bool, amp: str, temperature: float = 1.0) -> np.ndarray:
     """P(tumour) of every path, in order; ranks share the work, every rank gets all of it."""
-    dataset = FolderDataset(paths, None, Augment(cfg.data, train=False, channels_last=cfg.model.channels_last))
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                        sampler=ShardSampler(len(dataset), dist.rank, dist.world_size),
+    loader = DataLoader(FolderDataset(paths, None), batch_size=batch_size, num_workers=num_workers,
+                        sampler=ShardSampler(len(paths), dist.rank, dist.world_size),
                         pin_memory=dist.device.type == "cuda")
-    result = evaluate(model, loader, dist, amp, tta=tta)
-    return result["prob"]
+    preprocess = Preprocess.from_config(cfg.data, channels_last=cfg.model.channels_last).to(dist.device)
+    return evaluate(model, loader, preprocess, dist, amp, tta=tta, temperature=temperature)["prob"]
 
 
 def submission(ids: list[str], probs: np.ndarray, threshold: float | None) -> pd.DataFrame:
@@ -77,45 +78,48 @@ def submission(ids: list[str], probs: np.ndarray, threshold: float | None) -> pd
     return pd.DataFrame({"id": ids, "label": label})
 
 
-def checkpoint_threshold(state: dict, path: Path) -> float:
-    point = state.get("operating_point")
+def checkpoint_temperature(state: dict, calibrated: bool) -> float:
+    """The temperature evaluation fitted (1 when none, or when calibration is turned off)."""
+    return float(state.get("temperature") or 1.0) if calibrated else 1.0
+
+
+def checkpoint_threshold(state: dict, path: Path, tta: bool, temperature: float) -> float:
+    """The stored operating point for predictions made this way (plain or TTA, same temperature)."""
+    point = state.get("operating_point_tta" if tta else "operating_point")
     if not point:
-        raise UserError(f"checkpoint {path} holds no operating point; run `python -m cancernet evaluate "
-                        "--run RUN [--target-sensitivity S]` first, or pass --threshold")
+        how = "--tta " if tta else ""
+        raise UserError(f"checkpoint {path} holds no operating point chosen on {'TTA' if tta else 'plain'} "
+                        f"predictions; run `python -m cancernet evaluate --run RUN {how}[--target-sensitivity S]` "
+                        "first, or pass --threshold")
+    if point.get("tta", False) != tta:
+        raise UserError(f"checkpoint {path}: its operating point was chosen on {'TTA' if point.get('tta') else 'plain'} "
+                        f"predictions; these are {'TTA' if tta else 'plain'}: re-run evaluate with the same --tta")
+    if abs(float(point.get("temperature", 1.0)) - temperature) > 1e-9:
+        raise UserError(f"checkpoint {path}: its operating point was chosen on probabilities at temperature "
+                        f"{point.get('temperature', 1.0):.4g}, these use {temperature:.4g}: drop --no-calibration "
+                        "or pass --threshold")
     return float(point["threshold"])
 
 
-def store_operating_point(path: Path, point: dict) -> None:
-    """Add the validation-chosen threshold to a checkpoint (atomic rewrite)."""
-    state = checkpoint.load(path)
-    state["operating_point"] = point
-    checkpoint.save(path, state)
-
-
 class Exported(nn.Module):
-    """uint8 NHWC patches (N, 96, 96, 3) in, P(tumour) (N,) out: preprocessing inside."""
+    """uint8 NHWC patches (N, 96, 96, 3) in, P(tumour) (N,) out: the validated preprocessing inside."""
 
-    def __init__(self, model: nn.Module, cfg: Config):
+    def __init__(self, model: nn.Module, cfg: Config, temperature: float = 1.0):
         super().__init__()
-        self.model = model
-        self.size = cfg.data.image_size
-        self.register_buffer("mean", torch.tensor(cfg.data.mean).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(cfg.data.std).view(1, 3, 1, 1))
+        self.preprocess = Preprocess.from_config(cfg.data, nhwc=True)
+        self.model, self.temperature = model, temperature
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.permute(0, 3, 1, 2).float() / 255
-        if x.shape[-1] != self.size:
-            x = nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear",
-                                          align_corners=False, antialias=x.shape[-1] > self.size)
-        x = (x - self.mean) / self.std
-        return self.model(x).softmax(1)[:, 1]
+        logits = self.model(self.preprocess(images))
+        return ((logits[:, 1] - logits[:, 0]) / self.temperature).sigmoid()
 
 
-def export(ckpt: Path, out_dir: Path) -> dict:
-    """model.ts (TorchScript) and model.pt2 (torch.export), both with preprocessing inside;
-    weights.pt (plain state dict); model.json (what they expect and return)."""
+def export(ckpt: Path, out_dir: Path, calibrated: bool = True) -> dict:
+    """model.ts (TorchScript) and model.pt2 (torch.export), both with preprocessing (and the fitted
+    temperature) inside; weights.pt (plain state dict); model.json (what they expect and return)."""
     model, cfg, state = load_model(ckpt, torch.device("cpu"))
-    wrapped = Exported(model, cfg).eval()
+    temperature = checkpoint_temperature(state, calibrated)
+    wrapped = Exported(model, cfg, temperature).eval()
     example = torch.randint(0, 256, (2, 96, 96, 3), dtype=torch.uint8)
     with torch.no_grad():
         traced = torch.jit.trace(wrapped, example, check_trace=False)
@@ -130,10 +134,11 @@ def export(ckpt: Path, out_dir: Path) -> dict:
         torch.save(model.state_dict(), tmp)
     info = {"arch": cfg.model.arch, "head": cfg.model.head, "image_size": cfg.data.image_size,
             "mean": cfg.data.mean, "std": cfg.data.std, "source": str(ckpt), "epoch": state["epoch"],
-            "operating_point": state.get("operating_point"),
+            "temperature": temperature, "operating_point": state.get("operating_point"),
             "model.ts / model.pt2": "input uint8 (N, 96, 96, 3) RGB patches (NHWC, as decoded); output "
-                                    "float32 (N,) P(tumour); resize and normalisation inside",
-            "weights.pt": "state dict of cancernet.models.build_model(arch, head); input float "
+                                    "float32 (N,) P(tumour) = sigmoid((logit_1 - logit_0) / temperature); "
+                                    "resize and normalisation inside",
+            "weights.pt": "state dict of cancernet.models.build_model(model config, image_size); input float "
                           "(N, 3, S, S) normalised with mean/std; output (N, 2) logits"}
     write_text(out_dir / "model.json", json.dumps(info, indent=2))
     return info

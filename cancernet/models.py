@@ -1,6 +1,7 @@
-"""Backbone registry, classifier heads, freezing and pretrained-weight loading."""
+"""Any torchvision classifier as a patch classifier: head replacement, freezing, pretrained weights."""
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from pathlib import Path
@@ -9,38 +10,82 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
+from .archs import check_arch
 from .config import ModelConfig
 from .errors import UserError
 
 log = logging.getLogger(__name__)
+# builder arguments that keep a model's forward a plain (N, classes) tensor
+_BUILD_KWARGS = {"googlenet": {"aux_logits": False, "init_weights": True},
+                 "inception_v3": {"aux_logits": False, "init_weights": True}}
 
-ARCHS = {
-    "resnet18": (tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1),
-    "resnet34": (tvm.resnet34, tvm.ResNet34_Weights.IMAGENET1K_V1),
-    "resnet50": (tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V2),
-}
+
+def head_name(net: nn.Module, arch: str) -> str:
+    """The dotted name of the final classifier layer (fc, classifier.1, heads.head, ...)."""
+    linears = [name for name, m in net.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise UserError(f"model.arch={arch}: no final Linear layer to replace with the head "
+                        "(its classifier is a convolution); choose another architecture")
+    return linears[-1]
 
 
 class PatchClassifier(nn.Module):
-    """A torchvision ResNet whose fc is the chosen head; a frozen backbone stays in eval mode."""
+    """A torchvision classifier whose final layer is the chosen head; a frozen backbone stays in eval mode."""
 
-    def __init__(self, net: nn.Module, freeze_backbone: bool):
+    def __init__(self, net: nn.Module, head: str, freeze_backbone: bool):
         super().__init__()
-        self.net = net
-        self.freeze_backbone = freeze_backbone
+        self.net, self.head_name, self.freeze_backbone = net, head, freeze_backbone
         if freeze_backbone:
             for name, p in net.named_parameters():
-                p.requires_grad_(name.startswith("fc."))
+                p.requires_grad_(name.startswith(f"{head}."))
+
+    @property
+    def head(self) -> nn.Module:
+        return self.net.get_submodule(self.head_name)
 
     def train(self, mode: bool = True) -> "PatchClassifier":
         super().train(mode)
         if self.freeze_backbone:  # frozen BatchNorm must keep its ImageNet running statistics
-            for name, module in self.net.named_children():
-                module.train(mode and name == "fc")
+            self.net.eval()
+            self.head.train(mode)
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+    def stages(self) -> list[tuple[str, nn.Module]]:
+        """The backbone's stages in forward order (resnet: conv1, bn1, layer1..4; densenet:
+        features.conv0 ... features.norm5): the units of layer-wise LR decay and Grad-CAM."""
+        head = self.head
+        def holds_head(m: nn.Module) -> bool:
+            return any(sub is head for sub in m.modules())
+        def with_params(module: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
+            return [(f"{prefix}{n}", m) for n, m in module.named_children()
+                    if not holds_head(m) and any(True for _ in m.parameters())]
+        stages = with_params(self.net, "")
+        while len(stages) < 4:  # too coarse (one container, or ViT's encoder): open the largest stage
+            size = {name: sum(p.numel() for p in m.parameters()) for name, m in stages}
+            openable = [(size[name], i) for i, (name, m) in enumerate(stages) if with_params(m, "")]
+            if not openable:
+                break
+            i = max(openable)[1]
+            stages[i:i + 1] = with_params(stages[i][1], f"{stages[i][0]}.")
+        return stages
+
+    def parameter_stages(self) -> dict[str, int]:
+        """Parameter name (of self.net) -> stage index; the head's parameters get len(stages)."""
+        stages = self.stages()
+        out, current = {}, 0
+        for name, _ in self.net.named_parameters():
+            if name.startswith(f"{self.head_name}."):
+                out[name] = len(stages)
+                continue
+            for i, (prefix, _) in enumerate(stages):
+                if name.startswith(f"{prefix}."):
+                    current = i
+                    break
+            out[name] = current  # a parameter outside every stage joins the one before it
+        return out
 
 
 def make_head(kind: str, features: int) -> nn.Module:
@@ -50,14 +95,20 @@ def make_head(kind: str, features: int) -> nn.Module:
     return nn.Linear(features, 2)
 
 
+def imagenet_weights(arch: str):
+    """torchvision's DEFAULT ImageNet weights enum entry for arch."""
+    return tvm.get_model_weights(arch).DEFAULT
+
+
 def imagenet_state_dict(arch: str, mirror: str | None = None) -> dict[str, torch.Tensor]:
-    """ImageNet weights through torchvision's weights API and torch.hub cache ($TORCH_HOME).
+    """ImageNet weights through torchvision's weights enums and the torch.hub cache ($TORCH_HOME).
 
     mirror: a base URL (http://, https://, file://) holding the same file names, for clusters
     that mirror the weights internally.
     """
-    weights = ARCHS[arch][1]
-    url = weights.url if mirror is None else f"{mirror.rstrip('/')}/{weights.url.rsplit('/', 1)[1]}"
+    check_arch(arch)
+    url = imagenet_weights(arch).url
+    url = url if mirror is None else f"{mirror.rstrip('/')}/{url.rsplit('/', 1)[1]}"
     try:
         return torch.hub.load_state_dict_from_url(url, progress=False, check_hash=True,
                                                   map_location="cpu", weights_only=True)
@@ -70,7 +121,7 @@ def imagenet_state_dict(arch: str, mirror: str | None = None) -> dict[str, torch
             "or set model.pretrained to a state-dict path, or model.pretrained=none") from None
 
 
-def _load_backbone_weights(net: nn.Module, cfg: ModelConfig) -> None:
+def _load_backbone_weights(net: nn.Module, cfg: ModelConfig, head: str, image_size: int) -> None:
     if cfg.pretrained == "none":
         return
     if cfg.pretrained == "imagenet":
@@ -82,26 +133,63 @@ def _load_backbone_weights(net: nn.Module, cfg: ModelConfig) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("model", state)  # a cancernet checkpoint or a bare state dict
         state = {k.removeprefix("net."): v for k, v in state.items()}
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # the head is ours
+    own = net.state_dict()
+    modules = {name.split(".")[0] for name in own}
+    state = {k: v for k, v in state.items() if not k.startswith(f"{head}.")}  # the head is ours
+    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in state and not k.startswith(f"{head}.")]
+    unexpected = [k for k in state if k not in own and k.split(".")[0] in modules]  # aux heads: ignored
+    if mismatched or missing or unexpected:
+        hint = ""
+        if "pos_embedding" in " ".join(mismatched):
+            hint = f" (these weights were trained at another image size; data.image_size={image_size} differs)"
+        raise UserError(f"model.pretrained={cfg.pretrained} does not fit {cfg.arch}{hint}: "
+                        f"mismatched {mismatched[:2]}, missing {missing[:2]}, unexpected {unexpected[:2]}")
+    net.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+
+
+def _build_net(arch: str, image_size: int) -> nn.Module:
+    kwargs = dict(_BUILD_KWARGS.get(arch, {}))
+    model_class = inspect.signature(tvm.get_model_builder(arch)).return_annotation
+    params = inspect.signature(model_class).parameters if inspect.isclass(model_class) else {}
+    if "image_size" in params:  # ViT: positional embeddings sized for the input
+        kwargs["image_size"] = image_size
+    elif "input_size" in params:  # MaxViT
+        kwargs["input_size"] = (image_size, image_size)
+    return tvm.get_model(arch, weights=None, **kwargs)
+
+
+def build_model(cfg: ModelConfig, image_size: int) -> PatchClassifier:
+    """The classifier for model.arch at data.image_size, with its head and pretrained weights."""
+    check_arch(cfg.arch)
     try:
-        missing, unexpected = net.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shape mismatch
-        missing, unexpected = [str(e).splitlines()[1].strip()], []
-    missing = [k for k in missing if not k.startswith("fc.")]
-    if missing or unexpected:
-        raise UserError(f"model.pretrained={cfg.pretrained} does not fit {cfg.arch}: "
-                        f"missing/mismatched {missing[:2]}, unexpected {unexpected[:2]}")
-
-
-def build_model(cfg: ModelConfig) -> PatchClassifier:
-    factory = ARCHS[cfg.arch][0]
-    net = factory(weights=None)
-    _load_backbone_weights(net, cfg)
-    net.fc = make_head(cfg.head, net.fc.in_features)
-    model = PatchClassifier(net, cfg.freeze_backbone)
+        net = _build_net(cfg.arch, image_size)
+    except (ValueError, AssertionError, RuntimeError) as e:
+        raise UserError(f"model.arch={cfg.arch} cannot be built for data.image_size={image_size}: {e}") from None
+    head = head_name(net, cfg.arch)
+    _load_backbone_weights(net, cfg, head, image_size)
+    net.set_submodule(head, make_head(cfg.head, net.get_submodule(head).in_features))
+    model = PatchClassifier(net, head, cfg.freeze_backbone)
+    _probe(model, cfg.arch, image_size)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def _probe(model: nn.Module, arch: str, image_size: int) -> None:
+    """Fail now, naming the size, if the architecture cannot take image_size patches."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(1, 3, image_size, image_size))
+    except (RuntimeError, ValueError, AssertionError, IndexError) as e:
+        raise UserError(f"model.arch={arch} cannot take data.image_size={image_size} inputs "
+                        f"({str(e).splitlines()[0]}); use a larger data.image_size") from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.shape != (1, 2):
+        raise UserError(f"model.arch={arch} does not return (N, 2) logits with the replaced head; choose another")
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

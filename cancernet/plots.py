@@ -118,6 +118,47 @@ def prediction_distribution(labels, probs, threshold: float) -> Figure:
     return fig
 
 
+def reliability(labels, probs, raw_probs=None, bins: int = 15) -> Figure:
+    """Reliability diagram: fraction of tumours per bin of P(tumour), after (and before) the temperature."""
+    from .metrics import expected_calibration_error, reliability as reliability_table
+    fig, (ax, count_ax) = _axes(2, width=5.2)
+    ax.plot([0, 1], [0, 1], ":", color="gray", label="perfect calibration")
+    curves = [("after temperature" if raw_probs is not None else "model", probs, "C3")]
+    if raw_probs is not None:
+        curves.insert(0, ("before temperature", raw_probs, "C7"))
+    for name, p, colour in curves:
+        table = reliability_table(labels, p, bins)
+        used = table["count"] > 0
+        ece = expected_calibration_error(labels, p, bins)
+        ax.plot(table["mean_prob"][used], table["fraction_positive"][used], "o-", color=colour,
+                label=f"{name} (ECE {ece:.3f})")
+    ax.set(title=f"Reliability ({bins} equal-width bins)", xlabel="mean predicted P(tumour) in bin",
+           ylabel="fraction of tumour patches in bin", xlim=(0, 1), ylim=(0, 1))
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    table = reliability_table(labels, probs, bins)
+    count_ax.bar(table["lo"] + 0.5 / bins, table["count"], width=0.9 / bins, color="C3")
+    count_ax.set(title="Patches per bin", xlabel="predicted P(tumour)", ylabel="patches (log scale)", yscale="log")
+    return fig
+
+
+def augmentation_grid(originals: np.ndarray, views: list[np.ndarray], description: str) -> Figure:
+    """Each row: a training patch, then what the augmentation makes of it in successive epochs."""
+    rows, cols = len(originals), 1 + len(views)
+    fig = Figure(figsize=(cols * 1.5, rows * 1.55), layout="constrained")
+    axes = np.atleast_2d(fig.subplots(rows, cols))
+    for r in range(rows):
+        for c in range(cols):
+            ax = axes[r, c]
+            ax.imshow(originals[r] if c == 0 else views[c - 1][r])
+            ax.add_patch(_centre_box())
+            ax.set(xticks=[], yticks=[])
+            if r == 0:
+                ax.set_title("original" if c == 0 else f"epoch {c}", fontsize=8)
+    fig.suptitle(f"Training augmentation: {description}", fontsize=9)
+    return fig
+
+
 def label_distribution(table: pd.DataFrame) -> Figure:
     """table: one row per image with label and split columns."""
     fig, (bar_ax, pie_ax) = _axes(2, width=5.5)
@@ -145,8 +186,8 @@ def label_distribution(table: pd.DataFrame) -> Figure:
 
 
 def sample_grid(predictions: pd.DataFrame, load_image: Callable[[str], np.ndarray],
-                threshold: float, n: int = 24, seed: int = 0) -> Figure:
-    """Test patches with true label and P(tumour); misclassified ones framed in red with a cross.
+                threshold: float, split: str = "test", n: int = 24, seed: int = 0) -> Figure:
+    """Patches with true label and P(tumour); misclassified ones framed in red with a cross.
 
     Half the panels show misclassified patches when there are that many.
     """
@@ -172,7 +213,7 @@ def sample_grid(predictions: pd.DataFrame, load_image: Callable[[str], np.ndarra
             ax.set(xticks=[], yticks=[])
             for spine in ax.spines.values():
                 spine.set(color="red", linewidth=3)
-    fig.suptitle("Test patches: true label, predicted P(tumour); dashed box = the labelled centre "
+    fig.suptitle(f"{split.capitalize()} patches: true label, predicted P(tumour); dashed box = the labelled centre "
                  f"32x32; red = misclassified at threshold {threshold:.3f}", fontsize=10)
     return fig
 

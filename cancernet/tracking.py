@@ -1,7 +1,9 @@
 """Weights & Biases on rank 0; a no-op tracker elsewhere, when disabled, or when W&B fails.
 
 Training never dies for W&B: every call is guarded, and a failed start falls back to offline
-mode, then to the no-op tracker, with one warning.
+mode, then to the no-op tracker, with one warning. An online start gives up after
+wandb.init_timeout seconds (a compute node with an API key but no network would otherwise stall),
+and the failed attempt is torn down first so that offline mode can take the same run id.
 """
 from __future__ import annotations
 
@@ -82,11 +84,16 @@ def start_tracker(cfg: Config, dist: DistInfo, run_dir: Path, run_id: str | None
             run = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.wandb.name,
                              tags=cfg.wandb.tags, config=cfg.to_dict(), id=run_id, resume="allow",
                              dir=os.environ.get("WANDB_DIR", str(run_dir)), mode=attempt, reinit="create_new",
-                             settings=wandb.Settings(init_timeout=60, silent=True))
-            log.info("W&B run %s (%s)", run.id, attempt)
+                             settings=wandb.Settings(init_timeout=cfg.wandb.init_timeout, silent=True))
+            log.info("W&B run %s (%s)%s", run.id, attempt, "; sync later with `wandb sync " + str(
+                Path(run.dir).parent) + "`" if attempt == "offline" else "")
             return WandbTracker(run)
         except Exception as e:
             log.warning("W&B could not start in %s mode (%s: %s)", attempt, type(e).__name__,
                         str(e).splitlines()[0] if str(e) else "")
+            try:  # the failed attempt's service still holds the run id
+                wandb.teardown()
+            except Exception:
+                pass
     log.warning("W&B logging is off for this run")
     return NullTracker()

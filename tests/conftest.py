@@ -1,16 +1,14 @@
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 
-from cancernet.config import load_config  # noqa: E402
+from cancernet.config import load_config  # noqa: E402  (the package is installed: make setup)
 from cancernet.data.synthetic import write_dataset  # noqa: E402
 from cancernet.distributed import session  # noqa: E402
 from cancernet.runner import run  # noqa: E402
@@ -37,6 +35,29 @@ def train(root, out, *overrides) -> str:
 
 
 def python_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["PYTHONPATH"] = str(ROOT)
-    return env
+    """The environment for a subprocess: no torchrun variables leaking in."""
+    return {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+
+
+def copy_dataset(src: Path, dest: Path, n: int | None = None) -> Path:
+    """A private copy of the first n labelled images of a Kaggle-layout dataset."""
+    import shutil
+
+    import pandas as pd
+    labels = pd.read_csv(src / "train_labels.csv", dtype={"id": str})
+    labels = labels.head(n) if n else labels
+    (dest / "train").mkdir(parents=True)
+    for i in labels["id"]:
+        shutil.copy(src / "train" / f"{i}.tif", dest / "train")
+    labels.to_csv(dest / "train_labels.csv", index=False)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def packed_root(synth_root, tmp_path_factory) -> Path:
+    """synth_root's images, also packed (data.format=packed)."""
+    from cancernet.config import DataConfig
+    from cancernet.data.packed import prepare
+    root = copy_dataset(synth_root, tmp_path_factory.mktemp("packed_root"))
+    prepare(DataConfig(root=str(root)), workers=2, chunk=64)
+    return root

@@ -1,20 +1,31 @@
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
 import pandas as pd
 import pytest
 import torch
 
 from cancernet import checkpoint, engine
-from cancernet.errors import UserError
-from conftest import train
+from cancernet.atomic import write_text
+from cancernet.distributed import DistInfo
+from cancernet.errors import CheckpointError, UserError
+from conftest import ROOT, python_env, train
+
+pytestmark = pytest.mark.slow
 
 
-def test_checkpoint_loads_weights_only_with_clean_keys(synth_root, tmp_path):
-    train(synth_root, tmp_path / "run", "train.epochs=1", "data.limit=150")
-    ckpt_dir = tmp_path / "run" / "checkpoints"
+def test_checkpoint_loads_weights_only_with_clean_keys(uninterrupted):
+    ckpt_dir = uninterrupted / "checkpoints"
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["best.pt", "last.pt"]  # no temp files left
     state = torch.load(ckpt_dir / "last.pt", weights_only=True)
-    assert {"model", "optimizer", "scheduler", "scaler", "epoch", "best_auc", "rng", "config",
-            "wandb_id"} <= set(state)
-    assert state["epoch"] == 1 and state["config"]["model"]["arch"] == "resnet18"
+    assert {"model", "optimizer", "scheduler", "scaler", "epoch", "best_auc", "rng", "config", "wandb_id",
+            "ema", "position"} <= set(state)
+    assert state["epoch"] == 4 and state["config"]["model"]["arch"] == "resnet18"
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in state["model"])
 
 
@@ -32,6 +43,17 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
+def test_run_files_get_the_permissions_open_would_give(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_text(tmp_path / "summary.csv", "epoch\n1\n")
+        checkpoint.save(tmp_path / "last.pt", {"epoch": 1})
+    finally:
+        os.umask(old)
+    for name in ("summary.csv", "last.pt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name  # teammates can read results
+
+
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     path = tmp_path / "last.pt"
     path.write_bytes(b"not a checkpoint")
@@ -39,10 +61,14 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
         checkpoint.load(path)
 
 
-def test_resume_with_another_arch_names_both(synth_root, tmp_path):
-    train(synth_root, tmp_path / "run", "train.epochs=1", "data.limit=150")
-    with pytest.raises(UserError, match="holds resnet18"):
-        train(synth_root, tmp_path / "run", "train.epochs=2", "data.limit=150", "model.arch=resnet34")
+def test_each_rank_restores_only_its_own_rng_state():
+    torch.manual_seed(1)
+    saved = [checkpoint.rng_state(torch.device("cpu"))]
+    expected = torch.rand(3)
+    assert checkpoint.set_rng_state(saved, DistInfo(rank=0, world_size=2))
+    assert torch.equal(torch.rand(3), expected)
+    # a rank the checkpoint has no state for (the world grew) is told so, instead of crashing
+    assert not checkpoint.set_rng_state(saved, DistInfo(rank=1, world_size=2))
 
 
 def _train_stopping(root, out, monkeypatch, after_epochs=None, after_steps=None, *overrides):
@@ -52,17 +78,16 @@ def _train_stopping(root, out, monkeypatch, after_epochs=None, after_steps=None,
     stop = engine.StopFlag()
     if after_epochs is not None:
         write = runner.write_summary
-        def write_then_stop(out_dir, history):
-            write(out_dir, history)
+        def write_then_stop(run, history):
+            write(run, history)
             stop.requested = stop.requested or len(history) >= after_epochs
         monkeypatch.setattr(runner, "write_summary", write_then_stop)
     if after_steps is not None:
         loss = engine.F.cross_entropy
         steps = {"n": 0}
         def counting(*args, **kwargs):
-            if kwargs.get("reduction") != "none":  # a training step, not evaluation
-                steps["n"] += 1
-                stop.requested = stop.requested or steps["n"] >= after_steps
+            steps["n"] += 1
+            stop.requested = stop.requested or steps["n"] >= after_steps
             return loss(*args, **kwargs)
         monkeypatch.setattr(engine.F, "cross_entropy", counting)
     with session("cpu") as dist:
@@ -71,7 +96,10 @@ def _train_stopping(root, out, monkeypatch, after_epochs=None, after_steps=None,
     return status
 
 
-COMMON = ("data.limit=240", "train.seed=3", "train.epochs=4", "train.sync_every=1")
+# dropout (seed head), EMA and accumulation windows (the last one of each epoch short) all take
+# part, so a resume that loses RNG, EMA or window state cannot match the uninterrupted run
+COMMON = ("data.limit=240", "train.seed=3", "train.epochs=4", "train.sync_every=1", "model.head=seed",
+          "train.ema_decay=0.9", "train.grad_accum=2")
 
 
 @pytest.fixture(scope="module")
@@ -84,11 +112,11 @@ def uninterrupted(synth_root, tmp_path_factory):
 def _assert_same_run(a, b):
     sa, sb = pd.read_csv(a / "summary.csv"), pd.read_csv(b / "summary.csv")
     assert sa["epoch"].tolist() == sb["epoch"].tolist() == [1, 2, 3, 4]
-    for col in ("train_loss", "train_acc", "val_loss", "val_auc", "lr"):
+    for col in ("train_loss", "train_acc", "val_loss", "val_auc", "lr", "samples_seen"):
         assert sa[col].to_numpy() == pytest.approx(sb[col].to_numpy(), abs=1e-4), col
-    wa = torch.load(a / "checkpoints" / "last.pt", weights_only=True)["model"]
-    wb = torch.load(b / "checkpoints" / "last.pt", weights_only=True)["model"]
-    assert all(torch.allclose(wa[k].float(), wb[k].float(), atol=1e-5) for k in wa)
+    la, lb = (torch.load(d / "checkpoints" / "last.pt", weights_only=True) for d in (a, b))
+    for wa, wb in ((la["model"], lb["model"]), (la["ema"]["model"], lb["ema"]["model"])):
+        assert all(torch.allclose(wa[k].float(), wb[k].float(), atol=1e-5) for k in wa)
 
 
 def test_stop_after_two_epochs_then_resume_matches_uninterrupted(synth_root, tmp_path, uninterrupted, monkeypatch):
@@ -101,13 +129,94 @@ def test_stop_after_two_epochs_then_resume_matches_uninterrupted(synth_root, tmp
 
 def test_mid_epoch_stop_resumes_exactly(synth_root, tmp_path, uninterrupted, monkeypatch):
     out = tmp_path / "resumed"
-    # 168 training images / 32 = 5 steps per epoch: stop 2 steps into the third epoch
+    # 168 training images / 32 = 5 micro-batches per epoch: stop 2 micro-batches (one window) into epoch 3
     assert _train_stopping(synth_root, out, monkeypatch, None, 12, *COMMON) == "stopped"
     saved = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
-    assert saved["epoch"] == 2 and saved["mid_epoch"]["step"] == 2
+    assert saved["epoch"] == 2 and saved["mid_epoch"]["samples"] == 64
     assert len(pd.read_csv(out / "summary.csv")) == 2  # the unfinished epoch is not in the summary
     assert train(synth_root, out, *COMMON) == "done"
     _assert_same_run(uninterrupted, out)
+
+
+def test_best_pt_holds_the_best_epoch_and_only_what_inference_needs(uninterrupted):
+    summary = pd.read_csv(uninterrupted / "summary.csv")
+    # best by val AUC, ties to the lower val loss
+    best_epoch = max(summary.itertuples(), key=lambda r: (r.val_auc, -r.val_loss)).epoch
+    best = torch.load(uninterrupted / "checkpoints" / "best.pt", weights_only=True)
+    assert best["epoch"] == best_epoch and best["weights"] == "ema"
+    assert not {"optimizer", "rng", "history"} & set(best)
+    last_size = (uninterrupted / "checkpoints" / "last.pt").stat().st_size
+    assert (uninterrupted / "checkpoints" / "best.pt").stat().st_size < 0.5 * last_size
+
+
+def test_every_epoch_trains_the_images_in_a_new_order(synth_root, tmp_path, monkeypatch):
+    from cancernet.data.augment import Augment
+    seen = []
+    real = Augment.forward
+    def spy(self, images, index, epoch):
+        seen.append(index.tolist())  # the training images, in the order the loop trains them
+        return real(self, images, index, epoch)
+    monkeypatch.setattr(Augment, "forward", spy)
+    train(synth_root, tmp_path / "run", "data.limit=120", "train.epochs=2", "train.batch_size=16")
+    per_epoch = len(seen) // 2
+    first, second = sum(seen[:per_epoch], []), sum(seen[per_epoch:], [])
+    assert sorted(first) != first and first != second  # shuffled, and reshuffled for epoch 2
+    assert len(set(first)) == len(first)
+
+
+@pytest.mark.parametrize("scripted, best", [
+    ([(0.9, 0.5), (0.8, 0.4)], 1),  # a worse AUC later: best.pt keeps epoch 1
+    ([(1.0, 0.3), (1.0, 0.5)], 1),  # tied AUC: the lower validation loss wins
+    ([(0.9, 0.5), (0.9, 0.4)], 2)])
+def test_best_pt_is_the_best_validated_epoch_not_the_last(synth_root, tmp_path, monkeypatch, scripted, best):
+    from cancernet import runner
+    real, rows = runner.epoch_row, iter(scripted)
+    def scripted_row(*args, **kwargs):
+        row = real(*args, **kwargs)
+        row.val_auc, row.val_loss = next(rows)
+        return row
+    monkeypatch.setattr(runner, "epoch_row", scripted_row)
+    out = tmp_path / "run"
+    train(synth_root, out, "data.limit=100", "train.epochs=2")
+    assert torch.load(out / "checkpoints" / "best.pt", weights_only=True)["epoch"] == best
+
+
+def test_extending_a_finished_run_follows_the_new_schedule(synth_root, tmp_path, caplog):
+    out = tmp_path / "run"
+    base = ("data.limit=240", "train.seed=3")
+    train(synth_root, out, *base, "train.epochs=2")
+    with caplog.at_level(logging.INFO):
+        train(synth_root, out, *base, "train.epochs=4")
+    summary = pd.read_csv(out / "summary.csv")
+    assert summary["epoch"].tolist() == [1, 2, 3, 4]
+    assert (summary["lr"].iloc[2:] > 1e-5).all()  # the old schedule had reached 0 here
+    assert summary["train_loss"].iloc[3] < summary["train_loss"].iloc[1]  # and it keeps learning
+    assert "train.epochs: 2 -> 4" in caplog.text
+
+
+@pytest.mark.parametrize("override, key", [("model.freeze_backbone=true", "model.freeze_backbone"),
+                                           ("optim.name=sgd", "optim.name"),
+                                           ("model.arch=resnet34", "model.arch")])
+def test_resume_that_would_change_the_model_or_optimizer_is_refused_before_training(
+        synth_root, tmp_path, uninterrupted, override, key):
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    before = (out / "checkpoints" / "last.pt").read_bytes()
+    with pytest.raises(CheckpointError, match=f"{key}=.*cannot resume"):
+        train(synth_root, out, *COMMON, "train.epochs=5", override)
+    assert (out / "checkpoints" / "last.pt").read_bytes() == before
+    assert len(pd.read_csv(out / "summary.csv")) == 4
+
+
+def test_a_fresh_run_never_mixes_with_an_existing_one(synth_root, tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    with pytest.raises(UserError, match="already holds a run.*train.resume=auto.*train.overwrite=true"):
+        train(synth_root, out, "data.limit=120", "train.resume=none", "train.epochs=1")
+    assert len(pd.read_csv(out / "summary.csv")) == 4  # untouched
+    train(synth_root, out, "data.limit=120", "train.resume=none", "train.overwrite=true", "train.epochs=1")
+    assert len(pd.read_csv(out / "summary.csv")) == 1
+    assert len(pd.read_csv(out / "splits.csv")) == 120  # the new run's splits, not the old ones
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(synth_root, tmp_path, monkeypatch):
@@ -120,3 +229,38 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(synth_root, tm
         train(synth_root, out, "data.limit=150", "train.epochs=2")
     assert (out / "checkpoints" / "last.pt").read_bytes() == before
     assert len(pd.read_csv(out / "summary.csv")) == 1
+
+
+SLOW_SAVE = """
+import sys, time, torch
+from cancernet import checkpoint
+real = torch.save
+calls = {"n": 0}
+def slow(obj, f):
+    calls["n"] += 1
+    if calls["n"] >= 3:  # epoch 2's last.pt: write half of it, then hang (the kill comes now)
+        with open(f, "wb") as fh:
+            fh.write(b"half a checkpoint")
+        time.sleep(600)
+    real(obj, f)
+checkpoint.torch.save = slow
+sys.argv = ["train_ddp.py", *sys.argv[1:]]
+import runpy
+runpy.run_path("train_ddp.py", run_name="__main__")
+"""
+
+
+def test_a_kill_during_a_background_checkpoint_write_leaves_a_loadable_last_pt(synth_root, tmp_path):
+    out = tmp_path / "run"
+    (tmp_path / "slow_save.py").write_text(SLOW_SAVE)
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "slow_save.py"), "--config", "configs/cpu_test.yaml",
+                             f"data.root={synth_root}", "data.limit=120", "train.epochs=3", f"train.out_dir={out}"],
+                            cwd=ROOT, env=python_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not any(p.read_bytes() == b"half a checkpoint" for p in (out / "checkpoints").glob(".last.pt.*.tmp")):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = checkpoint.load(out / "checkpoints" / "last.pt")
+    assert state["epoch"] == 1  # the previous, complete checkpoint

@@ -8,7 +8,7 @@ from cancernet.config import ConfigError, load_config, resolved_yaml
 from conftest import CONFIGS, ROOT, python_env
 
 
-@pytest.mark.parametrize("name", ["base", "seed_frozen", "demo", "cpu_test"])
+@pytest.mark.parametrize("name", ["base", "seed_frozen", "demo", "cpu_test", "cpu_real", "pcam"])
 def test_shipped_configs_load(name):
     cfg = load_config(CONFIGS / f"{name}.yaml")
     assert cfg.train.epochs > 0
@@ -37,12 +37,39 @@ def test_overrides_are_yaml_scalars_and_later_ones_win():
     ("train.epochs=1.5", "train.epochs"),
     ("model.freeze_backbone=maybe", "model.freeze_backbone"),
     ("train.amp=fp8", "train.amp"),
-    ("model.arch=vgg16", "model.arch"),
+    ("model.arch=vgg17", "model.arch"),
     ("data.mean=0.5", "data.mean"),
+    ("train.grad_accum=0", "train.grad_accum"),
+    ("train.sync_every=0", "train.sync_every"),
+    ("data.limit=0", "data.limit"),
+    ("data.test_fraction=0", "data.test_fraction"),
+    ("data.val_fraction=0", "data.val_fraction"),
+    ("data.val_fraction=0.9", "data.val_fraction"),
+    ("train.ema_decay=1.0", "train.ema_decay"),
+    ("optim.label_smoothing=-0.1", "optim.label_smoothing"),
+    ("train.amp=fp8", "train.amp"),
 ])
 def test_bad_override_names_the_key(override, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):
         load_config(CONFIGS / "cpu_test.yaml", [override])
+
+
+@pytest.mark.parametrize("text", ["- data\n- model\n", "just a string\n", "42\n"])
+def test_a_config_file_that_is_not_a_mapping_is_a_clear_error(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"{path} must hold a mapping of sections"):
+        load_config(path)
+
+
+def test_pcam_refuses_split_fractions_it_would_ignore():
+    with pytest.raises(ConfigError, match="'data.val_fraction' does not apply to data.format=pcam"):
+        load_config(CONFIGS / "cpu_test.yaml", ["data.format=pcam", "data.val_fraction=0.2"])
+
+
+def test_yaml_off_and_on_mean_the_words_for_switches():
+    cfg = load_config(CONFIGS / "cpu_test.yaml", ["train.amp=off", "train.progress=on"])
+    assert (cfg.train.amp, cfg.train.progress) == ("off", "on")
 
 
 def test_unknown_key_in_file_is_an_error(tmp_path):

@@ -7,8 +7,9 @@ import torch
 from PIL import Image
 
 from cancernet.config import DataConfig
-from cancernet.data.augment import Augment
-from cancernet.data.kaggle import DataError, read_labels, read_patch
+from cancernet.data.augment import Augment, Preprocess
+from cancernet.data.kaggle import read_labels, read_patch
+from cancernet.errors import DataError
 from cancernet.data.splits import make_splits
 from cancernet.data.synthetic import render_patch
 from conftest import train
@@ -63,6 +64,9 @@ def test_missing_root_names_it(tmp_path):
     ("id,label\naaa,0\nbbb,2\n", "'bbb' has label"),
     ("id,label\naaa,0\nbbb,\n", "'bbb' has label"),
     ("id,target\naaa,0\n", "missing column"),
+    ("id,label\naaa,0\n../../etc/passwd,1\n", "row 3 has id '../../etc/passwd'.*plain file name"),
+    ("id,label\n/abs/path,0\n", "row 2 has id '/abs/path'"),
+    ("id,label\n..,0\n", "row 2 has id '..'"),
 ])
 def test_bad_labels_csv(tmp_path, csv, message):
     (tmp_path / "train_labels.csv").write_text(csv)
@@ -86,6 +90,7 @@ def _damage(root, kind):
 
 @pytest.mark.parametrize("kind, reason", [("missing", "missing"), ("truncated", "cannot be decoded"),
                                           ("size", "64x64"), ("mode", "mode is L")])
+@pytest.mark.slow
 def test_bad_image_fails_naming_it(root, tmp_path, kind, reason):
     _, path = _damage(root, kind)
     with pytest.raises(DataError, match=reason) as err:
@@ -94,6 +99,7 @@ def test_bad_image_fails_naming_it(root, tmp_path, kind, reason):
     assert not (tmp_path / "run" / "checkpoints").exists()  # nothing half-written
 
 
+@pytest.mark.slow
 def test_bad_image_skip_lists_it(root, tmp_path):
     bad_id, _ = _damage(root, "truncated")
     train(root, tmp_path / "run", "train.epochs=1", "data.on_bad_image=skip")
@@ -144,25 +150,30 @@ def _batch(n=6):
     return torch.from_numpy(np.stack([render_patch(rng, i % 2) for i in range(n)])).permute(0, 3, 1, 2).contiguous()
 
 
+def _augment(cfg, x, epoch=0, seed=0):
+    return Augment(cfg, seed)(x, torch.arange(len(x)), epoch)
+
+
 def test_dihedral_augment_keeps_pixels_and_the_centre():
     cfg = DataConfig(augment="dihedral", jitter=0.0, hue=0.0, mean=[0, 0, 0], std=[1, 1, 1])
     x = _batch()
-    y = Augment(cfg, train=True)(x, torch.Generator().manual_seed(0))
-    back = (y * 255).round().to(torch.uint8)
+    back = (_augment(cfg, x) * 255).round().to(torch.uint8)
     for a, b in zip(x, back):  # a flip/rotation: same pixels, same centre 32x32 content
         assert torch.equal(a.flatten().sort().values, b.flatten().sort().values)
         assert torch.equal(a[:, 32:64, 32:64].flatten().sort().values, b[:, 32:64, 32:64].flatten().sort().values)
     assert not torch.equal(x, back)
 
 
-def test_augment_is_seeded_and_eval_is_deterministic():
+def test_augment_is_seeded_per_image_and_evaluation_is_deterministic():
     cfg = DataConfig(image_size=64)
     x = _batch()
-    train_aug = Augment(cfg, train=True)
-    a = train_aug(x, torch.Generator().manual_seed(5))
-    assert torch.equal(a, train_aug(x, torch.Generator().manual_seed(5)))
-    assert not torch.equal(a, train_aug(x, torch.Generator().manual_seed(6)))
-    e = Augment(cfg, train=False)(x)
+    a = _augment(cfg, x, epoch=5)
+    assert torch.equal(a, _augment(cfg, x, epoch=5))
+    assert not torch.equal(a, _augment(cfg, x, epoch=6))
+    assert not torch.equal(a, _augment(cfg, x, epoch=5, seed=1))
+    # image i's augmentation does not depend on which other images share its batch
+    assert torch.allclose(Augment(cfg, 0)(x[2:4], torch.arange(2, 4), 5), a[2:4], atol=1e-6)
+    e = Preprocess.from_config(cfg)(x)
     assert e.shape == (6, 3, 64, 64)
     mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
     assert torch.allclose(e.mean((0, 2, 3)), ((x.float() / 255 - mean) / torch.tensor(cfg.std).view(1, 3, 1, 1)).mean((0, 2, 3)), atol=0.02)
@@ -171,14 +182,50 @@ def test_augment_is_seeded_and_eval_is_deterministic():
 def test_colour_jitter_changes_colour_not_geometry():
     cfg = DataConfig(augment="none", jitter=0.3, hue=0.05, mean=[0, 0, 0], std=[1, 1, 1])
     x = _batch()
-    y = Augment(cfg, train=True)(x, torch.Generator().manual_seed(1))
+    y = _augment(cfg, x, epoch=1)
     assert 0 <= y.min() and y.max() <= 1
     for a, b in zip(x.float().mean(1), y.mean(1)):  # per image: same structure, other colours
         assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] > 0.9
     assert not torch.allclose(x.float() / 255, y, atol=0.02)
 
 
+def test_hed_stain_augmentation_recolours_each_pixel_in_place():
+    cfg = DataConfig(augment="none", jitter=0.0, hue=0.0, stain="hed", stain_sigma=0.2, stain_bias=0.02,
+                     mean=[0, 0, 0], std=[1, 1, 1])
+    x = _batch()
+    y = _augment(cfg, x, epoch=3)
+    assert 0 <= y.min() and y.max() <= 1 and not torch.allclose(x.float() / 255, y, atol=0.01)
+    # a per-pixel colour map: the centre 32x32 (the label's region) depends only on its own pixels
+    border_changed = x.clone()
+    border_changed[:, :, :16] = 255 - border_changed[:, :, :16]
+    z = _augment(cfg, border_changed, epoch=3)
+    assert torch.allclose(z[:, :, 32:64, 32:64], y[:, :, 32:64, 32:64], atol=1e-6)
+    for a, b in zip(x.float().mean(1), y.mean(1)):  # structure kept
+        assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] > 0.9
+    # no change at all when the stain scales are 1 and the shifts 0
+    identity = DataConfig(augment="none", jitter=0.0, hue=0.0, stain="hed", stain_sigma=0.0, stain_bias=0.0,
+                          mean=[0, 0, 0], std=[1, 1, 1])
+    assert torch.allclose(_augment(identity, x), x.float() / 255, atol=1e-4)
+
+
+def test_folder_and_packed_paths_augment_an_image_identically(packed_root):
+    from cancernet.data.loaders import make_loader, set_epoch, to_device
+    from cancernet.distributed import DistInfo
+    from conftest import make_cfg
+    table = read_labels(packed_root).assign(split="train").head(64)
+    batches = {}
+    for fmt in ("folder", "packed"):
+        cfg = make_cfg(packed_root, "unused", f"data.format={fmt}", "data.stain=hed", "data.image_size=48",
+                       "train.batch_size=16")
+        split = make_loader(cfg, DistInfo(), table, train=True)
+        set_epoch(split, 2)
+        images, labels, index = to_device(next(iter(split.loader)), torch.device("cpu"))
+        batches[fmt] = (index, split.augment(images, index, 2))
+    assert torch.equal(batches["folder"][0], batches["packed"][0])
+    assert torch.allclose(batches["folder"][1], batches["packed"][1], atol=1e-6)
+
+
 def test_seed_augment_resizes_and_rotates():
     cfg = DataConfig(augment="seed", image_size=224, jitter=0.0, hue=0.0)
-    y = Augment(cfg, train=True)(_batch(), torch.Generator().manual_seed(0))
+    y = _augment(cfg, _batch())
     assert y.shape == (6, 3, 224, 224)

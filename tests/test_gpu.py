@@ -1,30 +1,70 @@
 """CUDA-only behaviour; run by benchmarks/gpu_check.sh on a GPU machine (skipped without CUDA)."""
 import json
+import warnings
 
 import pandas as pd
 import pytest
 import torch
 
-from cancernet.data.packed import prepare
-from cancernet.config import DataConfig
-from conftest import train
+from conftest import make_cfg, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
-def test_cuda_packed_training_with_amp(synth_root, tmp_path, amp):
-    root = synth_root
-    if not (root / "packed" / "manifest.json").is_file():
-        prepare(DataConfig(root=str(root)), workers=2)
+def test_cuda_packed_training_with_amp(packed_root, tmp_path, amp):
     out = tmp_path / amp
-    train(root, out, "data.format=packed", f"train.amp={amp}", "train.device=cuda", "train.epochs=3",
-          "data.image_size=64", "model.channels_last=true", "data.num_workers=2")
+    train(packed_root, out, "data.format=packed", f"train.amp={amp}", "train.device=cuda", "train.epochs=3",
+          "data.image_size=64", "model.channels_last=true", "data.num_workers=2", "train.ema_decay=0.99")
     metrics = json.loads((out / "report" / "metrics.json").read_text())
     assert metrics["roc_auc"] > 0.9
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=True, map_location="cpu")
     assert state["scaler"]["scale"] > 0 if amp == "fp16" else True
+    assert "cuda" in state["rng"][0]  # this rank's own device RNG state
     assert len(pd.read_csv(out / "summary.csv")) == 3
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_no_host_device_sync_inside_a_training_step(packed_root, tmp_path, amp):
+    """Every synchronising CUDA call warns under sync debug mode; each must fall at a sync point."""
+    from cancernet.distributed import DistInfo
+    from cancernet.engine import train_one_epoch
+    from cancernet.runner import build
+    from cancernet.rundir import RunDir
+    cfg = make_cfg(packed_root, tmp_path, "data.format=packed", "train.device=cuda", f"train.amp={amp}",
+                   "train.sync_every=4", "data.stain=hed", "train.ema_decay=0.99", "train.clip_grad=1.0",
+                   "model.channels_last=true")
+    t = build(cfg, DistInfo(device=torch.device("cuda", 0)), RunDir(tmp_path))
+    train = t.loaders["train"]
+    batches = [tuple(x.pin_memory() for x in b) for b in train.loader]
+    train_one_epoch(t.parts, batches[:2], train.augment, cfg.train, t.dist, 0, position=0)  # warm-up
+    torch.cuda.synchronize()
+    tagger = _Tagger()
+    with warnings.catch_warnings():  # restores warnings.showwarning on exit
+        warnings.simplefilter("always")
+        warnings.showwarning = tagger.record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            train_one_epoch(t.parts, batches, train.augment, cfg.train, t.dist, 1, position=0, progress=tagger)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    steps = len(batches)
+    expected = {k for k in range(steps) if (k + 1) % 4 == 0} | {steps}  # the sync points, as on CPU
+    assert {step for step, _ in tagger.seen} <= expected, tagger.seen
+
+
+class _Tagger:
+    """The progress hook of train_one_epoch: attributes each sync warning to the step it came in."""
+
+    def __init__(self):
+        self.seen, self.step = [], 0
+
+    def record(self, message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" in str(message):
+            self.seen.append((self.step, str(message)))
+
+    def update(self, n=1):
+        self.step += n
 
 
 def test_compiled_model_keeps_clean_checkpoint_keys(synth_root, tmp_path):

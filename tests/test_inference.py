@@ -7,15 +7,27 @@ import pandas as pd
 import pytest
 import torch
 
+from cancernet.__main__ import main
+from cancernet.console import main_guard
 from cancernet.data.kaggle import read_patch
-from cancernet.inference import load_model, predict_folder
 from cancernet.distributed import DistInfo
+from cancernet.inference import load_model, predict_folder
 from conftest import ROOT, python_env, train
+
+pytestmark = pytest.mark.slow
 
 
 def cli(*args, launcher=(sys.executable,)):
+    """The command in a new process (what torchrun and users run)."""
     return subprocess.run([*launcher, "-m", "cancernet", *args], cwd=ROOT, env=python_env(),
                           capture_output=True, text=True, timeout=600)
+
+
+def run_cli(capsys, monkeypatch, *args) -> tuple[int, str]:
+    """The same command line in this process (saves a torch import per call): (exit code, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["cancernet", *args])
+    code = main_guard(main)
+    return code, capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -35,80 +47,103 @@ def _some_ids(synth_root, n=40, seed=0):
     return labels.sample(n, random_state=seed)
 
 
-def test_submission_follows_the_ids_file_order(synth_root, ckpt, tmp_path):
+def test_submission_follows_the_ids_file_order(synth_root, ckpt, tmp_path, capsys, monkeypatch):
     chosen = _some_ids(synth_root)
     chosen[["id"]].assign(label=0).to_csv(tmp_path / "ids.csv", index=False)
     out = tmp_path / "submission.csv"
-    proc = cli("predict", "--checkpoint", str(ckpt), "--images", str(synth_root / "train"),
-               "--ids", str(tmp_path / "ids.csv"), "--out", str(out), "--device", "cpu")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    code, err = run_cli(capsys, monkeypatch, "predict", "--checkpoint", str(ckpt), "--images",
+                        str(synth_root / "train"), "--ids", str(tmp_path / "ids.csv"), "--out", str(out),
+                        "--device", "cpu", "--num-workers", "0")
+    assert code == 0, err
     sub = pd.read_csv(out, dtype={"id": str})
     assert list(sub.columns) == ["id", "label"]
     assert sub["id"].tolist() == chosen["id"].tolist()
     assert sub["label"].between(0, 1).all() and sub["label"].nunique() > 2  # probabilities
 
 
-def test_predict_a_whole_folder_of_png_and_tif(synth_root, ckpt, tmp_path):
+def test_predict_a_whole_folder_of_png_and_tif(synth_root, ckpt, tmp_path, capsys, monkeypatch):
+    from PIL import Image
     folder = tmp_path / "mixed"
     folder.mkdir()
     chosen = _some_ids(synth_root, 6)["id"].tolist()
     for k, i in enumerate(chosen):
-        from PIL import Image
         Image.fromarray(read_patch(synth_root / "train" / f"{i}.tif")).save(folder / f"{i}.{'png' if k % 2 else 'tif'}")
     out = tmp_path / "sub.csv"
-    assert cli("predict", "--checkpoint", str(ckpt), "--images", str(folder), "--out", str(out),
-               "--device", "cpu").returncode == 0
+    code, err = run_cli(capsys, monkeypatch, "predict", "--checkpoint", str(ckpt), "--images", str(folder),
+                        "--out", str(out), "--device", "cpu", "--num-workers", "0")
+    assert code == 0, err
     assert sorted(pd.read_csv(out, dtype={"id": str})["id"]) == sorted(chosen)
 
 
-def test_torchrun_predict_matches_single_process(synth_root, ckpt, tmp_path):
+def test_torchrun_predict_matches_single_process(synth_root, ckpt, tmp_path, capsys, monkeypatch):
     chosen = _some_ids(synth_root, 50, seed=1)
     chosen[["id"]].to_csv(tmp_path / "ids.csv", index=False)
-    outs = {}
-    for name, launcher in (("single", (sys.executable,)),
-                           ("ddp", (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))):
-        outs[name] = tmp_path / f"{name}.csv"
-        proc = cli("predict", "--checkpoint", str(ckpt), "--images", str(synth_root / "train"), "--ids",
-                   str(tmp_path / "ids.csv"), "--out", str(outs[name]), "--device", "cpu", launcher=launcher)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-    single, ddp = (pd.read_csv(outs[k], dtype={"id": str}) for k in ("single", "ddp"))
+    common = ("predict", "--checkpoint", str(ckpt), "--images", str(synth_root / "train"), "--ids",
+              str(tmp_path / "ids.csv"), "--device", "cpu")
+    code, err = run_cli(capsys, monkeypatch, *common, "--out", str(tmp_path / "single.csv"), "--num-workers", "0")
+    assert code == 0, err
+    proc = cli(*common, "--out", str(tmp_path / "ddp.csv"),
+               launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    single, ddp = (pd.read_csv(tmp_path / f"{k}.csv", dtype={"id": str}) for k in ("single", "ddp"))
     assert ddp["id"].tolist() == single["id"].tolist() == chosen["id"].tolist()
     assert np.allclose(ddp["label"], single["label"], atol=1e-5)
 
 
-def test_tta_and_target_sensitivity_operating_point(synth_root, run_dir, ckpt, tmp_path):
-    proc = cli("evaluate", "--run", str(run_dir), "--tta", "--target-sensitivity", "0.95")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+def test_operating_points_are_chosen_and_applied_on_predictions_made_the_same_way(
+        synth_root, run_dir, ckpt, tmp_path, capsys, monkeypatch):
+    code, err = run_cli(capsys, monkeypatch, "evaluate", "--run", str(run_dir), "--tta", "--target-sensitivity", "0.95")
+    assert code == 0, err
     metrics = json.loads((run_dir / "report" / "metrics.json").read_text())
     assert metrics["tta"]["roc_auc"] >= metrics["roc_auc"] - 0.002
     chosen = metrics["target_sensitivity"]
     assert chosen["chosen_on"] == "val" and chosen["val"]["sensitivity"] >= 0.95
+    state = torch.load(ckpt, weights_only=True)
+    point, tta_point, temperature = state["operating_point"], state["operating_point_tta"], state["temperature"]
+    assert point == {"threshold": chosen["val"]["threshold"], "method": "target_sensitivity", "target": 0.95,
+                     "chosen_on": "val", "tta": False, "temperature": temperature}
+    assert tta_point["tta"] and tta_point["method"] == "target_sensitivity"
+    # the TTA point reaches the target on TTA validation predictions, and labels the TTA test file
     val = pd.read_csv(run_dir / "predictions" / "val.csv")
-    assert (val["prob"][val["label"] == 1] >= chosen["val"]["threshold"]).mean() >= 0.95
-    point = torch.load(ckpt, weights_only=True)["operating_point"]
-    assert point == {"threshold": chosen["val"]["threshold"], "method": "target_sensitivity",
-                     "target": 0.95, "chosen_on": "val"}
-    # predict labels patches at that operating point
+    assert (val["prob"][val["label"] == 1] >= point["threshold"]).mean() >= 0.95
+    test_tta = pd.read_csv(run_dir / "predictions" / "test_tta.csv")
+    assert (test_tta["pred"] == (test_tta["prob"] >= tta_point["threshold"])).all()
+    # predict labels with the point that matches how it predicts
     ids = _some_ids(synth_root, 30, seed=2)
     ids[["id"]].to_csv(tmp_path / "ids.csv", index=False)
-    probs_out, labels_out = tmp_path / "p.csv", tmp_path / "l.csv"
     base = ("predict", "--checkpoint", str(ckpt), "--images", str(synth_root / "train"), "--ids",
-            str(tmp_path / "ids.csv"), "--device", "cpu")
-    assert cli(*base, "--out", str(probs_out)).returncode == 0
-    assert cli(*base, "--out", str(labels_out), "--threshold-from-checkpoint").returncode == 0
-    probs, labels = pd.read_csv(probs_out), pd.read_csv(labels_out)
-    assert set(labels["label"]) <= {0, 1}
-    assert (labels["label"] == (probs["label"] >= point["threshold"] - 1e-6).astype(int)).all()
+            str(tmp_path / "ids.csv"), "--device", "cpu", "--num-workers", "0")
+    for tta, used in ((False, point), (True, tta_point)):
+        extra = ("--tta",) if tta else ()
+        assert run_cli(capsys, monkeypatch, *base, *extra, "--out", str(tmp_path / "p.csv"))[0] == 0
+        assert run_cli(capsys, monkeypatch, *base, *extra, "--out", str(tmp_path / "l.csv"),
+                       "--threshold-from-checkpoint")[0] == 0
+        probs, labels = pd.read_csv(tmp_path / "p.csv"), pd.read_csv(tmp_path / "l.csv")
+        assert set(labels["label"]) <= {0, 1}
+        assert (labels["label"] == (probs["label"] >= used["threshold"] - 1e-6).astype(int)).all()
+    # a point chosen on calibrated plain predictions is refused for uncalibrated ones ...
+    code, err = run_cli(capsys, monkeypatch, *base, "--out", str(tmp_path / "x.csv"), "--threshold-from-checkpoint",
+                        "--no-calibration")
+    assert code == 2 and "temperature" in err
+    # ... and a checkpoint with only a plain point cannot label TTA predictions
+    plain_only = tmp_path / "plain_only.pt"
+    torch.save({k: v for k, v in state.items() if k != "operating_point_tta"}, plain_only)
+    code, err = run_cli(capsys, monkeypatch, "predict", "--checkpoint", str(plain_only), *base[3:],
+                        "--out", str(tmp_path / "y.csv"), "--tta", "--threshold-from-checkpoint")
+    assert code == 2 and "TTA" in err and "evaluate --run RUN --tta" in err
+    assert not (tmp_path / "x.csv").exists() and not (tmp_path / "y.csv").exists()
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
 def test_export_gives_the_checkpoints_outputs(synth_root, ckpt, tmp_path):
     proc = cli("export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "export"))
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert all(name in proc.stdout + proc.stderr for name in ("model.ts", "model.pt2", "weights.pt", "model.json"))
     ids = _some_ids(synth_root, 12, seed=3)["id"].tolist()
     paths = [synth_root / "train" / f"{i}.tif" for i in ids]
-    model, cfg, _ = load_model(ckpt, torch.device("cpu"))
-    expected = predict_folder(model, cfg, DistInfo(), paths, 8, 0, tta=False, amp="off")
+    model, cfg, state = load_model(ckpt, torch.device("cpu"))
+    expected = predict_folder(model, cfg, DistInfo(), paths, 8, 0, tta=False, amp="off",
+                              temperature=state["temperature"])
     scripted = torch.jit.load(str(tmp_path / "export" / "model.ts"))
     program = torch.export.load(str(tmp_path / "export" / "model.pt2")).module()
     batch = torch.from_numpy(np.stack([read_patch(p) for p in paths]))  # uint8 NHWC
@@ -118,39 +153,47 @@ def test_export_gives_the_checkpoints_outputs(synth_root, ckpt, tmp_path):
     weights = torch.load(tmp_path / "export" / "weights.pt", weights_only=True)
     model.load_state_dict(weights)  # plain state dict of the same architecture
     info = json.loads((tmp_path / "export" / "model.json").read_text())
-    assert info["arch"] == "resnet18" and info["image_size"] == 48
+    assert info["arch"] == "resnet18" and info["image_size"] == 48 and info["temperature"] == state["temperature"]
 
 
-def test_missing_image_is_a_clear_error_and_nothing_is_written(synth_root, ckpt, tmp_path):
+def test_missing_image_is_a_clear_error_and_nothing_is_written(synth_root, ckpt, tmp_path, capsys, monkeypatch):
     pd.DataFrame({"id": ["f" * 40]}).to_csv(tmp_path / "ids.csv", index=False)
     out = tmp_path / "sub.csv"
-    proc = cli("predict", "--checkpoint", str(ckpt), "--images", str(synth_root / "train"),
-               "--ids", str(tmp_path / "ids.csv"), "--out", str(out))
-    assert proc.returncode == 2 and "f" * 40 in proc.stderr and "not found" in proc.stderr
+    code, err = run_cli(capsys, monkeypatch, "predict", "--checkpoint", str(ckpt), "--images",
+                        str(synth_root / "train"), "--ids", str(tmp_path / "ids.csv"), "--out", str(out))
+    assert code == 2 and "f" * 40 in err and "not found" in err
     assert not out.exists()
 
 
-def test_unreadable_image_is_a_clear_error(synth_root, ckpt, tmp_path):
+def test_an_id_that_would_leave_the_image_folder_is_refused(synth_root, ckpt, tmp_path, capsys, monkeypatch):
+    pd.DataFrame({"id": ["../secret"]}).to_csv(tmp_path / "ids.csv", index=False)
+    code, err = run_cli(capsys, monkeypatch, "predict", "--checkpoint", str(ckpt), "--images",
+                        str(synth_root / "train"), "--ids", str(tmp_path / "ids.csv"), "--out", str(tmp_path / "s.csv"))
+    assert code == 2 and "row 2 has id '../secret'" in err
+
+
+def test_unreadable_image_is_a_clear_error(synth_root, ckpt, tmp_path, capsys, monkeypatch):
     folder = tmp_path / "imgs"
     folder.mkdir()
     (folder / "broken.tif").write_bytes(b"II*\x00garbage")
-    proc = cli("predict", "--checkpoint", str(ckpt), "--images", str(folder), "--out", str(tmp_path / "s.csv"))
-    assert proc.returncode == 2 and "broken.tif" in proc.stderr
+    code, err = run_cli(capsys, monkeypatch, "predict", "--checkpoint", str(ckpt), "--images", str(folder),
+                        "--out", str(tmp_path / "s.csv"), "--num-workers", "0")
+    assert code == 2 and "broken.tif" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "s.csv").exists()
 
 
-def test_corrupt_checkpoint_is_a_clear_error(synth_root, tmp_path):
+def test_corrupt_checkpoint_is_a_clear_error(synth_root, tmp_path, capsys, monkeypatch):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"\x00" * 100)
-    proc = cli("predict", "--checkpoint", str(bad), "--images", str(synth_root / "train"), "--out",
-               str(tmp_path / "s.csv"))
-    assert proc.returncode == 2 and str(bad) in proc.stderr and "corrupt" in proc.stderr
+    code, err = run_cli(capsys, monkeypatch, "predict", "--checkpoint", str(bad), "--images",
+                        str(synth_root / "train"), "--out", str(tmp_path / "s.csv"))
+    assert code == 2 and str(bad) in err and "corrupt" in err
 
 
-def test_checkpoint_of_another_arch_is_a_clear_error(synth_root, ckpt, tmp_path):
+def test_checkpoint_of_another_arch_is_a_clear_error(synth_root, ckpt, tmp_path, capsys, monkeypatch):
     state = torch.load(ckpt, weights_only=True)
     state["config"]["model"]["arch"] = "resnet34"  # weights of a resnet18, config says resnet34
     wrong = tmp_path / "wrong.pt"
     torch.save(state, wrong)
-    proc = cli("export", "--checkpoint", str(wrong), "--out", str(tmp_path / "x"))
-    assert proc.returncode == 2 and "does not fit" in proc.stderr and "resnet34" in proc.stderr
+    code, err = run_cli(capsys, monkeypatch, "export", "--checkpoint", str(wrong), "--out", str(tmp_path / "x"))
+    assert code == 2 and "does not fit" in err and "resnet34" in err

@@ -1,5 +1,4 @@
 import json
-import shutil
 import subprocess
 import sys
 
@@ -9,28 +8,12 @@ import pytest
 import torch
 
 from cancernet.config import DataConfig
-from cancernet.data.augment import Augment
+from cancernet.data.augment import Preprocess
 from cancernet.data.datasets import FolderDataset
-from cancernet.data.kaggle import DataError, read_patch
+from cancernet.data.kaggle import read_patch
 from cancernet.data.packed import PackedDataset, open_pack, prepare
-from conftest import ROOT, python_env, train
-
-
-def _copy(synth_root, dest, n=None):
-    labels = pd.read_csv(synth_root / "train_labels.csv", dtype={"id": str})
-    labels = labels.head(n) if n else labels
-    (dest / "train").mkdir(parents=True)
-    for i in labels["id"]:
-        shutil.copy(synth_root / "train" / f"{i}.tif", dest / "train")
-    labels.to_csv(dest / "train_labels.csv", index=False)
-    return dest
-
-
-@pytest.fixture(scope="module")
-def packed_root(synth_root, tmp_path_factory):
-    root = _copy(synth_root, tmp_path_factory.mktemp("packed_root"))
-    prepare(DataConfig(root=str(root)), workers=2, chunk=64)
-    return root
+from cancernet.errors import DataError
+from conftest import ROOT, copy_dataset as _copy, python_env, train
 
 
 def test_pack_holds_every_patch_as_decoded(packed_root):
@@ -44,16 +27,16 @@ def test_pack_holds_every_patch_as_decoded(packed_root):
     assert not (packed_root / "packed.partial").exists()
 
 
-def test_packed_and_folder_datasets_give_the_same_eval_inputs(packed_root):
+def test_packed_and_folder_datasets_give_the_same_uint8_batches(packed_root):
     cfg = DataConfig(root=str(packed_root), image_size=64)
     ids = pd.read_csv(packed_root / "train_labels.csv", dtype={"id": str})["id"][:16].tolist()
     labels = np.zeros(16, dtype=np.int64)
-    augment = Augment(cfg, train=False)
     paths = [packed_root / "train" / f"{i}.tif" for i in ids]
-    folder = torch.stack([FolderDataset(paths, labels, augment)[i][0] for i in range(16)])
+    folder = torch.stack([FolderDataset(paths, labels)[i][0] for i in range(16)])
     images, _, index = PackedDataset(cfg, ids, labels)[list(range(16))]
-    assert images.dtype == torch.uint8 and index.tolist() == list(range(16))
-    assert torch.allclose(augment(images), folder, atol=1e-5)
+    assert images.dtype == folder.dtype == torch.uint8 and index.tolist() == list(range(16))
+    assert torch.equal(images, folder)
+    assert Preprocess.from_config(cfg)(images).shape == (16, 3, 64, 64)
 
 
 def test_a_partial_pack_is_never_used_and_prepare_restarts(synth_root, tmp_path):
@@ -76,6 +59,7 @@ def test_pack_of_another_labels_csv_is_refused(synth_root, tmp_path):
         open_pack(DataConfig(root=str(root)))
 
 
+@pytest.mark.slow
 def test_bad_image_fails_prepare_or_is_skipped_and_listed(synth_root, tmp_path):
     root = _copy(synth_root, tmp_path / "d", n=40)
     bad = pd.read_csv(root / "train_labels.csv", dtype={"id": str})["id"][3]
@@ -93,6 +77,7 @@ def test_bad_image_fails_prepare_or_is_skipped_and_listed(synth_root, tmp_path):
         train(root, tmp_path / "run2", "data.format=packed", "train.epochs=1")
 
 
+@pytest.mark.slow
 def test_packed_training_learns_as_well_as_folder(packed_root, tmp_path):
     aucs = {}
     for fmt in ("folder", "packed"):
@@ -102,6 +87,7 @@ def test_packed_training_learns_as_well_as_folder(packed_root, tmp_path):
     assert abs(aucs["folder"] - aucs["packed"]) < 0.05, aucs
 
 
+@pytest.mark.slow
 def test_packed_mid_epoch_resume_is_exact(packed_root, tmp_path, monkeypatch):
     from test_checkpoint import COMMON, _assert_same_run, _train_stopping
     common = (*COMMON, "data.format=packed")
@@ -111,6 +97,7 @@ def test_packed_mid_epoch_resume_is_exact(packed_root, tmp_path, monkeypatch):
     _assert_same_run(tmp_path / "full", tmp_path / "resumed")
 
 
+@pytest.mark.slow
 def test_bench_prints_one_json_line_per_measurement(packed_root):
     proc = subprocess.run([sys.executable, "-m", "cancernet", "bench", "data", "--config",
                            "configs/cpu_test.yaml", f"data.root={packed_root}", "--steps", "3"],

@@ -8,18 +8,21 @@ import pytest
 from PIL import Image
 from sklearn import metrics as skm
 
-from cancernet.metrics import youden_threshold
-from cancernet.report import FIGURES, compute_metrics
+from cancernet.evaluation import most_confident
+from cancernet.metrics import (bootstrap_cis, brier, expected_calibration_error, fit_temperature, group_scores,
+                               nll_from_log_odds, youden_threshold)
+from cancernet.report import FIGURES, compute_metrics, group_metrics
 from conftest import ROOT, python_env, train
 
 
 @pytest.fixture(scope="module")
 def run_dir(synth_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("report_run")
-    train(synth_root, out, "train.epochs=2")
+    train(synth_root, out, "train.epochs=2", "report.figures=true", "data.stain=hed")
     return out
 
 
+@pytest.mark.slow
 def test_metrics_json_matches_scikit_learn_on_saved_predictions(run_dir):
     metrics = json.loads((run_dir / "report" / "metrics.json").read_text())
     test = pd.read_csv(run_dir / "predictions" / "test.csv")
@@ -31,11 +34,15 @@ def test_metrics_json_matches_scikit_learn_on_saved_predictions(run_dir):
     assert metrics["average_precision"] == pytest.approx(skm.average_precision_score(labels, probs), abs=1e-5)
     assert metrics["confusion_matrix"] == skm.confusion_matrix(labels, pred).tolist()
     assert metrics["per_class"]["1"]["f1"] == pytest.approx(skm.f1_score(labels, pred), abs=1e-6)
+    assert metrics["brier"] == pytest.approx(skm.brier_score_loss(labels, probs), abs=1e-6)
     assert "tumour (1)" in metrics["classification_report"]
     t = metrics["val_threshold"]["value"]
     at_t = probs >= t
     assert metrics["at_val_threshold"]["sensitivity"] == pytest.approx(at_t[labels == 1].mean())
     assert metrics["at_val_threshold"]["specificity"] == pytest.approx((~at_t[labels == 0]).mean())
+    lo, hi = metrics["roc_auc_ci"]
+    assert lo <= metrics["roc_auc"] <= hi
+    assert metrics["temperature"] == metrics["calibration"]["temperature"] > 0
 
 
 def test_threshold_comes_from_validation_not_test():
@@ -44,13 +51,86 @@ def test_threshold_comes_from_validation_not_test():
         labels = rng.integers(0, 2, 400)
         return pd.DataFrame({"label": labels, "prob": np.clip(labels * 0.4 + shift + rng.normal(0, 0.15, 400), 0, 1)})
     val, test = frame(0.1), frame(0.4)  # test scores are shifted: its own best cut is elsewhere
-    metrics = compute_metrics(val, test)
-    t = metrics["val_threshold"]["value"]
-    assert t == pytest.approx(youden_threshold(val["label"].to_numpy(), val["prob"].to_numpy()))
+    t = youden_threshold(val["label"].to_numpy(), val["prob"].to_numpy())
+    metrics = compute_metrics(test, {"threshold": t, "method": "youden_j"}, bootstrap=0)
     assert abs(t - youden_threshold(test["label"].to_numpy(), test["prob"].to_numpy())) > 0.1
     assert metrics["at_val_threshold"]["threshold"] == t
 
 
+def test_bootstrap_cis_match_a_slow_reference_and_contain_the_estimate():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 300)
+    probs = np.round(np.clip(labels * 0.3 + rng.normal(0.35, 0.2, 300), 0, 1), 2)  # with ties
+    fast = bootstrap_cis(labels, probs, {"t": 0.5}, resamples=200, seed=3)
+    reference = {"roc_auc": [], "average_precision": [], "t/accuracy": [], "t/sensitivity": [], "t/specificity": []}
+    draws = np.random.default_rng(3)
+    for _ in range(200):
+        i = draws.integers(0, 300, 300)
+        y, p = labels[i], probs[i]
+        reference["roc_auc"].append(skm.roc_auc_score(y, p))
+        reference["average_precision"].append(skm.average_precision_score(y, p))
+        reference["t/accuracy"].append(((p >= 0.5) == (y == 1)).mean())
+        reference["t/sensitivity"].append((p[y == 1] >= 0.5).mean())
+        reference["t/specificity"].append((p[y == 0] < 0.5).mean())
+    for key, values in reference.items():
+        assert fast[key] == pytest.approx(np.percentile(values, [2.5, 97.5]), abs=1e-6), key
+    auc = skm.roc_auc_score(labels, probs)
+    assert fast["roc_auc"][0] < auc < fast["roc_auc"][1]
+
+
+def test_temperature_scaling_lowers_the_nll_of_an_overconfident_model():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 2000)
+    honest = (2 * labels - 1) * 1.0 + rng.normal(0, 1.5, 2000)  # calibrated log-odds
+    overconfident = 4 * honest
+    t = fit_temperature(labels, overconfident)
+    assert 3.0 < t < 5.0
+    assert nll_from_log_odds(labels, overconfident, t) < 0.8 * nll_from_log_odds(labels, overconfident)
+
+
+def test_calibration_measures_match_their_definitions():
+    labels = np.array([0, 0, 1, 1, 1])
+    probs = np.array([0.1, 0.4, 0.35, 0.8, 0.9])
+    assert brier(labels, probs) == pytest.approx(np.mean((probs - labels) ** 2))
+    # bins of width 1/15: 0.1 -> bin 1; 0.35, 0.4 -> bin 5 and 6; 0.8 -> bin 12; 0.9 -> bin 13
+    expected = (0.1 + 0.4 + abs(0.35 - 1) + abs(0.8 - 1) + abs(0.9 - 1)) / 5
+    assert expected_calibration_error(labels, probs) == pytest.approx(expected)
+
+
+def test_group_auc_equals_scikit_learn_on_hand_built_groups():
+    frame = pd.DataFrame({"group": ["a", "a", "b", "b", "c", "d", "d"], "label": [0, 1, 0, 0, 1, 0, 0],
+                          "prob": [0.2, 0.7, 0.3, 0.6, 0.4, 0.1, 0.5]})
+    scores = group_scores(frame).set_index("group")
+    assert scores["label"].to_dict() == {"a": 1, "b": 0, "c": 1, "d": 0}
+    assert scores["prob_max"].to_dict() == {"a": 0.7, "b": 0.6, "c": 0.4, "d": 0.5}
+    out = group_metrics(frame, bootstrap=0, seed=0)
+    assert out["roc_auc_max"] == skm.roc_auc_score([1, 0, 1, 0], [0.7, 0.6, 0.4, 0.5])
+    assert out["roc_auc_mean"] == skm.roc_auc_score([1, 0, 1, 0], [0.45, 0.45, 0.4, 0.3])
+    assert out["n_groups"] == 4 and out["n_positive_groups"] == 2
+
+
+def test_gradcam_shows_the_most_confident_of_each_kind():
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"id": [str(i) for i in range(200)], "label": rng.integers(0, 2, 200),
+                          "prob": rng.uniform(0, 1, 200)})
+    picked = most_confident(frame, threshold=0.5, per_kind=4)
+    for kind, label, positive in (("TP", 1, True), ("FP", 0, True), ("FN", 1, False), ("TN", 0, False)):
+        shown = picked[picked["kind"] == kind]["prob"]
+        pool = frame[(frame["label"] == label) & ((frame["prob"] >= 0.5) == positive)]["prob"]
+        expected = pool.nlargest(4) if positive else pool.nsmallest(4)  # furthest from the threshold
+        assert sorted(shown) == sorted(expected), kind
+
+
+def test_sample_grid_names_the_split_it_shows(synth_root):
+    from cancernet.data.kaggle import image_path, read_patch
+    from cancernet.plots import sample_grid
+    ids = pd.read_csv(synth_root / "train_labels.csv", dtype={"id": str}).head(8)
+    frame = ids.assign(prob=np.linspace(0, 1, 8))
+    figure = sample_grid(frame, lambda i: read_patch(image_path(synth_root, i)), 0.5, split="val", n=8)
+    assert figure.get_suptitle().startswith("Val patches")
+
+
+@pytest.mark.slow
 def test_every_figure_and_the_index_page_are_written(run_dir):
     page = (run_dir / "report" / "index.html").read_text()
     for name in FIGURES:
@@ -59,9 +139,15 @@ def test_every_figure_and_the_index_page_are_written(run_dir):
             assert im.width > 300 and im.height > 200
             assert np.asarray(im.convert("L")).std() > 5  # not a blank canvas
         assert f'src="{name}.png"' in page
-    assert "ROC AUC" in page
+    metrics = json.loads((run_dir / "report" / "metrics.json").read_text())
+    # the page opens with what a reader needs to judge it
+    lo, hi = metrics["roc_auc_ci"]
+    assert f"AUC {metrics['roc_auc']:.3f} [{lo:.3f}, {hi:.3f}]" in page
+    for fact in (str(metrics["run"]["data_root"]), "resnet18", "best epoch", "git commit", "images per split"):
+        assert fact in page, fact
 
 
+@pytest.mark.slow
 def test_predictions_have_the_val_threshold_labels(run_dir):
     metrics = json.loads((run_dir / "report" / "metrics.json").read_text())
     test = pd.read_csv(run_dir / "predictions" / "test.csv")
@@ -69,10 +155,11 @@ def test_predictions_have_the_val_threshold_labels(run_dir):
     assert (test["pred"] == (test["prob"] >= metrics["val_threshold"]["value"])).all()
 
 
+@pytest.mark.slow
 def test_evaluate_command_rewrites_the_report(run_dir):
     (run_dir / "report" / "metrics.json").unlink()
     proc = subprocess.run([sys.executable, "-m", "cancernet", "evaluate", "--run", str(run_dir),
-                           "--split", "val", "--checkpoint", "last"], cwd=ROOT, env=python_env(),
+                           "--split", "val", "--checkpoint", "last", "--calibrate"], cwd=ROOT, env=python_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     metrics = json.loads((run_dir / "report" / "metrics.json").read_text())
@@ -81,9 +168,11 @@ def test_evaluate_command_rewrites_the_report(run_dir):
     assert metrics["roc_auc"] == pytest.approx(skm.roc_auc_score(val["label"], val["prob"]), abs=1e-5)
     summary = pd.read_csv(run_dir / "summary.csv")  # last.pt = the final epoch's weights
     assert metrics["roc_auc"] == pytest.approx(summary["val_auc"].iloc[-1], abs=1e-5)
+    assert "AUC" in proc.stdout and "[" in proc.stdout  # the log line carries the intervals
 
 
-def test_evaluate_command_on_a_non_run_is_a_clear_error(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "cancernet", "evaluate", "--run", str(tmp_path)],
-                          cwd=ROOT, env=python_env(), capture_output=True, text=True)
-    assert proc.returncode == 2 and "not a run directory" in proc.stderr
+def test_evaluate_command_on_a_non_run_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    from cancernet.__main__ import main
+    from cancernet.console import main_guard
+    monkeypatch.setattr(sys, "argv", ["cancernet", "evaluate", "--run", str(tmp_path)])
+    assert main_guard(main) == 2 and "not a run directory" in capsys.readouterr().err

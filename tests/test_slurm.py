@@ -14,6 +14,8 @@ import pytest
 from conftest import ROOT
 from slurm_cluster import Cluster, available
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
@@ -30,7 +32,7 @@ def cluster(tmp_path_factory):
 def sbatch(cluster, tmp_path, script, *args, sbatch_args=(), nproc=2):
     """Submit from a scratch folder with this checkout's Python first on PATH; returns the job id."""
     env = {"NPROC_PER_NODE": str(nproc), "CANCERNET_HOME": str(ROOT), "RUN_DIR": str(tmp_path / "run"),
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "WANDB_MODE": "disabled"}
     out = cluster.run("sbatch", "--parsable", "--gres=none", f"--output={tmp_path}/%j.out", *sbatch_args,
                       str(ROOT / "slurm" / script), str(ROOT / "configs" / "cpu_test.yaml"), *args,
@@ -44,7 +46,8 @@ def log_of(tmp_path, job_id):
 
 
 def test_train_sbatch_writes_the_full_run_directory(cluster, synth_root, tmp_path):
-    job = sbatch(cluster, tmp_path, "train.sbatch", f"data.root={synth_root}", "data.limit=200", "train.epochs=2")
+    job = sbatch(cluster, tmp_path, "train.sbatch", f"data.root={synth_root}", "data.limit=200", "train.epochs=2",
+                 "report.figures=true")
     info = cluster.wait(job, timeout=300)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log_of(tmp_path, job)[-3000:]
     run = tmp_path / "run"

@@ -1,5 +1,6 @@
 import json
 import logging
+import time
 
 import pandas as pd
 import pytest
@@ -8,6 +9,8 @@ import torch
 from cancernet import tracking
 from wandb_log import history, records, run_ids
 from conftest import train
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
@@ -25,7 +28,7 @@ def _logs(wandb_dir):
 
 def test_offline_run_holds_one_val_auc_per_epoch_equal_to_summary(synth_root, tmp_path, offline):
     out = tmp_path / "run"
-    train(synth_root, out, "train.epochs=3", "data.limit=200")
+    train(synth_root, out, "train.epochs=3", "data.limit=200", "report.figures=true", "wandb.log_model=true")
     (log,) = _logs(offline)
     epochs = [row for row in history(log) if "val_auc" in row]
     summary = pd.read_csv(out / "summary.csv")
@@ -38,6 +41,26 @@ def test_offline_run_holds_one_val_auc_per_epoch_equal_to_summary(synth_root, tm
     assert run_ids(log) == {saved["wandb_id"]}
     (artifact,) = [r.artifact for r in records(log) if r.WhichOneof("record_type") == "artifact"]
     assert artifact.type == "model" and [m.path for m in artifact.manifest.contents] == ["best.pt"]
+    assert "optimizer" not in torch.load(out / "checkpoints" / "best.pt", weights_only=True)  # weights only
+
+
+def test_an_offline_node_with_an_api_key_falls_back_to_offline_in_bounded_time(synth_root, tmp_path, offline,
+                                                                               monkeypatch, caplog):
+    """The usual cluster setup: WANDB_API_KEY set, no network. The online start gives up after
+    wandb.init_timeout, and offline mode still gets the same run (a syncable offline-run folder)."""
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("WANDB_API_KEY", "f" * 40)  # a fake key
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens: like a cut-off node
+    out = tmp_path / "run"
+    start = time.perf_counter()
+    with caplog.at_level(logging.WARNING):
+        assert train(synth_root, out, "train.epochs=1", "data.limit=150", "wandb.init_timeout=5") == "done"
+    assert time.perf_counter() - start < 60
+    assert "could not start in online mode" in caplog.text and "logging is off" not in caplog.text
+    (log,) = _logs(offline)
+    assert [row["epoch"] for row in history(log) if "val_auc" in row] == [1]
+    assert run_ids(log) == {torch.load(out / "checkpoints" / "last.pt", weights_only=True)["wandb_id"]}
+    assert not [r for r in records(log) if r.WhichOneof("record_type") == "artifact"]  # log_model is off
 
 
 def test_resumed_run_continues_the_same_wandb_run(synth_root, tmp_path, offline):

@@ -1,43 +1,26 @@
-"""Datasets yielding (image, label, index) and the samplers that feed them to each rank."""
+"""Datasets yielding (uint8 image, label, index) and the samplers that feed them to each rank."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, DistributedSampler, Sampler
+from torch.utils.data import Dataset, Sampler
 
-from .augment import Augment
 from .kaggle import read_patch
 
 
-def sample_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (seed, epoch, index...) that is the same in every process."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0] >> np.uint64(1))
-
-
 class FolderDataset(Dataset):
-    """Decodes one patch file per item; augments per sample here (in the loader workers).
+    """Decodes one patch file per item into a uint8 CHW tensor; augmentation happens on the device."""
 
-    With augment=None it yields uint8 CHW tensors for augmentation on the device instead.
-    """
-
-    def __init__(self, paths: list[Path], labels: np.ndarray | None, augment: Augment | None, seed: int = 0):
-        self.paths = paths
-        self.labels = labels
-        self.augment, self.seed, self.epoch = augment, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch  # workers are re-created each epoch, so they see this
+    def __init__(self, paths: list[Path], labels: np.ndarray | None):
+        self.paths, self.labels = paths, labels
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int):
         image = torch.from_numpy(read_patch(self.paths[index])).permute(2, 0, 1)
-        if self.augment is not None:
-            gen = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
-            image = self.augment(image[None], gen)[0]
         label = -1 if self.labels is None else int(self.labels[index])
         return image, label, index
 
@@ -55,13 +38,37 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
-class ResumableSampler(DistributedSampler):
-    """DistributedSampler that can start partway into an epoch (mid-epoch resume)."""
+class EpochSampler(Sampler[int]):
+    """The training order: one permutation of the split per (seed, epoch), shared by all ranks.
 
-    start = 0
+    Step s trains the global batch order[s*G : (s+1)*G] (G = batch_size x world_size), rank r
+    taking every world_size-th sample of it; the tail that does not fill a global batch is
+    dropped. `offset` skips samples already trained this epoch, so a mid-epoch checkpoint
+    resumes at the same sample even with another world size or batch size.
+    """
+
+    def __init__(self, n: int, rank: int, world_size: int, batch_size: int, seed: int):
+        self.n, self.rank, self.world_size, self.batch_size, self.seed = n, rank, world_size, batch_size, seed
+        self.epoch, self.offset = 0, 0
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    def set_epoch(self, epoch: int, offset: int = 0) -> None:
+        self.epoch, self.offset = epoch, offset
+
+    def steps(self) -> int:
+        """Batches left in this epoch (from offset)."""
+        return max(self.n - self.offset, 0) // self.global_batch
+
+    def samples_per_epoch(self) -> int:
+        return self.n // self.global_batch * self.global_batch
 
     def __iter__(self):
-        return iter(list(super().__iter__())[self.start:])
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        order = order[self.offset: self.offset + self.steps() * self.global_batch]
+        return iter(order[self.rank:: self.world_size].tolist())
 
     def __len__(self) -> int:
-        return self.num_samples - self.start
+        return self.steps() * self.batch_size

@@ -9,20 +9,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from ..errors import UserError
+from ..errors import BadImageError, DataError
 
 PATCH_SHAPE = (96, 96, 3)
-
-
-class DataError(UserError, ValueError):
-    """Input data that cannot be used; the message names the file or id."""
-
-
-class BadImageError(DataError):
-    def __init__(self, path: Path | str, reason: str | None = None):
-        # one argument: a ready message (how DataLoader re-raises a worker's exception)
-        super().__init__(f"bad image {path}: {reason}" if reason is not None else str(path))
-        self.path, self.reason = Path(path), reason
 
 
 def labels_csv(root: str | Path) -> Path:
@@ -48,6 +37,7 @@ def read_labels(root: str | Path, limit: int | None = None) -> pd.DataFrame:
     blank = frame.index[frame["id"].str.strip() == ""]
     if len(blank):
         raise DataError(f"{path}: row {blank[0] + 2} has an empty id")
+    check_ids(frame["id"], path, first_row=2)
     dup = frame["id"][frame["id"].duplicated()]
     if len(dup):
         raise DataError(f"{path}: duplicate id {dup.iloc[0]!r} ({len(dup)} duplicate rows)")
@@ -58,6 +48,15 @@ def read_labels(root: str | Path, limit: int | None = None) -> pd.DataFrame:
         raise DataError(f"{path}: id {row['id']!r} has label {row['label']!r}; labels must be 0 or 1")
     frame = frame.assign(label=labels.astype(np.int64))[["id", "label"]]
     return frame.head(limit).reset_index(drop=True) if limit else frame
+
+
+def check_ids(ids: pd.Series, source: str | Path, first_row: int = 2) -> None:
+    """Ids name files inside the data folder: a path separator, '.', '..' or a NUL byte is refused."""
+    bad = ids.str.contains(r"[/\\\x00]", regex=True) | ids.isin([".", ".."]) | (ids != ids.str.strip())
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise DataError(f"{source}: row {row + first_row} has id {ids.iloc[row]!r}; an id must be a plain file "
+                        "name (no path separators, no '.' or '..', no surrounding spaces)")
 
 
 def read_patch(path: str | Path) -> np.ndarray:

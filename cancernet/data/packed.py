@@ -3,7 +3,9 @@
 <packed_dir>/images.npy    N x 96 x 96 x 3 uint8 (.npy: self-describing)
 <packed_dir>/ids.txt       the N ids, in row order
 <packed_dir>/labels.npy    N int64 labels
-<packed_dir>/manifest.json count, shape, dtype, sha256 of the labels CSV, bad images, timings
+<packed_dir>/manifest.json count, shape, dtype, sha256 of the source (labels CSV, or the PCam
+                           release's y files and meta CSVs), bad images, timings
+<packed_dir>/meta.csv      PCam release only: id, split, group (slide) of every row
 
 Rows are read with pread from the one file: all ranks of a node share a single copy in the OS
 page cache, and nothing is mapped into a process, so a worker's RSS does not grow with the
@@ -29,11 +31,12 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from ..config import DataConfig
-from .kaggle import PATCH_SHAPE, BadImageError, DataError, image_path, labels_csv, read_labels, read_patch
+from ..errors import BadImageError, DataError
+from .kaggle import PATCH_SHAPE, image_path, labels_csv, read_labels, read_patch
 
 log = logging.getLogger(__name__)
 ROW_BYTES = int(np.prod(PATCH_SHAPE))
-VERSION = 1
+VERSION = 2
 
 
 def pack_dir(cfg: DataConfig) -> Path:
@@ -42,6 +45,23 @@ def pack_dir(cfg: DataConfig) -> Path:
 
 def fingerprint(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def source_fingerprint(root: str, fmt: str) -> tuple[str, str]:
+    """(what the pack was made from, its sha256): the labels CSV, or the PCam release's files."""
+    if fmt == "pcam":
+        from .pcam import release_fingerprint
+        return f"PCam release {root}", release_fingerprint(Path(root))
+    csv = labels_csv(root)
+    return str(csv), fingerprint(csv)
+
+
+def _source_mtime(cfg: DataConfig) -> int:
+    if cfg.format == "pcam":
+        from .pcam import release_file
+        return max(release_file(Path(cfg.root), s, p).stat().st_mtime_ns for s in ("train", "valid", "test")
+                   for p in ("y", "meta"))
+    return labels_csv(cfg.root).stat().st_mtime_ns
 
 
 @dataclass
@@ -83,16 +103,17 @@ def open_pack(cfg: DataConfig) -> Pack:
     manifest_path = path / "manifest.json"
     hint = "run `python -m cancernet prepare --config CFG` (same data.root/data.packed_dir)"
     if not manifest_path.is_file():
-        raise DataError(f"no complete pack at {path} (data.format=packed): {hint}")
-    csv = labels_csv(cfg.root)
-    return _open(path, csv, manifest_path.stat().st_mtime_ns, csv.stat().st_mtime_ns, hint)
+        raise DataError(f"no complete pack at {path} (data.format={cfg.format}): {hint}")
+    return _open(path, str(cfg.root), "pcam" if cfg.format == "pcam" else "folder",
+                 manifest_path.stat().st_mtime_ns, _source_mtime(cfg), hint)
 
 
-@functools.lru_cache(maxsize=4)  # opened by several loaders; re-checked when either file changes
-def _open(path: Path, csv: Path, manifest_mtime: int, csv_mtime: int, hint: str) -> Pack:
+@functools.lru_cache(maxsize=4)  # opened by several loaders; re-checked when either side changes
+def _open(path: Path, root: str, fmt: str, manifest_mtime: int, source_mtime: int, hint: str) -> Pack:
     manifest = json.loads((path / "manifest.json").read_text())
-    if manifest.get("version") != VERSION or manifest["labels_sha256"] != fingerprint(csv):
-        raise DataError(f"pack {path} was made from a different {csv} (or an older cancernet); "
+    source, digest = source_fingerprint(root, fmt)
+    if manifest.get("version") != VERSION or manifest.get("source_sha256") != digest:
+        raise DataError(f"pack {path} was made from a different {source} (or an older cancernet); "
                         f"re-run prepare: {hint}")
     ids = (path / "ids.txt").read_text().split()
     labels = np.load(path / "labels.npy")
@@ -146,14 +167,37 @@ def _pack_chunk(job: tuple[str, str, list[str], int]) -> dict[str, str]:
 
 
 def prepare(cfg: DataConfig, workers: int, chunk: int = 2048) -> Path:
-    """Pack every labelled image of data.root; written to a temp folder, renamed when complete."""
+    """Pack every labelled image of data.root (or the PCam release there) into a temp folder,
+    renamed when complete."""
     start_time = time.perf_counter()
-    frame = read_labels(cfg.root)  # the whole CSV: data.limit applies when reading the pack
-    csv = labels_csv(cfg.root)
     final = pack_dir(cfg)
     partial = final.with_name(final.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)  # a crashed earlier run restarts cleanly
     partial.mkdir(parents=True)
+    try:
+        if cfg.format == "pcam":
+            from .pcam import pack_release
+            fields = pack_release(cfg, partial, workers)
+        else:
+            fields = _pack_folder(cfg, partial, workers, chunk)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    source, digest = source_fingerprint(str(cfg.root), cfg.format)
+    manifest = {"version": VERSION, "shape": list(PATCH_SHAPE), "dtype": "uint8", "source": source,
+                "source_sha256": digest, **fields, "seconds": round(time.perf_counter() - start_time, 1),
+                "workers": workers}
+    (partial / "manifest.json").write_text(json.dumps(manifest, indent=1))  # last: marks it complete
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(partial, final)
+    log.info("packed %d images (%d bad, skipped) into %s in %.1fs", manifest["count"], len(manifest["bad_images"]),
+             final, manifest["seconds"])
+    return final
+
+
+def _pack_folder(cfg: DataConfig, partial: Path, workers: int, chunk: int) -> dict:
+    frame = read_labels(cfg.root)  # the whole CSV: data.limit applies when reading the pack
     images = partial / "images.npy"
     np.lib.format.open_memmap(images, mode="w+", dtype=np.uint8, shape=(len(frame), *PATCH_SHAPE)).flush()
     ids = frame["id"].tolist()
@@ -165,19 +209,9 @@ def prepare(cfg: DataConfig, workers: int, chunk: int = 2048) -> Path:
             bad.update(result)
             bar.update(len(job[2]))
     if bad and cfg.on_bad_image == "fail":
-        shutil.rmtree(partial)
         first = next(iter(bad))
         raise DataError(f"bad image {image_path(cfg.root, first)}: {bad[first]} ({len(bad)} bad image(s); "
                         "nothing was packed; data.on_bad_image=skip packs the rest and lists them)")
     np.save(partial / "labels.npy", frame["label"].to_numpy())
     (partial / "ids.txt").write_text("\n".join(ids) + "\n")
-    manifest = {"version": VERSION, "count": len(ids), "shape": list(PATCH_SHAPE), "dtype": "uint8",
-                "labels_csv": str(csv), "labels_sha256": fingerprint(csv), "bad_images": bad,
-                "seconds": round(time.perf_counter() - start_time, 1), "workers": workers}
-    (partial / "manifest.json").write_text(json.dumps(manifest, indent=1))  # last: marks it complete
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(partial, final)
-    log.info("packed %d images (%d bad, skipped) into %s in %.1fs", len(ids), len(bad), final,
-             manifest["seconds"])
-    return final
+    return {"count": len(ids), "bad_images": bad}

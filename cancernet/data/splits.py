@@ -6,9 +6,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .kaggle import DataError
-
-SPLITS = ("train", "val", "test")
+from ..errors import DataError
 
 
 def make_splits(frame: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int,
@@ -51,12 +49,9 @@ def read_groups(path: str | Path, ids: pd.Series) -> pd.Series:
     return groups
 
 
-def load_or_make_splits(path: Path, frame: pd.DataFrame, make) -> pd.DataFrame:
-    """Reuse splits.csv from the run directory if present (resume), else build with make()."""
-    if not path.is_file():
-        return make()
-    saved = pd.read_csv(path, dtype={"id": str})
+def reuse_splits(saved: pd.DataFrame, frame: pd.DataFrame) -> pd.DataFrame:
+    """frame with the split column of a run's splits.csv (a resumed run keeps its splits)."""
     if set(saved["id"]) != set(frame["id"]):
-        raise DataError(f"{path} lists different images than data.root/data.limit give now; "
-                        "use a new train.out_dir or delete that run directory")
+        raise DataError("the run's splits.csv lists different images than data.root/data.limit give now; "
+                        "use a new train.out_dir, or train.resume=none train.overwrite=true to start over")
     return frame.merge(saved[["id", "split"]], on="id", how="left")

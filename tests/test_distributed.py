@@ -1,0 +1,46 @@
+"""The collective helpers on 2 real gloo processes (spawned, a few seconds)."""
+import pytest
+import torch
+import torch.distributed as tdist
+import torch.multiprocessing as mp
+
+from cancernet.distributed import DistInfo, broadcast_buffers, gather_objects, gather_rows
+
+
+def _worker(rank: int, world: int, init_file: str, results) -> None:
+    tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    dist = DistInfo(rank=rank, world_size=world)
+    try:
+        # 5 rows over 2 ranks (3 + 2): what ShardSampler gives; no padded row may come back
+        rows = torch.arange(rank, 5, world, dtype=torch.float64)[:, None].repeat(1, 3)
+        gathered = gather_rows(rows, dist)
+        # BatchNorm statistics that differ per rank, as after each rank's last training batch
+        bn = torch.nn.BatchNorm1d(2)
+        bn.running_mean.fill_(float(rank + 1))
+        broadcast_buffers(bn, dist)
+        results[rank] = {"gathered": gathered.tolist(), "running_mean": bn.running_mean.tolist(),
+                         "objects": gather_objects({"rank": rank}, dist)}
+    finally:
+        tdist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_worker, args=(2, str(tmp_path_factory.mktemp("dist") / "init"), results), nprocs=2, join=True)
+    return dict(results)
+
+
+def test_uneven_shards_gather_to_exactly_the_rows_there_are(two_ranks):
+    for rank in (0, 1):
+        firsts = [row[0] for row in two_ranks[rank]["gathered"]]
+        assert firsts == [0.0, 2.0, 4.0, 1.0, 3.0]  # rank 0's rows, then rank 1's: none padded or repeated
+
+
+def test_every_rank_validates_with_rank_0s_batchnorm_statistics(two_ranks):
+    assert two_ranks[0]["running_mean"] == two_ranks[1]["running_mean"] == [1.0, 1.0]
+
+
+def test_objects_are_gathered_in_rank_order(two_ranks):
+    assert two_ranks[1]["objects"] == [{"rank": 0}, {"rank": 1}]
