@@ -111,7 +111,8 @@ def evaluate_checkpoint(cfg: Config, dist: DistInfo, model, loaders: dict, run: 
         metrics["tta"] = report.compute_metrics(split_tta, tta_point, cfg.report.bootstrap, cfg.train.seed,
                                                 groups, brief=True)
         stored["operating_point_tta"] = tta_point
-        report.write_predictions(run.predictions(request.split, tta=True), split_tta, tta_point["threshold"])
+        for name, frame in (("val", val_tta), (request.split, split_tta)):
+            report.write_predictions(run.predictions(name, tta=True), frame, tta_point["threshold"])
     if request.target_sensitivity is not None:
         metrics["target_sensitivity"] = {"target": request.target_sensitivity, "chosen_on": "val",
                                          "val": at_threshold(val["label"].to_numpy(), val["prob"].to_numpy(), point["threshold"]),

@@ -103,9 +103,12 @@ def test_operating_points_are_chosen_and_applied_on_predictions_made_the_same_wa
     assert point == {"threshold": chosen["val"]["threshold"], "method": "target_sensitivity", "target": 0.95,
                      "chosen_on": "val", "tta": False, "temperature": temperature}
     assert tta_point["tta"] and tta_point["method"] == "target_sensitivity"
-    # the TTA point reaches the target on TTA validation predictions, and labels the TTA test file
-    val = pd.read_csv(run_dir / "predictions" / "val.csv")
-    assert (val["prob"][val["label"] == 1] >= point["threshold"]).mean() >= 0.95
+    # each point is chosen on validation predictions made the way it will be applied
+    from cancernet.metrics import threshold_for_sensitivity
+    for name, used in (("val.csv", point), ("val_tta.csv", tta_point)):
+        val = pd.read_csv(run_dir / "predictions" / name)
+        assert used["threshold"] == pytest.approx(threshold_for_sensitivity(val["label"], val["prob"], 0.95), abs=1e-6)
+        assert (val["prob"][val["label"] == 1] >= used["threshold"]).mean() >= 0.95
     test_tta = pd.read_csv(run_dir / "predictions" / "test_tta.csv")
     assert (test_tta["pred"] == (test_tta["prob"] >= tta_point["threshold"])).all()
     # predict labels with the point that matches how it predicts
