@@ -124,7 +124,8 @@ class _Limited:
 def bench_train(cfg: Config, steps: int, warmup: int = 5) -> dict:
     """The real training loop (loader, device augmentation, AMP, optimizer) over `steps` batches,
     plus one epoch boundary: validation on val_batches and the blocking part of a checkpoint."""
-    from .runner import build, save_checkpoints, validate_epoch
+    from .runner import save_checkpoints, validate_epoch
+    from .training import build
     from .rundir import RunDir
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -2,7 +2,6 @@
 syncs inside a step, mixed precision, samplers, the LR schedule, EMA."""
 import math
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -114,7 +113,7 @@ class _Dispatch(TorchDispatchMode):
 
 
 def _packed_training(packed_root, tmp_path, *overrides):
-    from cancernet.runner import build
+    from cancernet.training import build
     from cancernet.rundir import RunDir
     from conftest import make_cfg
     cfg = make_cfg(packed_root, tmp_path, "data.format=packed", "train.sync_every=3", "data.image_size=16",

@@ -29,7 +29,7 @@ def test_no_host_device_sync_inside_a_training_step(packed_root, tmp_path, amp):
     """Every synchronising CUDA call warns under sync debug mode; each must fall at a sync point."""
     from cancernet.distributed import DistInfo
     from cancernet.engine import train_one_epoch
-    from cancernet.runner import build
+    from cancernet.training import build
     from cancernet.rundir import RunDir
     cfg = make_cfg(packed_root, tmp_path, "data.format=packed", "train.device=cuda", f"train.amp={amp}",
                    "train.sync_every=4", "data.stain=hed", "train.ema_decay=0.99", "train.clip_grad=1.0",

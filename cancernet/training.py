@@ -1,0 +1,179 @@
+"""What one training run trains with: its state, how it is built from the config, and how it is
+restored from a checkpoint (the schedule and hyperparameters follow the current config)."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from . import checkpoint
+from .atomic import write_text
+from .config import Config
+from .data.augment import sample_seed
+from .data.loaders import SplitLoader, check_validation_split, load_table, make_loader
+from .distributed import DistInfo
+from .ema import ModelEma
+from .engine import StepParts
+from .errors import ConfigError, UserError
+from .models import build_model, count_parameters
+from .optim import LrSchedule, build_optimizer, describe_groups, effective_lr, load_optimizer_state
+from .rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EpochRow:
+    """One line of summary.csv."""
+
+    epoch: int
+    train_loss: float
+    train_acc: float
+    val_loss: float
+    val_acc: float
+    val_auc: float
+    lr: float
+    samples_seen: int
+    epoch_s: float
+    images_per_s: float
+    val_s: float
+    ckpt_s: float
+
+
+SUMMARY_COLUMNS = [f.name for f in dataclasses.fields(EpochRow)]
+
+
+@dataclass
+class RunState:
+    """What a checkpoint adds to the weights and optimizer: where the run is and what it found."""
+
+    epoch: int = 0  # completed epochs
+    position: int = 0  # training samples seen since the run began (all ranks)
+    best_auc: float = -math.inf
+    best_val_loss: float = math.inf
+    best_epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+    mid_epoch: dict | None = None  # MidEpoch of a run stopped inside an epoch
+    wandb_id: str | None = None
+    train_s: float = 0.0  # wall time in training epochs, over all sessions
+
+
+@dataclass
+class Training:
+    """Everything one run trains with."""
+
+    cfg: Config
+    dist: DistInfo
+    run: RunDir
+    table: pd.DataFrame
+    loaders: dict[str, SplitLoader]
+    model_without_ddp: torch.nn.Module  # what checkpoints and evaluation use
+    parts: StepParts
+    state: RunState = field(default_factory=RunState)
+    writer: checkpoint.CheckpointWriter = field(default_factory=checkpoint.CheckpointWriter)
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """The weights validation, best.pt and the test report use: the EMA when it is on."""
+        return self.parts.ema.module if self.parts.ema is not None else self.model_without_ddp
+
+    def resume_state(self, rng: list) -> dict:
+        p = self.parts
+        return {"model": self.model_without_ddp.state_dict(), "optimizer": p.optimizer.state_dict(),
+                "scheduler": p.schedule.state_dict(), "scaler": p.scaler.state_dict(), "rng": rng,
+                "config": self.cfg.to_dict(), "world_size": self.dist.world_size,
+                **({"ema": p.ema.state_dict()} if p.ema is not None else {}), **dataclasses.asdict(self.state)}
+
+    def best_state(self) -> dict:
+        return {"model": self.eval_model.state_dict(), "config": self.cfg.to_dict(), "epoch": self.state.epoch,
+                "best_auc": self.state.best_auc, "best_val_loss": self.state.best_val_loss,
+                "weights": "ema" if self.parts.ema is not None else "model"}
+
+
+def build(cfg: Config, dist: DistInfo, run: RunDir, saved_splits: pd.DataFrame | None = None) -> Training:
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+    table, bad = load_table(cfg, dist, saved_splits)
+    check_validation_split(table)
+    if dist.is_main:
+        write_text(run.splits, table[["id", "split"]].to_csv(index=False))
+        if bad:
+            write_text(run.bad_images, pd.DataFrame(bad.items(), columns=["id", "reason"]).to_csv(index=False))
+    loaders = {s: make_loader(cfg, dist, table[table["split"] == s], s == "train") for s in ("train", "val", "test")}
+    log.info("images: %s", {str(k): int(v) for k, v in table["split"].value_counts().items()})
+    model_without_ddp = build_model(cfg.model, cfg.data.image_size)
+    if cfg.model.sync_bn and dist.is_distributed:
+        if dist.device.type != "cuda":
+            raise ConfigError("config key 'model.sync_bn': SyncBatchNorm needs CUDA devices; set it false on CPU")
+        model_without_ddp = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model_without_ddp)
+    model_without_ddp = model_without_ddp.to(dist.device)
+    trainable, total = count_parameters(model_without_ddp)
+    log.info("model %s: %d trainable of %d parameters", cfg.model.arch, trainable, total)
+    ema = ModelEma(model_without_ddp, cfg.train.ema_decay) if cfg.train.ema_decay else None
+    # Compile before the DDP wrap; checkpoints always use model_without_ddp (clean keys).
+    model = torch.compile(model_without_ddp) if cfg.model.compile else model_without_ddp
+    if dist.is_distributed:
+        model = DDP(model, device_ids=[dist.device] if dist.device.type == "cuda" else None)
+    if dist.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    torch.manual_seed(sample_seed(cfg.train.seed, dist.rank))  # each rank its own dropout masks
+    optimizer = build_optimizer(cfg.optim, model_without_ddp, dist.device)
+    sampler = loaders["train"].sampler
+    global_batch = sampler.global_batch * cfg.train.grad_accum
+    base_lr = effective_lr(cfg.optim, global_batch)
+    per_epoch = sampler.samples_per_epoch()
+    schedule = LrSchedule(optimizer, cfg.optim, base_lr, per_epoch * cfg.train.epochs,
+                          int(cfg.optim.warmup_epochs * per_epoch))
+    log.info("optimizer %s, global batch %d, lr %.3g%s; %s", cfg.optim.name, global_batch, base_lr,
+             f" (optim.lr {cfg.optim.lr:g} scaled linearly from batch {cfg.optim.base_batch})"
+             if cfg.optim.lr_scale == "linear" else "", describe_groups(optimizer, base_lr))
+    scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.train.amp == "fp16")
+    parts = StepParts(model, optimizer, schedule, scaler, ema, cfg.train.clip_grad, cfg.optim.label_smoothing)
+    return Training(cfg, dist, run, table, loaders, model_without_ddp, parts)
+
+
+def restore(t: Training, path) -> None:
+    """Continue from a checkpoint: weights, optimizer moments, EMA, RNG and position; the schedule
+    follows the current config from the position reached."""
+    saved = checkpoint.load(path)
+    checkpoint.check_resumable(saved["config"], t.cfg.to_dict(), path)
+    checkpoint.load_model_state(t.model_without_ddp, saved, path)
+    if "optimizer" not in saved:
+        raise UserError(f"checkpoint {path} holds weights only (a best.pt); resume from last.pt, "
+                        "or start a new run from these weights with model.pretrained")
+    load_optimizer_state(t.parts.optimizer, saved["optimizer"], path)
+    if saved["scaler"] and t.parts.scaler.is_enabled():
+        t.parts.scaler.load_state_dict(saved["scaler"])
+    if t.parts.ema is not None:
+        if "ema" in saved:
+            t.parts.ema.load_state_dict(saved["ema"])
+        else:
+            t.parts.ema = ModelEma(t.model_without_ddp, t.cfg.train.ema_decay)
+            log.warning("the checkpoint has no EMA: the EMA starts from its weights")
+    if not checkpoint.set_rng_state(saved["rng"] if isinstance(saved["rng"], list) else [], t.dist):
+        torch.manual_seed(sample_seed(t.cfg.train.seed, t.dist.rank, saved["epoch"]))
+        log.warning("no saved RNG state for rank %d (world size changed): it draws from a new seed", t.dist.rank)
+    names = {f.name for f in dataclasses.fields(RunState)}
+    t.state = RunState(**{k: v for k, v in saved.items() if k in names})
+    mid = t.state.mid_epoch
+    if mid and "step" in mid:  # written by cancernet before positions were counted in samples
+        old = saved["config"]["train"]
+        samples = mid["step"] * old["batch_size"] * saved.get("world_size", 1)
+        loss_sum, correct, seen, _ = mid["totals"]
+        t.state.mid_epoch = {"samples": samples, "totals": {"loss_sum": loss_sum, "correct": correct, "seen": int(seen)}}
+    if "position" not in saved:
+        t.state.position = t.state.epoch * t.loaders["train"].sampler.samples_per_epoch() + (
+            t.state.mid_epoch["samples"] if t.state.mid_epoch else 0)
+    changes = checkpoint.changed_settings(saved["config"], t.cfg.to_dict())
+    if saved.get("world_size", t.dist.world_size) != t.dist.world_size:
+        changes.append(f"world size: {saved['world_size']} -> {t.dist.world_size}")
+    mid = t.state.mid_epoch
+    schedule = t.parts.schedule
+    log.info("resumed from %s after epoch %d%s: sample %d of %d, lr %.3g%s", path, t.state.epoch,
+             f" (+{mid['samples']} samples into epoch {t.state.epoch + 1})" if mid else "", t.state.position,
+             schedule.total, schedule.base_lr * schedule.factor(t.state.position),
+             f"; schedule rebuilt for what changed: {', '.join(changes)}" if changes else "")
