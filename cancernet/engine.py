@@ -117,7 +117,9 @@ def train_one_epoch(parts: StepParts, loader, augment, cfg: TrainConfig, dist: D
     earlier = start.totals if start else EpochTotals()
     in_epoch, images, optimizer_steps, window_samples = (start.samples if start else 0), 0, 0, 0
     sums, stopped = _DeviceSums(dist.device), False
-    clock = _Clock(epoch, n_batches, cfg.log_every if progress is None else 0)
+    # every rank must agree on the sync points, so a due log line counts on all of them; a
+    # progress bar (rank 0 on a terminal) only changes how the line is shown
+    clock = _Clock(epoch, n_batches, cfg.log_every, progress)
     for k, batch in enumerate(loader):
         clock.fetched()
         images_u8, labels, index = to_device(batch, dist.device)
@@ -173,8 +175,8 @@ def _optimizer_step(parts: StepParts) -> None:
 class _Clock:
     """Step timing and the periodic log line (ETA, images/s, data share, GPU memory)."""
 
-    def __init__(self, epoch: int, steps: int, log_every: int):
-        self.epoch, self.steps, self.log_every = epoch, steps, log_every
+    def __init__(self, epoch: int, steps: int, log_every: int, progress=None):
+        self.epoch, self.steps, self.log_every, self.progress = epoch, steps, log_every, progress
         self.start = self.last = time.perf_counter()
         self.data_s, self.logged_at = 0.0, 0
 
@@ -193,6 +195,9 @@ class _Clock:
     def log(self, step: int, loss: float, lr: float, images: int, dist: DistInfo) -> None:
         self.logged_at = step
         elapsed = self.elapsed()
+        if self.progress is not None:  # the bar shows ETA and rate itself
+            self.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+            return
         eta = elapsed / step * (self.steps - step)
         mem = f" mem {torch.cuda.max_memory_allocated() / 2**30:.1f}G" if dist.device.type == "cuda" else ""
         log.info("epoch %d [%d/%d] loss %.4f lr %.2e %.0f img/s data %.0f%% eta %s%s", self.epoch + 1, step,

@@ -27,7 +27,8 @@ def ddp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp_run")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "train_ddp.py", "--config", "configs/cpu_test.yaml", f"data.root={root}", *COMMON, "train.epochs=2",
-           f"train.out_dir={out}"]
+           # a progress bar on rank 0 only, with step log lines due: the ranks must still agree on sync points
+           "train.progress=on", "train.log_every=3", "train.sync_every=50", f"train.out_dir={out}"]
     proc = subprocess.run(cmd, cwd=ROOT, env=python_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     stage1 = tmp_path_factory.mktemp("stage1")  # the 2-process run's files, before the resume changes them

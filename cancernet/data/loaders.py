@@ -83,9 +83,10 @@ def make_loader(cfg: Config, dist: DistInfo, part: pd.DataFrame, train: bool) ->
         sampler = EpochSampler(len(ids), dist.rank, dist.world_size, batch_size, tc.seed)
     else:
         sampler = ShardSampler(len(ids), dist.rank, dist.world_size)
-    # Workers only read uint8 patches (augmentation runs on the device, seeded by image index),
-    # so they hold no epoch state and can live across epochs.
-    workers = dict(num_workers=dc.num_workers, persistent_workers=dc.num_workers > 0,
+    # Workers only read uint8 patches (augmentation runs on the device, seeded by image index), so
+    # the training loader's can live across epochs; evaluation loaders start theirs per use, so
+    # that no rank keeps idle validation workers (and their memory) through training.
+    workers = dict(num_workers=dc.num_workers, persistent_workers=train and dc.num_workers > 0,
                    prefetch_factor=4 if dc.num_workers else None, pin_memory=dist.device.type == "cuda",
                    # each iter() draws a base seed: from its own generator, not the global RNG (dropout's)
                    generator=torch.Generator().manual_seed(tc.seed))
