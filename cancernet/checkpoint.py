@@ -54,14 +54,21 @@ def set_rng_state(states: list[dict[str, Any]], dist: DistInfo) -> bool:
     return True
 
 
-def snapshot(obj: Any) -> Any:
-    """A copy of a (nested) state whose tensors are on the CPU and no longer change with training."""
+def snapshot(obj: Any, memo: dict | None = None) -> Any:
+    """A copy of a (nested) state whose tensors are on the CPU and no longer change with training.
+
+    A tensor seen twice (best.pt's EMA weights are also last.pt's EMA state) is copied once.
+    """
+    memo = {} if memo is None else memo
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
+        key = (obj.data_ptr(), obj.dtype, tuple(obj.shape), obj.stride(), obj.device)
+        if key not in memo:
+            memo[key] = obj.detach().to("cpu", copy=True)
+        return memo[key]
     if isinstance(obj, dict):
-        return {k: snapshot(v) for k, v in obj.items()}
+        return {k: snapshot(v, memo) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(snapshot(v) for v in obj)
+        return type(obj)(snapshot(v, memo) for v in obj)
     return obj
 
 
@@ -82,7 +89,8 @@ class CheckpointWriter:
     def copy(self, files: dict[Path, dict[str, Any]]) -> dict[Path, dict[str, Any]]:
         """The blocking part: wait for the previous write, copy the states to the CPU."""
         self.wait()
-        return {path: snapshot(state) for path, state in files.items()}
+        memo: dict = {}
+        return {path: snapshot(state, memo) for path, state in files.items()}
 
     def start(self, copies: dict[Path, dict[str, Any]]) -> None:
         """Write copies (from copy()) in the background."""

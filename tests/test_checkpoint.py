@@ -257,7 +257,7 @@ def test_a_kill_during_a_background_checkpoint_write_leaves_a_loadable_last_pt(s
                              f"data.root={synth_root}", "data.limit=120", "train.epochs=3", f"train.out_dir={out}"],
                             cwd=ROOT, env=python_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
-    while not any(p.read_bytes() == b"half a checkpoint" for p in (out / "checkpoints").glob(".last.pt.*.tmp")):
+    while not any(p.read_bytes() == b"half a checkpoint" for p in (out / "checkpoints").glob(".last.*.tmp.pt")):
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-2000:]
         time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
