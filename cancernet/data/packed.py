@@ -43,6 +43,14 @@ def pack_dir(cfg: DataConfig) -> Path:
     return Path(cfg.packed_dir) if cfg.packed_dir else Path(cfg.root) / "packed"
 
 
+def npy_layout(path: Path) -> tuple[tuple, np.dtype, int]:
+    """(shape, dtype, byte offset of the data) of a .npy file, from its header."""
+    with open(path, "rb") as f:
+        np.lib.format.read_magic(f)
+        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        return shape, dtype, f.tell()
+
+
 def fingerprint(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -117,10 +125,7 @@ def _open(path: Path, root: str, fmt: str, manifest_mtime: int, source_mtime: in
                         f"re-run prepare: {hint}")
     ids = (path / "ids.txt").read_text().split()
     labels = np.load(path / "labels.npy")
-    with open(path / "images.npy", "rb") as f:
-        np.lib.format.read_magic(f)
-        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
-        offset = f.tell()
+    shape, dtype, offset = npy_layout(path / "images.npy")
     if len(ids) != manifest["count"] or tuple(shape) != (manifest["count"], *PATCH_SHAPE) or dtype != np.uint8:
         raise DataError(f"pack {path} does not match its manifest; re-run prepare: {hint}")
     return Pack(path, ids, labels, manifest["bad_images"], offset)

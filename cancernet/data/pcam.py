@@ -16,6 +16,7 @@ import contextlib
 import gzip
 import hashlib
 import logging
+import os
 import shutil
 import zlib
 from concurrent.futures import ProcessPoolExecutor
@@ -115,15 +116,25 @@ def check_release(root: Path) -> dict[str, tuple[np.ndarray, pd.DataFrame]]:
 
 
 def _copy_split(job: tuple[str, str, int, int]) -> int:
-    """Stream one split's x into rows [start, start + n) of images.npy, in chunks."""
+    """Stream one split's x into rows [start, start + n) of images.npy, a chunk at a time.
+
+    pwrite, not a memory map: written pages of a map count as the process' memory (7.6 GB for
+    the train split); this way it holds one chunk.
+    """
+    from .packed import npy_layout
     x_path, images_file, start, chunk = job
-    array = np.load(images_file, mmap_mode="r+")
-    with open_dataset(Path(x_path), "x") as x:
-        for s in range(0, x.shape[0], chunk):
-            block = x[s:s + chunk]
-            array[start + s:start + s + len(block)] = block
-            array.flush()  # written pages can leave memory; RSS stays at one chunk
-    return x.shape[0]
+    _, _, offset = npy_layout(Path(images_file))
+    row_bytes = int(np.prod(PATCH_SHAPE))
+    fd = os.open(images_file, os.O_WRONLY)
+    try:
+        with open_dataset(Path(x_path), "x") as x:
+            for s in range(0, x.shape[0], chunk):
+                block = np.ascontiguousarray(x[s:s + chunk])
+                if os.pwrite(fd, block.data, offset + (start + s) * row_bytes) != block.nbytes:
+                    raise DataError(f"{images_file}: short write (disk full?)")
+        return x.shape[0]
+    finally:
+        os.close(fd)
 
 
 def pack_release(cfg: DataConfig, partial: Path, workers: int, chunk: int = 4096) -> dict:
