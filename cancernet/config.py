@@ -32,6 +32,7 @@ class DataConfig:
     format: str = choice("folder", "folder", "packed", "pcam")
     packed_dir: str | None = None  # default: <root>/packed
     image_size: int = bounded(96, 8)
+    crop: int | None = bounded(None, 8, 96)  # centre square cut from each patch before the resize; null = whole
     num_workers: int = bounded(4, 0)
     val_fraction: float = bounded(0.15, 0, 1, hi_open=True)
     test_fraction: float = bounded(0.15, 0, 1, hi_open=True)

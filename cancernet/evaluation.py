@@ -185,7 +185,10 @@ def augmentation_figure(cfg: Config, table: pd.DataFrame, load_image, n: int = 6
     mean, std = torch.tensor(cfg.data.mean).view(1, 3, 1, 1), torch.tensor(cfg.data.std).view(1, 3, 1, 1)
     shown = [((augment(images, index, epoch) * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255)
              .round().astype(np.uint8) for epoch in range(views)]
-    return plots.augmentation_grid(images.permute(0, 2, 3, 1).numpy(), shown, describe_augmentation(cfg))
+    crop = cfg.data.crop or 96
+    scale = cfg.data.image_size / crop
+    box = ((32 - (96 - crop) / 2) * scale, 32 * scale)  # where the labelled centre lands in the views
+    return plots.augmentation_grid(images.permute(0, 2, 3, 1).numpy(), shown, describe_augmentation(cfg), box)
 
 
 def describe_augmentation(cfg: Config) -> str:
@@ -195,4 +198,5 @@ def describe_augmentation(cfg: Config) -> str:
         parts.append(f"HED stain (σ {d.stain_sigma:g}, bias {d.stain_bias:g})")
     if d.jitter or d.hue:
         parts.append(f"colour jitter {d.jitter:g}, hue {d.hue:g}")
-    return ", ".join(parts) + f", {d.image_size} px"
+    size = f"centre {d.crop} px crop, {d.image_size} px" if d.crop else f"{d.image_size} px"
+    return ", ".join(parts) + ", " + size

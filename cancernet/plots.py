@@ -138,12 +138,16 @@ def reliability(labels, probs, raw_probs=None, bins: int = 15) -> Figure:
     ax.grid(alpha=0.3)
     table = reliability_table(labels, probs, bins)
     count_ax.bar(table["lo"] + 0.5 / bins, table["count"], width=0.9 / bins, color="C3")
-    count_ax.set(title="Patches per bin", xlabel="predicted P(tumour)", ylabel="patches (log scale)", yscale="log")
+    count_ax.set(title="Patches per bin", xlabel="predicted P(tumour)", ylabel="patches")
     return fig
 
 
-def augmentation_grid(originals: np.ndarray, views: list[np.ndarray], description: str) -> Figure:
-    """Each row: a training patch, then what the augmentation makes of it in successive epochs."""
+def augmentation_grid(originals: np.ndarray, views: list[np.ndarray], description: str,
+                      view_box: tuple[float, float] = (32, 32)) -> Figure:
+    """Each row: a training patch, then what the augmentation makes of it in successive epochs.
+
+    view_box: (start, side) of the labelled centre in the views' pixels (they may be resized or cropped).
+    """
     rows, cols = len(originals), 1 + len(views)
     fig = Figure(figsize=(cols * 1.5, rows * 1.55), layout="constrained")
     axes = np.atleast_2d(fig.subplots(rows, cols))
@@ -151,7 +155,7 @@ def augmentation_grid(originals: np.ndarray, views: list[np.ndarray], descriptio
         for c in range(cols):
             ax = axes[r, c]
             ax.imshow(originals[r] if c == 0 else views[c - 1][r])
-            ax.add_patch(_centre_box())
+            ax.add_patch(_centre_box() if c == 0 else _centre_box(*view_box))
             ax.set(xticks=[], yticks=[])
             if r == 0:
                 ax.set_title("original" if c == 0 else f"epoch {c}", fontsize=8)
@@ -218,9 +222,10 @@ def sample_grid(predictions: pd.DataFrame, load_image: Callable[[str], np.ndarra
     return fig
 
 
-def _centre_box():
+def _centre_box(start: float = 32, side: float = 32):
+    """The labelled centre 32x32 (in a 96 px patch; other values for resized or cropped views)."""
     from matplotlib.patches import Rectangle
-    return Rectangle((31.5, 31.5), 32, 32, fill=False, ls="--", lw=0.8, ec="white")
+    return Rectangle((start - 0.5, start - 0.5), side, side, fill=False, ls="--", lw=0.8, ec="white")
 
 
 def gradcam_grid(picked: pd.DataFrame, images: np.ndarray, cams: np.ndarray, threshold: float) -> Figure:
@@ -246,7 +251,7 @@ def gradcam_grid(picked: pd.DataFrame, images: np.ndarray, cams: np.ndarray, thr
         wrong = (row.prob >= threshold) != (row.label == 1)
         image_ax.set_title(f"{row.kind}: true {row.label}", fontsize=8, color="red" if wrong else "black")
         cam_ax.set_title(f"Grad-CAM, p={row.prob:.2f}", fontsize=8)
-    fig.suptitle("Where the model sees tumour: Grad-CAM of the class-1 logit at the last conv block, "
+    fig.suptitle("Where the model sees tumour: Grad-CAM of the class-1 logit at the backbone's last stage, "
                  "one colour scale for all patches (bright = strong evidence); dashed box = the labelled "
                  "centre 32x32", fontsize=9)
     return fig

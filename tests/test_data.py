@@ -229,3 +229,16 @@ def test_seed_augment_resizes_and_rotates():
     cfg = DataConfig(augment="seed", image_size=224, jitter=0.0, hue=0.0)
     y = _augment(cfg, _batch())
     assert y.shape == (6, 3, 224, 224)
+
+
+def test_centre_crop_keeps_the_labelled_centre_at_full_resolution():
+    cfg = DataConfig(image_size=64, crop=64, mean=[0, 0, 0], std=[1, 1, 1])
+    x = _batch()
+    assert torch.equal(Preprocess.from_config(cfg)(x), x[:, :, 16:80, 16:80].float() / 255)
+    nhwc = Preprocess.from_config(cfg, nhwc=True)(x.permute(0, 2, 3, 1).contiguous())  # export's layout
+    assert torch.equal(nhwc, x[:, :, 16:80, 16:80].float() / 255)
+    # a dihedral view of the whole patch, cropped, is the same view of the crop: the centre stays the centre
+    aug = Augment(DataConfig(image_size=64, crop=64, augment="dihedral", jitter=0.0, hue=0.0,
+                             mean=[0, 0, 0], std=[1, 1, 1]), 0)(x, torch.arange(6), 0)
+    for a, b in zip(aug, x[:, :, 16:80, 16:80]):
+        assert torch.equal((a * 255).round().to(torch.uint8).flatten().sort().values, b.flatten().sort().values)

@@ -60,22 +60,29 @@ def sample_uniforms(index: torch.Tensor, seed: int, epoch: int, count: int = N_D
 
 
 class Preprocess(nn.Module):
-    """uint8 patches (N, 3, H, W), or (N, H, W, 3) with nhwc=True -> normalised float (N, 3, S, S)."""
+    """uint8 patches (N, 3, H, W), or (N, H, W, 3) with nhwc=True -> normalised float (N, 3, S, S).
+
+    crop: the side of the centre square kept before resizing (the label is about the centre
+    32x32; a 64 px crop keeps 16 px of context around it at full resolution).
+    """
 
     def __init__(self, size: int, mean: list[float], std: list[float], nhwc: bool = False,
-                 channels_last: bool = False):
+                 channels_last: bool = False, crop: int | None = None):
         super().__init__()
-        self.size, self.nhwc, self.channels_last = size, nhwc, channels_last
+        self.size, self.nhwc, self.channels_last, self.crop = size, nhwc, channels_last, crop
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     @classmethod
     def from_config(cls, cfg: DataConfig, **kwargs) -> "Preprocess":
-        return cls(cfg.image_size, cfg.mean, cfg.std, **kwargs)
+        return cls(cfg.image_size, cfg.mean, cfg.std, crop=cfg.crop, **kwargs)
 
     def unit(self, images: torch.Tensor) -> torch.Tensor:
-        """Float NCHW in [0, 1] at the input's size."""
+        """Float NCHW in [0, 1], cut to the centre crop."""
         x = images.permute(0, 3, 1, 2) if self.nhwc else images
+        if self.crop and self.crop < x.shape[-1]:
+            start = (x.shape[-1] - self.crop) // 2
+            x = x[..., start:start + self.crop, start:start + self.crop]
         return x.float() / 255
 
     def resize(self, x: torch.Tensor) -> torch.Tensor:
