@@ -15,9 +15,11 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
+import io
 import logging
 import os
 import shutil
+import struct
 import zlib
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -45,13 +47,82 @@ def release_file(root: Path, split: str, part: str) -> Path:
                     "is missing (data.root must hold the release's x/y .h5 files and meta CSVs)")
 
 
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def hdf5_size(header: bytes) -> int | None:
+    """The file size an HDF5 superblock at offset 0 records (base + end-of-file address), or None."""
+    if len(header) < 64 or header[:8] != HDF5_SIGNATURE:
+        return None
+    version = header[8]
+    if version in (0, 1):
+        width, first = header[13], 24 if version == 0 else 28
+    elif version in (2, 3):
+        width, first = header[9], 12
+    else:
+        return None
+    if width not in (2, 4, 8):
+        return None
+    fmt = {2: "<H", 4: "<I", 8: "<Q"}[width]
+    base = struct.unpack_from(fmt, header, first)[0]
+    eof = struct.unpack_from(fmt, header, first + 2 * width)[0]
+    return base + eof
+
+
+class SizedGzip(gzip.GzipFile):
+    """A gzip stream that answers "seek to the end" without decompressing the whole file.
+
+    HDF5 asks for the file's size twice on open; a plain GzipFile answers by decompressing
+    everything (about a minute each for the 7 GB train split). The size comes from the HDF5
+    superblock and must agree with gzip's trailer (size mod 2**32); otherwise the plain
+    (slow, correct) seek is used. The stream moves to the end only if read there.
+    """
+
+    def __init__(self, path: Path):
+        super().__init__(path, "rb")
+        self.size, self._end = None, None
+        with open(path, "rb") as raw:
+            raw.seek(-4, io.SEEK_END)
+            trailer = struct.unpack("<I", raw.read(4))[0]
+        header = self.read(64)
+        super().seek(0)
+        size = hdf5_size(header)
+        if size is not None and size % 2**32 == trailer:
+            self.size = size
+
+    def _settle(self) -> None:
+        if self._end is not None:
+            super().seek(self._end)
+            self._end = None
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        if whence == io.SEEK_END and self.size is not None:
+            self._end = self.size + offset
+            return self._end
+        if whence == io.SEEK_CUR and self._end is not None:
+            offset, whence = self._end + offset, io.SEEK_SET
+        self._end = None
+        return super().seek(offset, whence)
+
+    def tell(self):
+        return self._end if self._end is not None else super().tell()
+
+    def read(self, size=-1):
+        self._settle()
+        return super().read(size)
+
+    def readinto(self, b):
+        self._settle()
+        return super().readinto(b)
+
+
 @contextlib.contextmanager
 def open_dataset(path: Path, name: str):
     """The HDF5 dataset `name` of path (read through a gzip stream for .gz), errors naming the file."""
     import h5py
     try:
         with contextlib.ExitStack() as stack:
-            source = stack.enter_context(gzip.open(path, "rb")) if path.suffix == ".gz" else path
+            source = stack.enter_context(SizedGzip(path)) if path.suffix == ".gz" else path
             handle = stack.enter_context(h5py.File(source, "r"))
             if name not in handle:
                 raise DataError(f"{path}: no dataset '{name}' (found {list(handle)})")
