@@ -54,21 +54,28 @@ def set_rng_state(states: list[dict[str, Any]], dist: DistInfo) -> bool:
     return True
 
 
-def snapshot(obj: Any, memo: dict | None = None) -> Any:
+def snapshot(obj: Any, memo: dict | None = None, reuse: dict | None = None) -> Any:
     """A copy of a (nested) state whose tensors are on the CPU and no longer change with training.
 
-    A tensor seen twice (best.pt's EMA weights are also last.pt's EMA state) is copied once.
+    A tensor seen twice (best.pt's EMA weights are also last.pt's EMA state) is copied once, and
+    `memo` ends up holding every copy by key. `reuse` is an earlier snapshot's memo: its buffers
+    are copied into, so after the first checkpoint there is no allocation (and no page faults).
+    Copies from a GPU go to pinned memory without blocking; the caller synchronises once.
     """
     memo = {} if memo is None else memo
     if isinstance(obj, torch.Tensor):
         key = (obj.data_ptr(), obj.dtype, tuple(obj.shape), obj.stride(), obj.device)
         if key not in memo:
-            memo[key] = obj.detach().to("cpu", copy=True)
+            source = obj.detach()
+            buffer = (reuse or {}).get(key)
+            if buffer is None:
+                buffer = torch.empty_like(source, device="cpu", pin_memory=source.is_cuda)
+            memo[key] = buffer.copy_(source, non_blocking=source.is_cuda)
         return memo[key]
     if isinstance(obj, dict):
-        return {k: snapshot(v, memo) for k, v in obj.items()}
+        return {k: snapshot(v, memo, reuse) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(snapshot(v, memo) for v in obj)
+        return type(obj)(snapshot(v, memo, reuse) for v in obj)
     return obj
 
 
@@ -85,12 +92,18 @@ class CheckpointWriter:
     def __init__(self):
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._buffers: dict = {}  # the last snapshot's CPU tensors, free once its write is done
 
     def copy(self, files: dict[Path, dict[str, Any]]) -> dict[Path, dict[str, Any]]:
-        """The blocking part: wait for the previous write, copy the states to the CPU."""
+        """The blocking part: wait for the previous write, copy the states to the CPU (into the
+        previous copy's buffers). The copies are valid until the next call."""
         self.wait()
         memo: dict = {}
-        return {path: snapshot(state, memo) for path, state in files.items()}
+        copies = {path: snapshot(state, memo, self._buffers) for path, state in files.items()}
+        if torch.cuda.is_initialized():
+            torch.cuda.synchronize()  # the non-blocking copies from the GPU have landed
+        self._buffers = memo
+        return copies
 
     def start(self, copies: dict[Path, dict[str, Any]]) -> None:
         """Write copies (from copy()) in the background."""

@@ -61,6 +61,31 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
         checkpoint.load(path)
 
 
+def test_each_background_checkpoint_holds_the_state_at_its_own_epoch(tmp_path):
+    """The writer copies into the previous checkpoint's buffers (no allocation after the first);
+    a later epoch's training must never show through in an earlier file, nor the reverse."""
+    model = torch.nn.Linear(4, 2)
+    writer = checkpoint.CheckpointWriter()
+    files, buffers = [], []
+    for epoch in range(3):
+        with torch.no_grad():
+            model.weight.fill_(epoch)
+        state = {"model": model.state_dict(), "ema": model.state_dict(), "epoch": epoch}
+        path = tmp_path / f"epoch{epoch}.pt"
+        copies = writer.copy({path: state})
+        buffers.append(copies[path]["model"]["weight"].data_ptr())
+        assert copies[path]["ema"]["weight"] is copies[path]["model"]["weight"]  # copied once
+        with torch.no_grad():
+            model.weight.fill_(-1)  # training goes on while the file is written
+        writer.start(copies)
+        files.append(path)
+    writer.wait()
+    assert buffers[1] == buffers[0] and buffers[2] == buffers[0]
+    for epoch, path in enumerate(files):
+        saved = torch.load(path, weights_only=True)
+        assert saved["epoch"] == epoch and torch.all(saved["model"]["weight"] == epoch)
+
+
 def test_each_rank_restores_only_its_own_rng_state():
     torch.manual_seed(1)
     saved = [checkpoint.rng_state(torch.device("cpu"))]

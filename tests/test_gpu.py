@@ -73,3 +73,17 @@ def test_compiled_model_keeps_clean_checkpoint_keys(synth_root, tmp_path):
           "data.limit=200")
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=True, map_location="cpu")
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in state["model"])
+
+
+def test_checkpoint_copies_from_the_gpu_land_before_training_goes_on():
+    """The copies to pinned memory do not block; copy() must still return them complete."""
+    from cancernet.checkpoint import CheckpointWriter
+    weight = torch.randn(4096, 4096, device="cuda")
+    expected = weight.cpu()
+    writer = CheckpointWriter()
+    for _ in range(2):  # the second copy goes into the first one's pinned buffers
+        copies = writer.copy({"last.pt": {"w": weight}})
+        weight.add_(1)  # queued on the stream right behind the copy
+        assert copies["last.pt"]["w"].is_pinned()
+        assert torch.equal(copies["last.pt"]["w"], expected)
+        expected = weight.cpu()
