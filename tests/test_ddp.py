@@ -91,16 +91,17 @@ def test_two_process_run_learns(ddp_run):
 def test_a_single_process_extends_the_two_process_run_on_the_same_lr_curve(ddp_run, caplog):
     import logging
     with caplog.at_level(logging.INFO):
-        assert train(ddp_run.root, ddp_run.out, *COMMON, "train.epochs=4") == "done"
-    assert "world size: 2 -> 1" in caplog.text and "train.epochs: 2 -> 4" in caplog.text
+        assert train(ddp_run.root, ddp_run.out, *COMMON, "train.epochs=3") == "done"
+    assert "world size: 2 -> 1" in caplog.text and "train.epochs: 2 -> 3" in caplog.text
     summary = pd.read_csv(ddp_run.out / "summary.csv")
-    assert summary["epoch"].tolist() == [1, 2, 3, 4]  # every epoch once
+    assert summary["epoch"].tolist() == [1, 2, 3]  # every epoch once
     n_train = (pd.read_csv(ddp_run.out / "splits.csv")["split"] == "train").sum()
     per_epoch = n_train // 32 * 32  # one process, batch 32
     assert (summary["samples_seen"].diff().iloc[2:] == per_epoch).all()
-    # epochs 3-4: cosine over samples, rebuilt for 4 epochs and placed where the 2-process run stopped
+    # epoch 3: cosine over samples, rebuilt for 3 epochs and placed where the 2-process run stopped
+    # (the old 2-epoch schedule had reached 0)
     for row in summary.iloc[2:].itertuples():
         before_last_step = row.samples_seen - 32
-        expected = 2e-3 * 0.5 * (1 + math.cos(math.pi * before_last_step / (4 * per_epoch)))
+        expected = 2e-3 * 0.5 * (1 + math.cos(math.pi * before_last_step / (3 * per_epoch)))
         assert row.lr == pytest.approx(expected, rel=1e-6)
     assert (summary["lr"].iloc[2:] > 0).all()
