@@ -74,6 +74,7 @@ def cmd_predict(args) -> int:
     from . import inference
     from .atomic import write_text
     from .distributed import session
+    from .numerics import resolve_amp
 
     with session(args.device, "auto") as dist:
         setup_logging(dist.rank)
@@ -82,7 +83,7 @@ def cmd_predict(args) -> int:
         temperature = inference.checkpoint_temperature(state, not args.no_calibration)
         threshold = (inference.checkpoint_threshold(state, Path(args.checkpoint), args.tta, temperature)
                      if args.threshold_from_checkpoint else args.threshold)
-        amp = "bf16" if dist.device.type == "cuda" else "off"
+        amp, _ = resolve_amp(args.amp, dist.device)
         start = time.perf_counter()
         probs = inference.predict_folder(model, cfg, dist, paths, args.batch_size, args.num_workers, args.tta, amp,
                                          temperature)
@@ -122,7 +123,7 @@ def cmd_bench(args) -> int:
     if args.what == "data":
         results = bench.bench_data(cfg, args.steps, paths=args.paths)
     elif args.what == "step":
-        results = [bench.bench_step(cfg, args.steps)]
+        results = [bench.bench_step(cfg, args.steps, ddp=args.ddp)]
     else:
         results = [bench.bench_train(cfg, args.steps)]
     for result in results:
@@ -177,6 +178,8 @@ def add_predict(sub) -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
+                   help="precision (auto: bf16 where the device computes it natively, as train.amp=auto)")
     p.set_defaults(func=cmd_predict)
 
 
@@ -204,6 +207,8 @@ def add_bench(sub) -> None:
     p.add_argument("--steps", type=int, default=20, help="timed batches (after a warm-up)")
     p.add_argument("--paths", nargs="+", default=["folder", "packed"], choices=["folder", "packed"],
                    help="bench data: which data paths to time")
+    p.add_argument("--ddp", action="store_true", help="bench step: inside a DDP wrapper (one-process group), "
+                   "torch.compile placed by model.compile_scope")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.batch_size=128")
     p.set_defaults(func=cmd_bench)
 

@@ -4,6 +4,7 @@ Each returns one JSON-able dict per measurement; `python -m cancernet bench` pri
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import platform
@@ -12,8 +13,10 @@ import tempfile
 import time
 
 import torch
+import torch.distributed as tdist
 import torch.nn.functional as F
 
+from . import numerics
 from .config import Config
 from .data.kaggle import read_labels
 from .data.loaders import make_loader, set_epoch, to_device
@@ -49,6 +52,7 @@ def bench_data(cfg: Config, batches: int, warmup: int = 2, paths=("folder", "pac
     batches=0 iterates one whole epoch (and reports peak memory).
     """
     device = pick_device(cfg.train.device, 0)
+    cfg = numerics.resolve(cfg, device)
     dist = DistInfo(device=device)
     frame = read_labels(cfg.data.root, cfg.data.limit).assign(split="train")
     results = []
@@ -76,12 +80,33 @@ def bench_data(cfg: Config, batches: int, warmup: int = 2, paths=("folder", "pac
     return results
 
 
-def bench_step(cfg: Config, steps: int, warmup: int = 5) -> dict:
-    """Forward + backward + optimizer step on synthetic on-device batches: the loop's ceiling."""
+@contextlib.contextmanager
+def _one_process_group(device: torch.device):
+    """A process group of this process alone, so that a single device can time the DDP wrapper."""
+    tdist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=tdist.HashStore(), rank=0,
+                             world_size=1, device_id=device if device.type == "cuda" else None)
+    try:
+        yield
+    finally:
+        tdist.destroy_process_group()
+
+
+def bench_step(cfg: Config, steps: int, warmup: int = 5, ddp: bool = False) -> dict:
+    """Forward + backward + optimizer step on synthetic on-device batches: the loop's ceiling.
+
+    ddp: inside a DDP wrapper (a one-process group), with torch.compile where model.compile_scope
+    puts it: the cost of the wrapper and of the graph breaks, not of the all-reduce itself."""
     device = pick_device(cfg.train.device, 0)
+    cfg = numerics.resolve(cfg, device)
+    with _one_process_group(device) if ddp else contextlib.nullcontext():
+        return _bench_step(cfg, device, steps, warmup, ddp)
+
+
+def _bench_step(cfg: Config, device: torch.device, steps: int, warmup: int, ddp: bool) -> dict:
+    from .training import wrap_for_training
     model = build_model(dataclasses.replace(cfg.model, pretrained="none"), cfg.data.image_size).to(device)
     optimizer = build_optimizer(cfg.optim, model, device)
-    model = torch.compile(model) if cfg.model.compile else model
+    model = wrap_for_training(model, cfg.model, DistInfo(device=device), ddp=ddp)
     n, size = cfg.train.batch_size, cfg.data.image_size
     images = torch.randn(n, 3, size, size, device=device)
     if cfg.model.channels_last:
@@ -103,7 +128,8 @@ def bench_step(cfg: Config, steps: int, warmup: int = 5) -> dict:
         optimizer.zero_grad(set_to_none=True)
     _sync(device)
     seconds = time.perf_counter() - start
-    return {"bench": "step", "arch": cfg.model.arch, "compile": cfg.model.compile,
+    return {"bench": "step", "arch": cfg.model.arch, "compile": cfg.model.compile, "ddp": ddp,
+            "compile_scope": cfg.model.compile_scope if cfg.model.compile and ddp else None,
             "images_per_s": round(steps * n / seconds, 1), "batch_size": n, "steps": steps,
             "seconds": round(seconds, 3), **_context(cfg, device)}
 
@@ -133,6 +159,7 @@ def bench_train(cfg: Config, steps: int, warmup: int = 5) -> dict:
             cfg, train=dataclasses.replace(cfg.train, out_dir=tmp, log_every=0, progress="off", grad_accum=1),
             data=dataclasses.replace(cfg.data, val_fraction=0.02, test_fraction=0.01))
         device = pick_device(cfg.train.device, 0)
+        cfg = numerics.resolve(cfg, device)
         t = build(cfg, DistInfo(device=device), RunDir(tmp))
         split = t.loaders["train"]
         timings = []

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_path
-from .distributed import DistInfo, gather_objects
+from .distributed import DistInfo, broadcast_object, broadcast_weights, gather_objects
 from .errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -151,6 +151,32 @@ def load_model_state(model: nn.Module, state: dict[str, Any], path: str | Path, 
         raise CheckpointError(
             f"checkpoint {path} does not fit this model: it holds {saved.get('arch')} "
             f"(head {saved.get('head')}); first problem: {lines[1].strip() if len(lines) > 1 else e}") from None
+
+
+# What a rank other than 0 needs besides the weights: never the (large) training state
+_TRAINING_ONLY = ("model", "optimizer", "scheduler", "scaler", "ema", "rng", "history")
+
+
+def load_on_main(path: str | Path, model: nn.Module, dist: DistInfo) -> dict[str, Any]:
+    """Rank 0 reads the checkpoint and loads its weights into model; the other ranks get the
+    weights by broadcast, and the rest of the state (config, temperature, operating points)
+    without its training part. No other rank opens the file: on NFS-like filesystems a node
+    may still see the file rank 0 just replaced (stale directory cache) or get ESTALE, and the
+    gathered metrics would mix two models without an error. A collective: every rank calls it.
+    """
+    state, shared = None, None
+    if dist.is_main:
+        try:
+            state = load(path)
+            load_model_state(model, state, path)
+            shared = {k: v for k, v in state.items() if k not in _TRAINING_ONLY}
+        except CheckpointError as e:
+            shared = {"error": str(e)}
+    shared = broadcast_object(shared, dist)
+    if "error" in shared:
+        raise CheckpointError(shared["error"])  # on every rank, so none waits for the others
+    broadcast_weights(unwrap(model), dist)
+    return state if dist.is_main else shared
 
 
 def _setting(config: dict, key: str):

@@ -58,6 +58,7 @@ class ModelConfig:
     head: str = choice("linear", "seed", "linear")
     channels_last: bool = True
     compile: bool = False
+    compile_scope: str = choice("model", "model", "ddp")  # compile the bare model inside DDP, or DDP itself
     sync_bn: bool = False  # SyncBatchNorm across ranks (CUDA)
 
 
@@ -84,7 +85,9 @@ class TrainConfig:
     eval_batch_size: int = bounded(512, 1)
     grad_accum: int = bounded(1, 1)
     clip_grad: float | None = bounded(None, 0)
-    amp: str = choice("bf16", "bf16", "fp16", "off")  # on every device, the CPU included
+    amp: str = choice("auto", "auto", "bf16", "fp16", "off")  # on every device; auto: the fastest correct one
+    deterministic: bool = False  # repeatable kernels (no cuDNN autotuning), slower on GPUs
+    time_budget: str | None = field(default=None, metadata={"check": "duration"})  # e.g. 14m, 4h: fixes the length
     ema_decay: float = bounded(0.0, 0, 1, hi_open=True)  # EMA of the weights; 0 = off
     device: str = choice("auto", "auto", "cpu", "cuda")
     out_dir: str = "runs/default"
@@ -159,6 +162,8 @@ def _check_value(key: str, value: Any, hint: Any, meta: typing.Mapping) -> Any:
         return [_check_value(f"{key}[{i}]", v, item, {}) for i, v in enumerate(value)]
     if hint is str and isinstance(value, bool) and {"on", "off"} & set(meta.get("choices", ())):
         value = "on" if value else "off"  # YAML 1.1 reads train.amp=off as False
+    if meta.get("check") == "duration" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)  # train.time_budget=600: seconds
     if hint is float and isinstance(value, str):
         with contextlib.suppress(ValueError):  # YAML 1.1 reads 1e-3 (no dot) as a string
             value = float(value)
@@ -179,7 +184,26 @@ def _check_value(key: str, value: Any, hint: Any, meta: typing.Mapping) -> Any:
     if meta.get("check") == "arch":
         from .archs import check_arch  # lazy: torchvision is slow to import
         check_arch(value, key)
+    if meta.get("check") == "duration":
+        parse_duration(value, key)
     return value
+
+
+def parse_duration(text: str, key: str = "train.time_budget") -> float:
+    """Seconds in '90s', '14m', '4h', '1h30m' or a plain number of seconds; ConfigError naming key."""
+    import re
+    text = str(text).strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        seconds = float(text)
+    else:
+        parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?", text)
+        if not text or not parts:
+            raise ConfigError(f"config key '{key}': {text!r} is not a duration (e.g. 90s, 14m, 4h, 1h30m)")
+        hours, minutes, secs = (float(p) if p else 0.0 for p in parts.groups())
+        seconds = 3600 * hours + 60 * minutes + secs
+    if seconds <= 0:
+        raise ConfigError(f"config key '{key}': {text!r} must be above zero")
+    return seconds
 
 
 def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:

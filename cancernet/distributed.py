@@ -147,3 +147,11 @@ def broadcast_buffers(module: torch.nn.Module, dist: DistInfo) -> None:
     if dist.is_distributed:
         for buffer in module.buffers():
             tdist.broadcast(buffer, src=0)
+
+
+def broadcast_weights(module: torch.nn.Module, dist: DistInfo) -> None:
+    """Give every rank rank 0's parameters and buffers, in place."""
+    if dist.is_distributed:
+        with torch.no_grad():
+            for tensor in module.state_dict().values():
+                tdist.broadcast(tensor, src=0)

@@ -19,19 +19,20 @@ class ModelEma:
     def __init__(self, model: nn.Module, decay: float):
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay, self.updates = decay, 0
-        self._pairs = [(e, m) for e, m in zip(self.module.parameters(), model.parameters())
-                       if m.dtype.is_floating_point]
-        self._buffers = list(zip(self.module.buffers(), model.buffers()))
+        pairs = [(e, m) for e, m in zip(self.module.parameters(), model.parameters()) if m.dtype.is_floating_point]
+        self._ema_params, self._params = (list(t) for t in zip(*pairs)) if pairs else ([], [])
+        buffers = list(zip(self.module.buffers(), model.buffers()))
+        self._ema_buffers, self._buffers = (list(t) for t in zip(*buffers)) if buffers else ([], [])
 
     @torch.no_grad()
     def update(self) -> None:
+        """Two foreach kernels (per device and dtype) for all parameters and buffers, not one per tensor."""
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        if self._pairs:
-            ema, weights = zip(*self._pairs)
-            torch._foreach_lerp_(list(ema), list(weights), 1 - decay)
-        for ema_buffer, buffer in self._buffers:
-            ema_buffer.copy_(buffer)
+        if self._params:
+            torch._foreach_lerp_(self._ema_params, self._params, 1 - decay)
+        if self._buffers:
+            torch._foreach_copy_(self._ema_buffers, self._buffers)
 
     def state_dict(self) -> dict:
         return {"model": self.module.state_dict(), "updates": self.updates}

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
+from typing import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,15 +24,9 @@ from .distributed import DistInfo, all_reduce_sum, gather_rows
 from .ema import ModelEma
 from .errors import NonFiniteLossError
 from .optim import LrSchedule
+from .signals import StopFlag
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class StopFlag:
-    """Set from a signal handler; the loop checks it (on all ranks together) at sync points."""
-
-    requested: bool = False
 
 
 def autocast(device: torch.device, amp: str):
@@ -110,13 +106,18 @@ class _DeviceSums:
 
 def train_one_epoch(parts: StepParts, loader, augment, cfg: TrainConfig, dist: DistInfo, epoch: int, *,
                     position: int, start: MidEpoch | None = None, stop: StopFlag | None = None,
-                    progress=None) -> EpochStats:
-    """One pass over loader (which already skips start.samples). position: samples seen before."""
+                    progress=None, on_sync: Callable[[int, float, bool], int | None] | None = None) -> EpochStats:
+    """One pass over loader (which already skips start.samples). position: samples seen before.
+
+    on_sync(samples into the epoch, seconds, last) runs on every rank at every sync point, where
+    the device has caught up (a time budget measures there), last=True at the epoch's end; it
+    may return where the epoch ends.
+    """
     parts.model.train()
     n_batches, accum = len(loader), cfg.grad_accum
     earlier = start.totals if start else EpochTotals()
     in_epoch, images, optimizer_steps, window_samples = (start.samples if start else 0), 0, 0, 0
-    sums, stopped = _DeviceSums(dist.device), False
+    sums, stopped, end = _DeviceSums(dist.device), False, math.inf
     # every rank must agree on the sync points, so a due log line counts on all of them; a
     # progress bar (rank 0 on a terminal) only changes how the line is shown
     clock = _Clock(epoch, n_batches, cfg.log_every, progress)
@@ -148,14 +149,18 @@ def train_one_epoch(parts: StepParts, loader, augment, cfg: TrainConfig, dist: D
                 if clock.log_due(k + 1):
                     clock.log(k + 1, loss_sum / max(images * dist.world_size, 1), parts.schedule.lr,
                               images * dist.world_size, dist)
-                if stopped:
-                    break
+                if on_sync is not None:
+                    end = on_sync(in_epoch, clock.elapsed(), False) or end
+            if stopped or in_epoch >= end:
+                break
         if progress is not None:
             progress.update(1)
         clock.step_done()
     loss_sum, correct, non_finite, _ = sums.reduced(dist)
     if non_finite:
         raise NonFiniteLossError(f"non-finite loss in epoch {epoch + 1}; last.pt keeps the last good checkpoint")
+    if on_sync is not None and not stopped:
+        on_sync(in_epoch, clock.elapsed(), True)
     session = EpochTotals(loss_sum, correct, images * dist.world_size)
     return EpochStats(earlier + session, images * dist.world_size, clock.elapsed(), clock.data_s, position,
                       in_epoch if stopped else None)

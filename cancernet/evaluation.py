@@ -83,8 +83,7 @@ def evaluate_checkpoint(cfg: Config, dist: DistInfo, model, loaders: dict, run: 
                         ckpt, request: Request, tracker=None, extra_facts: dict | None = None) -> dict | None:
     """Every rank predicts; rank 0 writes the report and stores the operating points. Returns the
     metrics on rank 0."""
-    state = checkpoint.load(ckpt)
-    checkpoint.load_model_state(model, state, ckpt)
+    state = checkpoint.load_on_main(ckpt, model, dist)
     start = time.perf_counter()
     val_raw = predict_split(cfg, dist, model, loaders["val"])
     split_raw = val_raw if request.split == "val" else predict_split(cfg, dist, model, loaders[request.split])

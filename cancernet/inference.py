@@ -22,6 +22,7 @@ from .distributed import DistInfo
 from .engine import evaluate
 from .errors import DataError, UserError
 from .models import build_model
+from .signals import ignore_stop_signals
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
@@ -67,7 +68,7 @@ def predict_folder(model: nn.Module, cfg: Config, dist: DistInfo, paths: list[Pa
     """P(tumour) of every path, in order; ranks share the work, every rank gets all of it."""
     loader = DataLoader(FolderDataset(paths, None), batch_size=batch_size, num_workers=num_workers,
                         sampler=ShardSampler(len(paths), dist.rank, dist.world_size),
-                        pin_memory=dist.device.type == "cuda")
+                        pin_memory=dist.device.type == "cuda", worker_init_fn=ignore_stop_signals)
     preprocess = Preprocess.from_config(cfg.data, channels_last=cfg.model.channels_last).to(dist.device)
     return evaluate(model, loader, preprocess, dist, amp, tta=tta, temperature=temperature)["prob"]
 

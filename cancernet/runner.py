@@ -1,28 +1,29 @@
 """Wires config, data, model, engine, checkpoints and tracking into one training run."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
-import signal
 import sys
 import time
+from typing import Callable
 
 import pandas as pd
 import torch
 from tqdm import tqdm
 
-from . import checkpoint
+from . import checkpoint, numerics
 from .atomic import write_text
+from .budget import TimeBudget
 from .config import Config, resolved_yaml
 from .data.loaders import set_epoch
 from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_buffers
-from .engine import EpochStats, EpochTotals, MidEpoch, StopFlag, evaluate, train_one_epoch
+from .engine import EpochStats, EpochTotals, MidEpoch, evaluate, train_one_epoch
 from .errors import UserError
 from .evaluation import evaluate_run
 from .metrics import roc_auc
 from .rundir import RunDir
+from .signals import StopFlag, stop_on_signals
 from .tracking import NullTracker, start_tracker
 from .training import SUMMARY_COLUMNS, EpochRow, Training, build, restore
 
@@ -45,51 +46,73 @@ def prepare_run_dir(cfg: Config, dist: DistInfo, run: RunDir):
     return resume_from
 
 
-def run(cfg: Config, dist: DistInfo, stop: StopFlag | None = None) -> str:
+def run(cfg: Config, dist: DistInfo, stop: StopFlag | None = None,
+        on_epoch_end: Callable[[Training, dict], None] | None = None) -> str:
     """Train, validate each epoch, test the best checkpoint. Returns 'done' or 'stopped'.
 
-    stop: set it (signals do) to end the run at the next sync point with a checkpoint.
+    stop: set it (USR1/TERM do, from the start: a stop during set-up ends the run at its first
+    sync point) to end the run at the next sync point with a checkpoint. on_epoch_end(training,
+    summary row) runs on every rank after each epoch's checkpoint (tests, callers' hooks).
     """
-    run_dir = RunDir(cfg.train.out_dir)
-    resume_from = prepare_run_dir(cfg, dist, run_dir)
-    saved_splits = (pd.read_csv(run_dir.splits, dtype={"id": str})
-                    if resume_from is not None and run_dir.splits.is_file() else None)
-    t = build(cfg, dist, run_dir, saved_splits)
-    if resume_from is not None:
-        restore(t, resume_from)
-    if dist.is_main:  # written once the checks passed; summary.csv matches the checkpoint
-        write_text(run_dir.config, resolved_yaml(cfg, dist.world_size,
-                                                 {"resumed_from": str(resume_from)} if resume_from else None))
-        write_summary(run_dir, t.state.history)
-    tracker = start_tracker(cfg, dist, run_dir.root, t.state.wandb_id)
-    t.state.wandb_id = tracker.run_id  # a resumed or requeued job continues the same W&B run
-    stop = stop or StopFlag()
-    try:
-        with stop_on_signals(stop):
-            for epoch in range(t.state.epoch, cfg.train.epochs):
-                if not train_epoch(t, epoch, stop, tracker):
+    with stop_on_signals(stop or StopFlag()) as stop:
+        cfg = numerics.resolve(cfg, dist.device)  # train.amp=auto -> what this device gets
+        run_dir = RunDir(cfg.train.out_dir)
+        resume_from = prepare_run_dir(cfg, dist, run_dir)
+        saved_splits = (pd.read_csv(run_dir.splits, dtype={"id": str})
+                        if resume_from is not None and run_dir.splits.is_file() else None)
+        t = build(cfg, dist, run_dir, saved_splits)
+        if resume_from is not None:
+            restore(t, resume_from)
+        meta = {"resumed_from": str(resume_from)} if resume_from else {}
+        write_config(t, meta)  # once the checks passed
+        if dist.is_main:
+            write_summary(run_dir, t.state.history)  # matches the checkpoint
+        tracker = start_tracker(cfg, dist, run_dir.root, t.state.wandb_id)
+        t.state.wandb_id = tracker.run_id  # a resumed or requeued job continues the same W&B run
+        budget = TimeBudget.from_config(t)
+        try:
+            epoch = t.state.epoch
+            while epoch < t.epochs:  # a time budget may fix the length inside the first epoch
+                planned = t.state.budget_plan
+                if not train_epoch(t, epoch, stop, tracker, budget, on_epoch_end):
                     return "stopped"
-        t.writer.wait()
-        barrier(dist)  # best.pt is complete before every rank reads it
-        evaluate_run(cfg, dist, t.model_without_ddp, t.loaders, run_dir, t.table, tracker,
-                     {"best_epoch": t.state.best_epoch, "train_s": t.state.train_s})
-        if cfg.wandb.log_model:
-            tracker.log_model(run_dir.best, {"best_val_auc": t.state.best_auc, "epoch": t.state.best_epoch})
-        return "done"
-    finally:
-        t.writer.wait()
-        tracker.finish()
+                if planned != t.state.budget_plan:
+                    write_config(t, meta)  # config.yaml says what the budget came to
+                epoch += 1
+            t.writer.wait()
+            barrier(dist)  # best.pt is complete before every rank reads it
+            start = time.perf_counter()
+            evaluate_run(cfg, dist, t.model_without_ddp, t.loaders, run_dir, t.table, tracker,
+                         {"best_epoch": t.state.best_epoch, "train_s": t.state.train_s})
+            if budget is not None:
+                log.info("time budget %s: training, validation and checkpoints took %.0f s; the final test "
+                         "evaluation and report (not counted) %.0f s", cfg.train.time_budget, budget.used_s(),
+                         time.perf_counter() - start)
+            if cfg.wandb.log_model:
+                tracker.log_model(run_dir.best, {"best_val_auc": t.state.best_auc, "epoch": t.state.best_epoch})
+            return "done"
+        finally:
+            t.writer.wait()
+            tracker.finish()
 
 
-def train_epoch(t: Training, epoch: int, stop: StopFlag, tracker: NullTracker) -> bool:
+def write_config(t: Training, meta: dict) -> None:
+    """config.yaml: the config as run, what produced it, and the length a time budget fixed."""
+    if t.dist.is_main:
+        extra = {**meta, **({"time_budget": t.state.budget_plan} if t.state.budget_plan else {})}
+        write_text(t.run.config, resolved_yaml(t.cfg, t.dist.world_size, extra or None))
+
+
+def train_epoch(t: Training, epoch: int, stop: StopFlag, tracker: NullTracker, budget: TimeBudget | None = None,
+                on_epoch_end: Callable[[Training, dict], None] | None = None) -> bool:
     """Train (and validate) one epoch, checkpoint on rank 0. False when the run must stop now."""
     cfg, dist = t.cfg, t.dist
     mid = MidEpoch(t.state.mid_epoch["samples"], EpochTotals(**t.state.mid_epoch["totals"])) if t.state.mid_epoch else None
     train = t.loaders["train"]
-    set_epoch(train, epoch, mid.samples if mid else 0)
+    set_epoch(train, epoch, mid.samples if mid else 0, t.epoch_end(epoch))
     bar = progress_bar(cfg, dist, len(train.loader), f"epoch {epoch + 1}")
     stats = train_one_epoch(t.parts, train.loader, train.augment, cfg.train, dist, epoch, position=t.state.position,
-                            start=mid, stop=stop, progress=bar)
+                            start=mid, stop=stop, progress=bar, on_sync=budget.sync(epoch) if budget else None)
     if bar is not None:
         bar.close()
     t.state.position, t.state.train_s = stats.position, t.state.train_s + stats.seconds
@@ -101,7 +124,7 @@ def train_epoch(t: Training, epoch: int, stop: StopFlag, tracker: NullTracker) -
         log.warning("stopped in epoch %d after %d samples; checkpoint saved, a resume continues there",
                     epoch + 1, stats.stopped_at)
         return False
-    validate = (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs
+    validate = (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == t.epochs
     row = validate_epoch(t, epoch, stats) if validate else epoch_row(epoch, stats, None, t, 0.0)
     t.state.epoch, t.state.mid_epoch = epoch + 1, None
     # Best by val AUC; ties (common once AUC saturates) go to the lower val loss.
@@ -110,13 +133,17 @@ def train_epoch(t: Training, epoch: int, stop: StopFlag, tracker: NullTracker) -
         t.state.best_auc, t.state.best_val_loss, t.state.best_epoch = row.val_auc, row.val_loss, epoch + 1
     t.state.history.append(dataclasses.asdict(row))
     row.ckpt_s = save_checkpoints(t, best=is_best)
+    if budget is not None:
+        budget.refine(epoch, t.state.history[-1])
     if dist.is_main:
         write_summary(t.run, t.state.history)
         tracker.log_epoch(dataclasses.asdict(row))
         log.info("epoch %d/%d train_loss %.4f train_acc %.4f val_loss %.4f val_acc %.4f val_auc %.4f%s lr %.3g "
-                 "%.0f img/s %.1fs (val %.1fs, checkpoint %.2fs)", epoch + 1, cfg.train.epochs, row.train_loss,
+                 "%.0f img/s %.1fs (val %.1fs, checkpoint %.2fs)", epoch + 1, t.epochs, row.train_loss,
                  row.train_acc, row.val_loss, row.val_acc, row.val_auc, " (best)" if is_best else "", row.lr,
                  row.images_per_s, row.epoch_s, row.val_s, row.ckpt_s)
+    if on_epoch_end is not None:
+        on_epoch_end(t, t.state.history[-1])
     if _any_rank(stop.requested, dist):
         log.warning("stop requested: stopping after epoch %d, checkpoint saved", epoch + 1)
         return False
@@ -169,17 +196,3 @@ def progress_bar(cfg: Config, dist: DistInfo, total: int, desc: str):
     """tqdm on rank 0 when stderr is a terminal (not in Slurm logs), unless train.progress says."""
     show = {"on": True, "off": False, "auto": sys.stderr.isatty()}[cfg.train.progress]
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True) if show and dist.is_main else None
-
-
-@contextlib.contextmanager
-def stop_on_signals(stop: StopFlag):
-    """USR1 (Slurm's warning before the time limit) and TERM (preemption) only set a flag."""
-    def handler(signum, frame):
-        log.warning("received signal %d: stopping at the next sync point", signum)
-        stop.requested = True
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGUSR1, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)

@@ -11,9 +11,9 @@ import pandas as pd
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from . import checkpoint
+from . import checkpoint, numerics
 from .atomic import write_text
-from .config import Config
+from .config import Config, ModelConfig
 from .data.augment import sample_seed
 from .data.loaders import SplitLoader, check_validation_split, load_table, make_loader
 from .distributed import DistInfo
@@ -61,6 +61,7 @@ class RunState:
     mid_epoch: dict | None = None  # MidEpoch of a run stopped inside an epoch
     wandb_id: str | None = None
     train_s: float = 0.0  # wall time in training epochs, over all sessions
+    budget_plan: dict | None = None  # the length train.time_budget fixed (budget.TimeBudget.plan)
 
 
 @dataclass
@@ -78,6 +79,19 @@ class Training:
     writer: checkpoint.CheckpointWriter = field(default_factory=checkpoint.CheckpointWriter)
 
     @property
+    def epochs(self) -> int:
+        """The run's length in epochs: train.epochs, or what the time budget fixed (the last may be short)."""
+        if self.state.budget_plan is None:
+            return self.cfg.train.epochs
+        return math.ceil(self.state.budget_plan["samples"] / self.loaders["train"].sampler.samples_per_epoch())
+
+    def epoch_end(self, epoch: int) -> int | None:
+        """Samples into this epoch where it ends, when the time budget cuts it short; else None."""
+        if self.state.budget_plan is None:
+            return None
+        return self.state.budget_plan["samples"] - epoch * self.loaders["train"].sampler.samples_per_epoch()
+
+    @property
     def eval_model(self) -> torch.nn.Module:
         """The weights validation, best.pt and the test report use: the EMA when it is on."""
         return self.parts.ema.module if self.parts.ema is not None else self.model_without_ddp
@@ -93,6 +107,21 @@ class Training:
         return {"model": self.eval_model.state_dict(), "config": self.cfg.to_dict(), "epoch": self.state.epoch,
                 "best_auc": self.state.best_auc, "best_val_loss": self.state.best_val_loss,
                 "weights": "ema" if self.parts.ema is not None else "model"}
+
+
+def wrap_for_training(model: torch.nn.Module, cfg: ModelConfig, dist: DistInfo, ddp: bool | None = None
+                      ) -> torch.nn.Module:
+    """What the loop calls: DDP (several ranks) and torch.compile in the order model.compile_scope
+    asks. `model`: compile the bare model, then wrap it; DDP's gradient hooks then fire only after
+    the whole compiled backward, so the all-reduce cannot overlap it. `ddp`: compile the wrapper;
+    Dynamo splits the graph at DDP's bucket boundaries so that it can. Checkpoints always use the
+    bare model (clean keys). ddp: wrap even a single process (benchmarks); default: when distributed."""
+    use_ddp = dist.is_distributed if ddp is None else ddp
+    def wrap(m: torch.nn.Module) -> torch.nn.Module:
+        return DDP(m, device_ids=[dist.device] if dist.device.type == "cuda" else None) if use_ddp else m
+    if not cfg.compile:
+        return wrap(model)
+    return torch.compile(wrap(model)) if cfg.compile_scope == "ddp" else wrap(torch.compile(model))
 
 
 def build(cfg: Config, dist: DistInfo, run: RunDir, saved_splits: pd.DataFrame | None = None) -> Training:
@@ -114,12 +143,8 @@ def build(cfg: Config, dist: DistInfo, run: RunDir, saved_splits: pd.DataFrame |
     trainable, total = count_parameters(model_without_ddp)
     log.info("model %s: %d trainable of %d parameters", cfg.model.arch, trainable, total)
     ema = ModelEma(model_without_ddp, cfg.train.ema_decay) if cfg.train.ema_decay else None
-    # Compile before the DDP wrap; checkpoints always use model_without_ddp (clean keys).
-    model = torch.compile(model_without_ddp) if cfg.model.compile else model_without_ddp
-    if dist.is_distributed:
-        model = DDP(model, device_ids=[dist.device] if dist.device.type == "cuda" else None)
-    if dist.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    model = wrap_for_training(model_without_ddp, cfg.model, dist)
+    numerics.configure(cfg.train.deterministic, dist.device)
     torch.manual_seed(sample_seed(cfg.train.seed, dist.rank))  # each rank its own dropout masks
     optimizer = build_optimizer(cfg.optim, model_without_ddp, dist.device)
     sampler = loaders["train"].sampler
@@ -168,6 +193,13 @@ def restore(t: Training, path) -> None:
     if "position" not in saved:
         t.state.position = t.state.epoch * t.loaders["train"].sampler.samples_per_epoch() + (
             t.state.mid_epoch["samples"] if t.state.mid_epoch else 0)
+    if t.state.budget_plan is not None:
+        if t.cfg.train.time_budget:  # the length stays what the budget fixed; the schedule follows it
+            t.parts.schedule.total = t.state.budget_plan["samples"]
+        else:
+            log.warning("train.time_budget is off now: the run's length is train.epochs=%d again, not the %.2f "
+                        "epochs its budget fixed", t.cfg.train.epochs, t.state.budget_plan["epochs"])
+            t.state.budget_plan = None
     changes = checkpoint.changed_settings(saved["config"], t.cfg.to_dict())
     if saved.get("world_size", t.dist.world_size) != t.dist.world_size:
         changes.append(f"world size: {saved['world_size']} -> {t.dist.world_size}")

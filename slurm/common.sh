@@ -8,6 +8,11 @@ OVERRIDES=("$@")
 # Stable across requeues: a requeued job keeps its job id. RUN_DIR=... to choose another.
 RUN_DIR=${RUN_DIR:-runs/$(basename "$CONFIG" .yaml)-${SLURM_JOB_ID}}
 MAX_RESTARTS=${MAX_RESTARTS:-3}   # torchrun restarts the worker group this often (elastic)
+# After a stop signal torchrun gives its workers this long to checkpoint and exit, then kills them;
+# keep it below the warning's lead (--signal=B:USR1@120) and the cluster's preemption grace time.
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${STOP_TIMEOUT:-90}
+# cancernet.launch = torchrun that survives the repeated TERM of a preemption (cancernet/launch.py)
+export PYTHONPATH="$CANCERNET_HOME${PYTHONPATH:+:$PYTHONPATH}"
 
 if [[ -z "${NPROC_PER_NODE:-}" ]]; then  # one process per GPU Slurm gave this node
   if [[ -n "${SLURM_GPUS_ON_NODE:-}" ]]; then NPROC_PER_NODE=$SLURM_GPUS_ON_NODE
@@ -23,9 +28,10 @@ echo "$(date -Is) job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${S
 
 STOPPING=0
 on_signal() {
-  # Slurm's time-limit warning (USR1, from --signal=B:USR1@120) or preemption (TERM):
-  # TERM makes torchrun (srun forwards it) pass TERM to every worker; the workers only set a
-  # flag, agree at the next step boundary, rank 0 writes last.pt, and all exit cleanly.
+  # Slurm's time-limit warning (USR1, from --signal=B:USR1@120) or preemption (TERM, which
+  # Slurm also sends to every other process of the job): TERM makes the launcher (srun forwards
+  # it) pass TERM to every worker; the workers only set a flag (their loader workers ignore it),
+  # agree at the next sync point, rank 0 writes last.pt, and all exit cleanly.
   echo "$(date -Is) received a stop signal: asking training to checkpoint and stop"
   STOPPING=1
   kill -TERM "$CHILD" 2>/dev/null || true

@@ -28,10 +28,35 @@ def make_cfg(root, out, *overrides):
 
 
 def train(root, out, *overrides) -> str:
-    """One in-process CPU training run (single process); returns 'done' or 'stopped'."""
+    """One in-process training run (single process, on train.device); returns 'done' or 'stopped'."""
     cfg = make_cfg(root, out, *overrides)
-    with session("cpu") as dist:
+    with session(cfg.train.device) as dist:
         return run(cfg, dist)
+
+
+@pytest.fixture
+def cuda():
+    """Skip without a CUDA device, unless CANCERNET_REQUIRE_CUDA=1 (the GPU check): then fail."""
+    import torch
+    if not torch.cuda.is_available():
+        if os.environ.get("CANCERNET_REQUIRE_CUDA") == "1":
+            pytest.fail("CANCERNET_REQUIRE_CUDA=1 but torch sees no CUDA device")
+        pytest.skip("needs a CUDA device")
+    torch.cuda.reset_peak_memory_stats()
+    return torch.device("cuda", 0)
+
+
+def assert_same_run(a: Path, b: Path, epochs=(1, 2, 3, 4)) -> None:
+    """Runs a and b have the same summary (to 1e-4) and the same final weights and EMA (to 1e-5)."""
+    import pandas as pd
+    import torch
+    sa, sb = pd.read_csv(a / "summary.csv"), pd.read_csv(b / "summary.csv")
+    assert sa["epoch"].tolist() == sb["epoch"].tolist() == list(epochs)
+    for col in ("train_loss", "train_acc", "val_loss", "val_auc", "lr", "samples_seen"):
+        assert sa[col].to_numpy() == pytest.approx(sb[col].to_numpy(), abs=1e-4), col
+    la, lb = (torch.load(d / "checkpoints" / "last.pt", weights_only=True) for d in (a, b))
+    for wa, wb in ((la["model"], lb["model"]), (la["ema"]["model"], lb["ema"]["model"])):
+        assert all(torch.allclose(wa[k].float(), wb[k].float(), atol=1e-5) for k in wa)
 
 
 def python_env() -> dict:

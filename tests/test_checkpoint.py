@@ -14,7 +14,7 @@ from cancernet import checkpoint, engine
 from cancernet.atomic import write_text
 from cancernet.distributed import DistInfo
 from cancernet.errors import CheckpointError, UserError
-from conftest import ROOT, python_env, train
+from conftest import ROOT, assert_same_run, python_env, train
 
 pytestmark = pytest.mark.slow
 
@@ -100,7 +100,8 @@ def _train_stopping(root, out, monkeypatch, after_epochs=None, after_steps=None,
     """Run training that gets a stop request after some epochs or training steps."""
     from cancernet import runner
     from conftest import make_cfg, session
-    stop = engine.StopFlag()
+    from cancernet.signals import StopFlag
+    stop = StopFlag()
     if after_epochs is not None:
         write = runner.write_summary
         def write_then_stop(run, history):
@@ -134,22 +135,12 @@ def uninterrupted(synth_root, tmp_path_factory):
     return out
 
 
-def _assert_same_run(a, b):
-    sa, sb = pd.read_csv(a / "summary.csv"), pd.read_csv(b / "summary.csv")
-    assert sa["epoch"].tolist() == sb["epoch"].tolist() == [1, 2, 3, 4]
-    for col in ("train_loss", "train_acc", "val_loss", "val_auc", "lr", "samples_seen"):
-        assert sa[col].to_numpy() == pytest.approx(sb[col].to_numpy(), abs=1e-4), col
-    la, lb = (torch.load(d / "checkpoints" / "last.pt", weights_only=True) for d in (a, b))
-    for wa, wb in ((la["model"], lb["model"]), (la["ema"]["model"], lb["ema"]["model"])):
-        assert all(torch.allclose(wa[k].float(), wb[k].float(), atol=1e-5) for k in wa)
-
-
 def test_stop_after_two_epochs_then_resume_matches_uninterrupted(synth_root, tmp_path, uninterrupted, monkeypatch):
     out = tmp_path / "resumed"
     assert _train_stopping(synth_root, out, monkeypatch, 2, None, *COMMON) == "stopped"
     assert len(pd.read_csv(out / "summary.csv")) == 2
     assert train(synth_root, out, *COMMON) == "done"
-    _assert_same_run(uninterrupted, out)
+    assert_same_run(uninterrupted, out)
 
 
 def test_mid_epoch_stop_resumes_exactly(synth_root, tmp_path, uninterrupted, monkeypatch):
@@ -160,7 +151,7 @@ def test_mid_epoch_stop_resumes_exactly(synth_root, tmp_path, uninterrupted, mon
     assert saved["epoch"] == 2 and saved["mid_epoch"]["samples"] == 64
     assert len(pd.read_csv(out / "summary.csv")) == 2  # the unfinished epoch is not in the summary
     assert train(synth_root, out, *COMMON) == "done"
-    _assert_same_run(uninterrupted, out)
+    assert_same_run(uninterrupted, out)
 
 
 def test_best_pt_holds_the_best_epoch_and_only_what_inference_needs(uninterrupted):

@@ -47,7 +47,10 @@ def test_overrides_are_yaml_scalars_and_later_ones_win():
     ("data.val_fraction=0.9", "data.val_fraction"),
     ("train.ema_decay=1.0", "train.ema_decay"),
     ("optim.label_smoothing=-0.1", "optim.label_smoothing"),
-    ("train.amp=fp8", "train.amp"),
+    ("train.time_budget=5d", "train.time_budget"),
+    ("train.time_budget=0", "train.time_budget"),
+    ("train.time_budget=fast", "train.time_budget"),
+    ("model.compile_scope=outer", "model.compile_scope"),
 ])
 def test_bad_override_names_the_key(override, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):
@@ -95,3 +98,10 @@ def test_cli_reports_a_bad_key_in_one_line_and_exits_nonzero():
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [out.stderr.strip()]  # one line, no traceback
     assert "train.epohcs" in out.stderr
+
+
+@pytest.mark.parametrize("value, seconds", [("90s", 90), ("14m", 840), ("4h", 14400), ("1h30m", 5400), ("600", 600)])
+def test_a_time_budget_reads_as_a_duration(value, seconds):
+    from cancernet.config import parse_duration
+    cfg = load_config(CONFIGS / "cpu_test.yaml", [f"train.time_budget={value}"])
+    assert parse_duration(cfg.train.time_budget) == seconds

@@ -4,10 +4,11 @@ import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
 
+from cancernet import checkpoint
 from cancernet.distributed import DistInfo, broadcast_buffers, gather_objects, gather_rows
 
 
-def _worker(rank: int, world: int, init_file: str, results) -> None:
+def _worker(rank: int, world: int, init_file: str, ckpt: str, results) -> None:
     tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     dist = DistInfo(rank=rank, world_size=world)
     try:
@@ -18,8 +19,13 @@ def _worker(rank: int, world: int, init_file: str, results) -> None:
         bn = torch.nn.BatchNorm1d(2)
         bn.running_mean.fill_(float(rank + 1))
         broadcast_buffers(bn, dist)
+        # the final test: only rank 0 opens best.pt (rank 1's view of the shared filesystem may be
+        # stale, here: the file does not exist for it); every rank then scores with its weights
+        model = torch.nn.Linear(3, 2)
+        shared = checkpoint.load_on_main(ckpt if rank == 0 else ckpt + ".missing", model, dist)
         results[rank] = {"gathered": gathered.tolist(), "running_mean": bn.running_mean.tolist(),
-                         "objects": gather_objects({"rank": rank}, dist)}
+                         "objects": gather_objects({"rank": rank}, dist), "weight": model.weight.tolist(),
+                         "temperature": shared["temperature"], "has_optimizer": "optimizer" in shared}
     finally:
         tdist.destroy_process_group()
 
@@ -28,8 +34,11 @@ def _worker(rank: int, world: int, init_file: str, results) -> None:
 def two_ranks(tmp_path_factory):
     manager = mp.Manager()
     results = manager.dict()
-    mp.spawn(_worker, args=(2, str(tmp_path_factory.mktemp("dist") / "init"), results), nprocs=2, join=True)
-    return dict(results)
+    folder = tmp_path_factory.mktemp("dist")
+    weights = torch.nn.Linear(3, 2).state_dict()
+    checkpoint.save(folder / "best.pt", {"model": weights, "config": {}, "temperature": 1.5, "optimizer": {"x": 1}})
+    mp.spawn(_worker, args=(2, str(folder / "init"), str(folder / "best.pt"), results), nprocs=2, join=True)
+    return dict(results) | {"saved": weights["weight"].tolist()}
 
 
 def test_uneven_shards_gather_to_exactly_the_rows_there_are(two_ranks):
@@ -44,3 +53,10 @@ def test_every_rank_validates_with_rank_0s_batchnorm_statistics(two_ranks):
 
 def test_objects_are_gathered_in_rank_order(two_ranks):
     assert two_ranks[1]["objects"] == [{"rank": 0}, {"rank": 1}]
+
+
+def test_only_rank_0_reads_the_final_checkpoint_and_every_rank_gets_its_weights(two_ranks):
+    for rank in (0, 1):
+        assert two_ranks[rank]["weight"] == two_ranks["saved"]
+        assert two_ranks[rank]["temperature"] == 1.5
+    assert not two_ranks[1]["has_optimizer"]  # the training state is not sent around

@@ -281,3 +281,39 @@ def test_ema_follows_the_weights_and_copies_buffers():
     other.load_state_dict(state)
     assert other.updates == 1 and torch.equal(other.module[0].weight, ema.module[0].weight)
     assert not math.isnan(float(ema.module[0].weight.sum()))
+
+
+def test_ema_update_is_a_few_foreach_kernels_whatever_the_model_size():
+    """One kernel per tensor (108 for ResNet34's parameters and buffers) costs launch time on a GPU."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torchvision.models import resnet18
+
+    class Count(TorchDispatchMode):
+        ops: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    model = resnet18()
+    ema = ModelEma(model, decay=0.9)
+    with torch.no_grad():
+        model.fc.weight.add_(1.0)
+        model.bn1.running_var.fill_(7.0)
+    with Count() as count:
+        ema.update()
+    assert len(count.ops) <= 4, count.ops  # resnet18 has 62 parameters and 60 buffers
+    assert torch.equal(ema.module.bn1.running_var, model.bn1.running_var)
+    assert not torch.equal(ema.module.fc.weight, model.fc.weight)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_preprocess_hands_the_model_the_memory_format_it_was_built_for(channels_last):
+    """uint8 batches come NHWC-strided (the pack stores HWC rows); an NCHW model must get a
+    contiguous NCHW input, or cuDNN converts its weights at every call."""
+    from cancernet.data.augment import Preprocess
+    nhwc_strided = torch.randint(0, 256, (4, 96, 96, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
+    for size in (96, 64):  # with and without the resize
+        out = Preprocess(size, [0.5] * 3, [0.2] * 3, channels_last=channels_last)(nhwc_strided)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        assert out.shape == (4, 3, size, size) and out.is_contiguous(memory_format=fmt)

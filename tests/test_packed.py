@@ -89,12 +89,13 @@ def test_packed_training_learns_as_well_as_folder(packed_root, tmp_path):
 
 @pytest.mark.slow
 def test_packed_mid_epoch_resume_is_exact(packed_root, tmp_path, monkeypatch):
-    from test_checkpoint import COMMON, _assert_same_run, _train_stopping
+    from test_checkpoint import COMMON, _train_stopping
+    from conftest import assert_same_run
     common = (*COMMON, "data.format=packed")
     train(packed_root, tmp_path / "full", *common)
     assert _train_stopping(packed_root, tmp_path / "resumed", monkeypatch, None, 7, *common) == "stopped"
     train(packed_root, tmp_path / "resumed", *common)
-    _assert_same_run(tmp_path / "full", tmp_path / "resumed")
+    assert_same_run(tmp_path / "full", tmp_path / "resumed")
 
 
 @pytest.mark.slow

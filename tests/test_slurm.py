@@ -59,15 +59,18 @@ def test_train_sbatch_writes_the_full_run_directory(cluster, synth_root, tmp_pat
     assert "1 node(s) x 2 process(es)" in log_of(tmp_path, job)
 
 
-def test_usr1_checkpoints_requeues_and_resumes(cluster, synth_root, tmp_path):
-    job = sbatch(cluster, tmp_path, "train.sbatch", f"data.root={synth_root}", "data.limit=300", "train.epochs=4")
+def test_preemption_with_loader_workers_checkpoints_requeues_and_resumes(cluster, synth_root, tmp_path):
+    """TERM to every process of the job, loader workers included (what preemption does); the batch
+    script forwards it once more. Every rank checkpoints, the job requeues itself and resumes."""
+    job = sbatch(cluster, tmp_path, "train.sbatch", f"data.root={synth_root}", "data.limit=300", "train.epochs=4",
+                 "data.num_workers=2", "train.batch_size=8", "train.sync_every=2")
     summary = tmp_path / "run" / "summary.csv"
     deadline = time.time() + 240
     while not summary.is_file() or len(pd.read_csv(summary)) < 2:
         assert time.time() < deadline and cluster.job(job)["JobState"] in ("PENDING", "RUNNING"), \
             log_of(tmp_path, job)[-3000:]
         time.sleep(0.2)
-    assert cluster.run("scancel", "--batch", "--signal=USR1", job).returncode == 0
+    assert cluster.run("scancel", "--full", "--signal=TERM", job).returncode == 0
     while int(cluster.job(job).get("Restarts", 0)) < 1:
         assert time.time() < deadline + 120, log_of(tmp_path, job)[-3000:]
         time.sleep(0.5)
@@ -77,6 +80,8 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, synth_root, tmp_path):
     log = log_of(tmp_path, job)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
     assert int(info["Restarts"]) >= 1
+    assert "killed by signal" not in log and "Traceback" not in log, log[-3000:]
+    assert "[rank0] WARNING stopped in epoch 3 after" in log and "[rank1] WARNING stopped in epoch 3 after" in log
     assert "requeueing job" in log and "resumed from" in log and "(restart 1)" in log
     assert pd.read_csv(summary)["epoch"].tolist() == [1, 2, 3, 4]  # each epoch exactly once
     assert (tmp_path / "run" / "report" / "metrics.json").is_file()

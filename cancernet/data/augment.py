@@ -93,7 +93,9 @@ class Preprocess(nn.Module):
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         x = (x - self.mean) / self.std
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        # batches arrive NHWC-strided (uint8 patches are stored HWC): without this, cuDNN would
+        # convert the weights at every call when the model is NCHW
+        return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.normalise(self.resize(self.unit(images)))

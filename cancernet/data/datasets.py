@@ -44,23 +44,24 @@ class EpochSampler(Sampler[int]):
     Step s trains the global batch order[s*G : (s+1)*G] (G = batch_size x world_size), rank r
     taking every world_size-th sample of it; the tail that does not fill a global batch is
     dropped. `offset` skips samples already trained this epoch, so a mid-epoch checkpoint
-    resumes at the same sample even with another world size or batch size.
+    resumes at the same sample even with another world size or batch size; `end` ends the epoch
+    early (the last epoch of a time budget).
     """
 
     def __init__(self, n: int, rank: int, world_size: int, batch_size: int, seed: int):
         self.n, self.rank, self.world_size, self.batch_size, self.seed = n, rank, world_size, batch_size, seed
-        self.epoch, self.offset = 0, 0
+        self.epoch, self.offset, self.end = 0, 0, n
 
     @property
     def global_batch(self) -> int:
         return self.batch_size * self.world_size
 
-    def set_epoch(self, epoch: int, offset: int = 0) -> None:
-        self.epoch, self.offset = epoch, offset
+    def set_epoch(self, epoch: int, offset: int = 0, end: int | None = None) -> None:
+        self.epoch, self.offset, self.end = epoch, offset, self.n if end is None else min(end, self.n)
 
     def steps(self) -> int:
-        """Batches left in this epoch (from offset)."""
-        return max(self.n - self.offset, 0) // self.global_batch
+        """Batches left in this epoch (from offset to end)."""
+        return max(self.end - self.offset, 0) // self.global_batch
 
     def samples_per_epoch(self) -> int:
         return self.n // self.global_batch * self.global_batch

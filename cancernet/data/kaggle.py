@@ -10,6 +10,7 @@ import pandas as pd
 from PIL import Image
 
 from ..errors import BadImageError, DataError
+from ..signals import ignore_stop_signals
 
 PATCH_SHAPE = (96, 96, 3)
 
@@ -96,7 +97,7 @@ def find_bad_images(root: str | Path, ids: list[str], workers: int = 0) -> dict[
     """{id: reason} for every listed image that is missing or unusable (decodes all in parallel)."""
     paths = [image_path(root, i) for i in ids]
     if workers > 1 and len(paths) > 2000:
-        with ProcessPoolExecutor(workers) as pool:
+        with ProcessPoolExecutor(workers, initializer=ignore_stop_signals) as pool:
             reasons = list(pool.map(_check_one, paths, chunksize=512))
     else:
         reasons = [_check_one(p) for p in paths]

@@ -11,6 +11,7 @@ from torch.utils.data import BatchSampler, DataLoader
 from ..config import Config, DataConfig
 from ..distributed import DistInfo, broadcast_object
 from ..errors import DataError
+from ..signals import ignore_stop_signals
 from .augment import Augment, Preprocess
 from .datasets import EpochSampler, FolderDataset, ShardSampler
 from .kaggle import drop_bad_images, find_bad_images, image_path, read_labels, read_patch
@@ -89,7 +90,7 @@ def make_loader(cfg: Config, dist: DistInfo, part: pd.DataFrame, train: bool) ->
     workers = dict(num_workers=dc.num_workers, persistent_workers=train and dc.num_workers > 0,
                    prefetch_factor=4 if dc.num_workers else None, pin_memory=dist.device.type == "cuda",
                    # each iter() draws a base seed: from its own generator, not the global RNG (dropout's)
-                   generator=torch.Generator().manual_seed(tc.seed))
+                   generator=torch.Generator().manual_seed(tc.seed), worker_init_fn=ignore_stop_signals)
     if dc.format in ("packed", "pcam"):
         from .packed import PackedDataset  # one read per batch of uint8 rows
         batches = BatchSampler(sampler, batch_size, drop_last=train)
@@ -103,9 +104,10 @@ def make_loader(cfg: Config, dist: DistInfo, part: pd.DataFrame, train: bool) ->
     return SplitLoader(loader, sampler, ids, preprocess, augment)
 
 
-def set_epoch(split_loader: SplitLoader, epoch: int, offset: int = 0) -> None:
-    """Shuffle for this epoch; offset skips the samples already trained (mid-epoch resume)."""
-    split_loader.sampler.set_epoch(epoch, offset)
+def set_epoch(split_loader: SplitLoader, epoch: int, offset: int = 0, end: int | None = None) -> None:
+    """Shuffle for this epoch; offset skips the samples already trained (mid-epoch resume), end
+    ends it early (the last epoch of a time budget)."""
+    split_loader.sampler.set_epoch(epoch, offset, end)
 
 
 def to_device(batch, device: torch.device):

@@ -1,0 +1,54 @@
+"""train.time_budget: the run's length fixed by the time it may take."""
+import math
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from cancernet.budget import Shape, plan_length
+from conftest import make_cfg, session
+
+SHAPE = Shape(per_epoch=1000, window=100, cap=50_000, eval_every=1)
+
+
+def test_plan_length_counts_every_validation_and_cuts_the_last_epoch_to_whole_steps():
+    # 100 samples/s, 2 s per validation: an epoch costs 12 s; 40 s = 3 epochs (36 s) + 2 s for
+    # the last validation + 2 s of training = 200 samples into the fourth epoch
+    assert plan_length(40.0, 0, SHAPE, train_rate=100.0, val_s=2.0) == 3200
+    # 35 s: 2 epochs (24 s) + the last validation (2 s) + 9 s -> 900 samples, whole steps only
+    assert plan_length(35.0, 0, SHAPE, train_rate=100.0, val_s=2.0) == 2900
+    # counted from where the run is; train.epochs caps it; what is under way is never cut away
+    assert plan_length(40.0, 1500, SHAPE, 100.0, 2.0) == 1500 + 500 + 2 * 1000 + 700
+    assert plan_length(1e9, 0, SHAPE, 100.0, 2.0) == SHAPE.cap
+    assert plan_length(0.0, 1250, SHAPE, 100.0, 2.0) == 1300
+    # validating every 2nd epoch leaves time for more training
+    assert plan_length(40.0, 0, Shape(1000, 100, 50_000, eval_every=2), 100.0, 2.0) == 3600
+
+
+@pytest.mark.slow
+def test_a_time_budget_fixes_the_length_the_schedule_ends_with_it_and_a_resume_keeps_it(synth_root, tmp_path, caplog):
+    from cancernet.runner import run
+    from cancernet.signals import StopFlag
+    out, budget = tmp_path / "run", 15.0
+    common = ("train.time_budget=15s", "train.epochs=100", "train.seed=2")
+    stop = StopFlag()
+    def stop_after_epoch_3(t, row):
+        stop.requested = stop.requested or row["epoch"] == 3
+    with session("cpu") as dist:
+        assert run(make_cfg(synth_root, out, *common), dist, stop, stop_after_epoch_3) == "stopped"
+    plan = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["budget_plan"]
+    assert plan["final"] and plan["budget_s"] == budget  # measured at the warm-up, fixed after epoch 2
+    caplog.clear()
+    with session("cpu") as dist:
+        assert run(make_cfg(synth_root, out, *common), dist) == "done"
+    assert "time budget 15s (" not in caplog.text  # the resumed run keeps the length: no new plan
+    summary = pd.read_csv(out / "summary.csv")
+    per_epoch = summary["samples_seen"].iloc[0]
+    assert summary["samples_seen"].iloc[-1] == plan["samples"] < 100 * per_epoch
+    assert summary["epoch"].tolist() == list(range(1, math.ceil(plan["samples"] / per_epoch) + 1))
+    assert summary["lr"].iloc[-1] < 0.01 * summary["lr"].iloc[1]  # the cosine was laid over that length
+    spent = (summary["epoch_s"] + summary["val_s"] + summary["ckpt_s"]).sum()
+    assert 0.5 * budget < spent < 1.15 * budget, summary
+    meta = yaml.safe_load((out / "config.yaml").read_text())["meta"]
+    assert meta["time_budget"]["samples"] == plan["samples"] and meta["time_budget"]["epochs"] > 1

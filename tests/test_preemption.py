@@ -1,0 +1,65 @@
+"""SIGTERM to the launcher in the middle of an epoch, with loader workers, twice (as Slurm's
+preemption does: it signals every process, and the batch script or srun forwards it once more).
+torchrun passes it to each trainer's whole process group, loader workers included. Every rank must
+stop at the next sync point, last.pt must hold the position inside the epoch, and the resumed run
+must end equal to an uninterrupted one."""
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import ROOT, assert_same_run, python_env
+
+pytestmark = pytest.mark.slow
+# 280 training patches, 2 ranks x batch 4: 34 steps per epoch, each a sync point and a log line
+COMMON = ("data.format=packed", "data.num_workers=2", "train.batch_size=4", "train.epochs=2", "train.seed=5",
+          "train.sync_every=1", "train.log_every=1", "data.image_size=32", "train.ema_decay=0.9")
+
+
+def torchrun(root, out, log, *overrides) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "cancernet.launch", "--standalone", "--nproc_per_node=2", "train_ddp.py",
+         "--config", "configs/cpu_test.yaml", f"data.root={root}", f"train.out_dir={out}", *COMMON, *overrides],
+        cwd=ROOT, env=python_env(), stdout=log, stderr=subprocess.STDOUT)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(packed_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    with open(out / "torchrun.log", "w") as log:
+        assert torchrun(packed_root, out / "run", log).wait(timeout=300) == 0, (out / "torchrun.log").read_text()[-3000:]
+    return out / "run"
+
+
+def test_term_to_torchrun_mid_epoch_with_loader_workers_stops_cleanly_and_resumes_exactly(
+        packed_root, tmp_path, uninterrupted):
+    out, log_path = tmp_path / "run", tmp_path / "torchrun.log"
+    with open(log_path, "w") as log:
+        proc = torchrun(packed_root, out, log)
+        deadline = time.time() + 180
+        while "epoch 2 [4/" not in log_path.read_text():
+            assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)  # torchrun alone would exit now and leave its workers behind
+        code = proc.wait(timeout=120)
+    text = log_path.read_text()
+    # no loader worker died and no rank raised: both stopped at the same sync point and checkpointed
+    assert "killed by signal" not in text and "[rank0]: Traceback" not in text and "[rank1]: Traceback" not in text
+    for rank in (0, 1):
+        assert f"[rank{rank}] WARNING stopped in epoch 2 after" in text, text[-3000:]
+    # the launcher waited for them, then exits 128 + 15 with one line (docs/SLURM.md)
+    assert code == 143 and "cancernet.launch: stopped by signal 15" in text, text[-3000:]
+    assert text.index("stopped by signal 15") > max(text.index(f"[rank{r}] WARNING stopped in") for r in (0, 1))
+    saved = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert saved["epoch"] == 1 and 4 * 8 <= saved["mid_epoch"]["samples"] < 34 * 8
+    assert len(pd.read_csv(out / "summary.csv")) == 1
+    with open(tmp_path / "resume.log", "w") as log:
+        assert torchrun(packed_root, out, log).wait(timeout=300) == 0, (tmp_path / "resume.log").read_text()[-3000:]
+    assert "resumed from" in (tmp_path / "resume.log").read_text()
+    assert_same_run(uninterrupted, out, epochs=[1, 2])
