@@ -7,12 +7,13 @@ import time
 from pathlib import Path
 
 from cancernet.config import load_config
+from cancernet.data.loaders import set_epoch
 from cancernet.distributed import DistInfo
+from cancernet.engine import EpochStats, EpochTotals
 from cancernet.rundir import RunDir
 from cancernet.runner import save_checkpoints, validate_epoch
 from cancernet.training import build
-from cancernet.data.loaders import set_epoch
-from cancernet.engine import EpochStats, EpochTotals
+
 root = sys.argv[1]
 with tempfile.TemporaryDirectory() as tmp:
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "base.yaml", [f"data.root={root}", "model.pretrained=none", "model.arch=resnet18",

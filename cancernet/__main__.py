@@ -16,8 +16,8 @@ log = logging.getLogger("cancernet")
 def cmd_synth(args) -> int:
     start = time.perf_counter()
     if args.format == "pcam":
-        from .data.pcam import write_release
-        sizes = write_release(args.out, args.n_train, args.n_valid, args.n_test, args.seed, gzip_files=args.gzip,
+        from .data.synthetic import write_pcam_release
+        sizes = write_pcam_release(args.out, args.n_train, args.n_valid, args.n_test, args.seed, gzip_files=args.gzip,
                               workers=args.workers, pool=args.pool)
         log.info("wrote a PCam-layout release (%s) to %s in %.1fs", sizes, args.out, time.perf_counter() - start)
         return 0
@@ -38,38 +38,20 @@ def cmd_fetch_weights(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    import dataclasses
-
-    import pandas as pd
-
-    from .config import load_config
-    from .data.loaders import load_table, make_loader
     from .distributed import session
-    from .errors import UserError
-    from .evaluation import Request, evaluate_checkpoint
-    from .models import build_model
+    from .evaluation import Request, evaluate_checkpoint, open_run
     from .rundir import RunDir
 
     run = RunDir(args.run)
-    if not run.config.is_file():
-        raise UserError(f"{run.root} is not a run directory (no config.yaml)")
-    cfg = load_config(run.config, args.overrides)
-    ckpt = run.checkpoint(args.checkpoint)
+    cfg = run.load_config(args.overrides)
     with session(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_min) as dist:
         setup_logging(dist.rank)
-        saved = pd.read_csv(run.splits, dtype={"id": str}) if run.splits.is_file() else None
-        table, _ = load_table(cfg, dist, saved)  # the run's own splits
-        loaders = {s: make_loader(cfg, dist, table[table["split"] == s], train=False)
-                   for s in dict.fromkeys(["val", args.split])}
-        # the checkpoint brings the weights: never fetch pretrained ones here
-        model = build_model(dataclasses.replace(cfg.model, pretrained="none"), cfg.data.image_size).to(dist.device)
-        evaluate_checkpoint(cfg, dist, model, loaders, run, table, ckpt,
+        evaluate_checkpoint(open_run(run, cfg, dist, args.split), run.checkpoint(args.checkpoint),
                             Request(args.split, args.tta, args.target_sensitivity, args.calibrate))
     return 0
 
 
 def cmd_predict(args) -> int:
-    from pathlib import Path
 
     from . import inference
     from .atomic import write_text
@@ -79,9 +61,9 @@ def cmd_predict(args) -> int:
     with session(args.device, "auto") as dist:
         setup_logging(dist.rank)
         ids, paths = inference.list_images(args.images, args.ids)
-        model, cfg, state = inference.load_model(args.checkpoint, dist.device)
-        temperature = inference.checkpoint_temperature(state, not args.no_calibration)
-        threshold = (inference.checkpoint_threshold(state, Path(args.checkpoint), args.tta, temperature)
+        model, cfg, ckpt = inference.load_model(args.checkpoint, dist.device)
+        temperature = ckpt.temperature(not args.no_calibration)
+        threshold = (inference.checkpoint_threshold(ckpt, args.tta, temperature)
                      if args.threshold_from_checkpoint else args.threshold)
         amp, _ = resolve_amp(args.amp, dist.device)
         start = time.perf_counter()
@@ -106,7 +88,7 @@ def cmd_export(args) -> int:
 
 def cmd_prepare(args) -> int:
     from .config import load_config
-    from .data.packed import prepare
+    from .data.formats import prepare
 
     cfg = load_config(args.config, args.overrides)
     prepare(cfg.data, args.workers)

@@ -18,11 +18,11 @@ import torch.nn.functional as F
 
 from . import numerics
 from .config import Config
-from .data.kaggle import read_labels
+from .data.formats import format_of, open_source_pack
 from .data.loaders import make_loader, set_epoch, to_device
 from .distributed import DistInfo, pick_device
 from .engine import autocast, train_one_epoch
-from .models import build_model
+from .models import build_for_weights
 from .optim import build_optimizer
 
 
@@ -54,10 +54,12 @@ def bench_data(cfg: Config, batches: int, warmup: int = 2, paths=("folder", "pac
     device = pick_device(cfg.train.device, 0)
     cfg = numerics.resolve(cfg, device)
     dist = DistInfo(device=device)
-    frame = read_labels(cfg.data.root, cfg.data.limit).assign(split="train")
     results = []
     for path, augmented in itertools.product(paths, (False, True)):
         path_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, format=path))
+        fmt = format_of(path_cfg.data)
+        frame = fmt.source.table(path_cfg.data, open_source_pack(path_cfg.data) if fmt.packed else None)
+        frame = frame.assign(split="train")
         split = make_loader(path_cfg, dist, frame, train=True)
         set_epoch(split, 0)
         total = len(split.loader) if batches == 0 else warmup + batches
@@ -104,7 +106,7 @@ def bench_step(cfg: Config, steps: int, warmup: int = 5, ddp: bool = False) -> d
 
 def _bench_step(cfg: Config, device: torch.device, steps: int, warmup: int, ddp: bool) -> dict:
     from .training import wrap_for_training
-    model = build_model(dataclasses.replace(cfg.model, pretrained="none"), cfg.data.image_size).to(device)
+    model = build_for_weights(cfg).to(device)
     optimizer = build_optimizer(cfg.optim, model, device)
     model = wrap_for_training(model, cfg.model, DistInfo(device=device), ddp=ddp)
     n, size = cfg.train.batch_size, cfg.data.image_size
@@ -150,9 +152,9 @@ class _Limited:
 def bench_train(cfg: Config, steps: int, warmup: int = 5) -> dict:
     """The real training loop (loader, device augmentation, AMP, optimizer) over `steps` batches,
     plus one epoch boundary: validation on val_batches and the blocking part of a checkpoint."""
+    from .rundir import RunDir
     from .runner import save_checkpoints, validate_epoch
     from .training import build
-    from .rundir import RunDir
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = dataclasses.replace(
@@ -167,7 +169,7 @@ def bench_train(cfg: Config, steps: int, warmup: int = 5) -> dict:
             set_epoch(split, epoch)
             _sync(device)
             start = time.perf_counter()
-            stats = train_one_epoch(t.parts, _Limited(split.loader, n), split.augment, cfg.train, t.dist, epoch,
+            stats = train_one_epoch(t.parts, _Limited(split.loader, n), split.augment, cfg, t.dist, epoch,
                                     position=0)
             _sync(device)
             timings.append((stats.images, time.perf_counter() - start))

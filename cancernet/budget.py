@@ -91,7 +91,7 @@ class TimeBudget:
         self.val_size = len(t.loaders["val"].ids)
 
     @classmethod
-    def from_config(cls, t) -> "TimeBudget | None":
+    def from_config(cls, t) -> TimeBudget | None:
         return cls(t, parse_duration(t.cfg.train.time_budget)) if t.cfg.train.time_budget else None
 
     def used_s(self) -> float:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -126,57 +126,127 @@ class CheckpointWriter:
             raise error
 
 
-def load(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}); it is corrupt or "
-                              "not a cancernet checkpoint") from None
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise CheckpointError(f"checkpoint {path} is not a cancernet checkpoint (no model/config)")
-    return state
+# The checkpoint's keys, defined here only; everything else reads them through Checkpoint.
+# last.pt: the training state (each part's state_dict under its key, RunState's fields at the top
+# level, RNG per rank); best.pt: the weights and what evaluation adds.
+MODEL, CONFIG, OPTIMIZER, SCHEDULER, SCALER, EMA = "model", "config", "optimizer", "scheduler", "scaler", "ema"
+RNG, WORLD_SIZE, EPOCH, WEIGHTS = "rng", "world_size", "epoch", "weights"
+TEMPERATURE, OPERATING_POINT, OPERATING_POINT_TTA = "temperature", "operating_point", "operating_point_tta"
+PREPROCESS = "preprocess"  # what the model's inputs were made with (mean, std, size), when not data.*
+TRAINING_PARTS = (OPTIMIZER, SCHEDULER, SCALER, EMA, RNG, "history")  # resume only: never sent between ranks
 
 
-def load_model_state(model: nn.Module, state: dict[str, Any], path: str | Path, key: str = "model") -> None:
-    """Load weights, turning a shape/key mismatch into an error that names both architectures."""
-    try:
-        unwrap(model).load_state_dict(state[key])
-    except RuntimeError as e:
-        saved = state["config"].get("model", {})
-        lines = str(e).splitlines()
-        raise CheckpointError(
-            f"checkpoint {path} does not fit this model: it holds {saved.get('arch')} "
-            f"(head {saved.get('head')}); first problem: {lines[1].strip() if len(lines) > 1 else e}") from None
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
 
 
-# What a rank other than 0 needs besides the weights: never the (large) training state
-_TRAINING_ONLY = ("model", "optimizer", "scheduler", "scaler", "ema", "rng", "history")
+class Checkpoint:
+    """A loaded checkpoint, read through these accessors."""
+
+    def __init__(self, state: dict[str, Any], path: str | Path):
+        self.state, self.path = state, Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Checkpoint:
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {path} does not exist")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''}); it is corrupt or "
+                                  "not a cancernet checkpoint") from None
+        if not isinstance(state, dict) or MODEL not in state or CONFIG not in state:
+            raise CheckpointError(f"checkpoint {path} is not a cancernet checkpoint (no model/config)")
+        return cls(state, path)
+
+    @property
+    def config_dict(self) -> dict:
+        return self.state[CONFIG]
+
+    def config(self):
+        from .config import from_dict
+        return from_dict(self.config_dict)
+
+    @property
+    def epoch(self) -> int:
+        return int(self.state.get(EPOCH, 0))
+
+    @property
+    def is_resumable(self) -> bool:
+        return OPTIMIZER in self.state
+
+    def get(self, key: str, default=None):
+        return self.state.get(key, default)
+
+    def temperature(self, calibrated: bool = True) -> float:
+        """The temperature evaluation fitted (1 when none, or when calibration is turned off)."""
+        return float(self.state.get(TEMPERATURE) or 1.0) if calibrated else 1.0
+
+    def operating_point(self, tta: bool) -> dict | None:
+        return self.state.get(OPERATING_POINT_TTA if tta else OPERATING_POINT)
+
+    def load_weights(self, model: nn.Module, key: str = MODEL) -> None:
+        """Load weights, turning a shape/key mismatch into an error that names both architectures."""
+        try:
+            unwrap(model).load_state_dict(self.state[key])
+        except RuntimeError as e:
+            saved = self.config_dict.get("model", {})
+            lines = str(e).splitlines()
+            raise CheckpointError(
+                f"checkpoint {self.path} does not fit this model: it holds {saved.get('arch')} "
+                f"(head {saved.get('head')}); first problem: {lines[1].strip() if len(lines) > 1 else e}") from None
+
+    def restore(self, parts: dict[str, Stateful]) -> list[str]:
+        """Load each part from its key; returns the keys the checkpoint does not have."""
+        missing = []
+        for key, part in parts.items():
+            if key not in self.state:
+                missing.append(key)
+            elif key == MODEL:
+                self.load_weights(part)
+            else:
+                try:
+                    part.load_state_dict(self.state[key])
+                except (RuntimeError, ValueError, KeyError) as e:
+                    raise CheckpointError(f"checkpoint {self.path}: its {key} state does not fit this run ({e}); "
+                                          "model.freeze_backbone or the architecture changed") from None
+        return missing
 
 
-def load_on_main(path: str | Path, model: nn.Module, dist: DistInfo) -> dict[str, Any]:
+def training_state(parts: dict[str, Stateful], run_state: dict, rng: list, config: dict, world_size: int) -> dict:
+    """last.pt: every part's state under its key, the run's position and findings, each rank's RNG."""
+    return {**{key: part.state_dict() for key, part in parts.items()}, **run_state, RNG: rng, CONFIG: config,
+            WORLD_SIZE: world_size}
+
+
+def weights_state(weights: dict, config: dict, epoch: int, which: str, **facts) -> dict:
+    """best.pt: the weights (which: model | ema) and what evaluation, predict and export need."""
+    return {MODEL: weights, CONFIG: config, EPOCH: epoch, WEIGHTS: which, **facts}
+
+
+def load_on_main(path: str | Path, model: nn.Module, dist: DistInfo) -> Checkpoint:
     """Rank 0 reads the checkpoint and loads its weights into model; the other ranks get the
-    weights by broadcast, and the rest of the state (config, temperature, operating points)
-    without its training part. No other rank opens the file: on NFS-like filesystems a node
-    may still see the file rank 0 just replaced (stale directory cache) or get ESTALE, and the
-    gathered metrics would mix two models without an error. A collective: every rank calls it.
+    weights by broadcast, and the rest (config, temperature, operating points) without the
+    training part. No other rank opens the file: on NFS-like filesystems a node may still see
+    the file rank 0 just replaced (stale directory cache) or get ESTALE, and the gathered
+    metrics would mix two models without an error. A collective: every rank calls it.
     """
-    state, shared = None, None
+    ckpt, shared = None, None
     if dist.is_main:
         try:
-            state = load(path)
-            load_model_state(model, state, path)
-            shared = {k: v for k, v in state.items() if k not in _TRAINING_ONLY}
+            ckpt = Checkpoint.load(path)
+            ckpt.load_weights(model)
+            shared = {k: v for k, v in ckpt.state.items() if k not in (MODEL, *TRAINING_PARTS)}
         except CheckpointError as e:
             shared = {"error": str(e)}
     shared = broadcast_object(shared, dist)
     if "error" in shared:
         raise CheckpointError(shared["error"])  # on every rank, so none waits for the others
     broadcast_weights(unwrap(model), dist)
-    return state if dist.is_main else shared
+    return ckpt if dist.is_main else Checkpoint(shared, path)
 
 
 def _setting(config: dict, key: str):
@@ -214,8 +284,9 @@ def resume_path(resume: str, last: Path) -> Path | None:
     return Path(resume)
 
 
-def store_evaluation(path: Path, values: dict[str, Any]) -> None:
-    """Add what evaluation chose (operating points, temperature) to a checkpoint (atomic rewrite)."""
-    state = load(path)
-    state.update(values)
-    save(path, state)
+def store_evaluation(path: Path, temperature: float, point: dict, tta_point: dict | None = None) -> None:
+    """Add what evaluation chose (temperature, operating points) to a checkpoint (atomic rewrite)."""
+    ckpt = Checkpoint.load(path)
+    ckpt.state.update({TEMPERATURE: temperature, OPERATING_POINT: point,
+                       **({OPERATING_POINT_TTA: tta_point} if tta_point else {})})
+    save(path, ckpt.state)

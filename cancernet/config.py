@@ -29,7 +29,7 @@ def bounded(default: Any, lo: float | None = None, hi: float | None = None, hi_o
 @dataclass
 class DataConfig:
     root: str = "data/synthetic"
-    format: str = choice("folder", "folder", "packed", "pcam")
+    format: str = field(default="folder", metadata={"check": "format"})  # data/formats.py: folder | packed | pcam
     packed_dir: str | None = None  # default: <root>/packed
     image_size: int = bounded(96, 8)
     crop: int | None = bounded(None, 8, 96)  # centre square cut from each patch before the resize; null = whole
@@ -184,6 +184,9 @@ def _check_value(key: str, value: Any, hint: Any, meta: typing.Mapping) -> Any:
     if meta.get("check") == "arch":
         from .archs import check_arch  # lazy: torchvision is slow to import
         check_arch(value, key)
+    if meta.get("check") == "format":
+        from .data.formats import check_format  # the registry of data formats
+        check_format(value, key)
     if meta.get("check") == "duration":
         parse_duration(value, key)
     return value
@@ -226,15 +229,17 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
 
 def check(cfg: Config) -> Config:
     """Checks that span several keys; each error names a key, before any data is read."""
+    from .data.formats import format_of
     d, t = cfg.data, cfg.train
-    if d.format == "pcam":
+    if format_of(d).source.fixed_splits:
+        name = format_of(d).source.name
         for key in ("val_fraction", "test_fraction"):
             if getattr(d, key) != getattr(DataConfig, key):
-                raise ConfigError(f"config key 'data.{key}' does not apply to data.format=pcam: the release's "
+                raise ConfigError(f"config key 'data.{key}' does not apply to data.format={d.format}: the {name}'s "
                                   "own train/valid/test splits are used")
         if d.groups_csv:
-            raise ConfigError("config key 'data.groups_csv' does not apply to data.format=pcam: slide ids "
-                              "come from the release's meta CSVs")
+            raise ConfigError(f"config key 'data.groups_csv' does not apply to data.format={d.format}: slide ids "
+                              f"come from the {name}")
     else:
         for key in ("val_fraction", "test_fraction"):
             if getattr(d, key) <= 0:

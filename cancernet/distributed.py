@@ -6,8 +6,8 @@ import datetime
 import logging
 import os
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.distributed as tdist

@@ -9,7 +9,7 @@ import contextlib
 import logging
 import math
 import time
-from typing import Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,12 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import TrainConfig
+from .config import Config
 from .data.augment import dihedral_views
 from .data.loaders import to_device
 from .distributed import DistInfo, all_reduce_sum, gather_rows
 from .ema import ModelEma
 from .errors import NonFiniteLossError
+from .models import tumour_log_odds
 from .optim import LrSchedule
 from .signals import StopFlag
 
@@ -44,7 +45,7 @@ class EpochTotals:
     correct: float = 0.0
     seen: int = 0
 
-    def __add__(self, other: "EpochTotals") -> "EpochTotals":
+    def __add__(self, other: EpochTotals) -> EpochTotals:
         return EpochTotals(self.loss_sum + other.loss_sum, self.correct + other.correct, self.seen + other.seen)
 
     @property
@@ -69,22 +70,19 @@ class EpochStats:
     totals: EpochTotals  # the whole epoch, including what a resumed run trained before
     images: int  # trained in this process' session (for throughput)
     seconds: float
-    data_s: float  # of which waiting for the loader
     position: int  # samples seen since the run began, after this epoch
     stopped_at: int | None = None  # samples into the epoch when a stop request ended it
 
 
 @dataclass
 class StepParts:
-    """What one optimizer step touches."""
+    """What one optimizer step touches (its settings come from the config)."""
 
     model: nn.Module  # what the loop calls: compiled and/or DDP-wrapped
     optimizer: torch.optim.Optimizer
     schedule: LrSchedule
     scaler: torch.amp.GradScaler
     ema: ModelEma | None = None
-    clip_grad: float | None = None
-    label_smoothing: float = 0.0
 
 
 class _DeviceSums:
@@ -104,7 +102,7 @@ class _DeviceSums:
         return loss_sum, correct, non_finite, stops > 0
 
 
-def train_one_epoch(parts: StepParts, loader, augment, cfg: TrainConfig, dist: DistInfo, epoch: int, *,
+def train_one_epoch(parts: StepParts, loader, augment, config: Config, dist: DistInfo, epoch: int, *,
                     position: int, start: MidEpoch | None = None, stop: StopFlag | None = None,
                     progress=None, on_sync: Callable[[int, float, bool], int | None] | None = None) -> EpochStats:
     """One pass over loader (which already skips start.samples). position: samples seen before.
@@ -113,6 +111,7 @@ def train_one_epoch(parts: StepParts, loader, augment, cfg: TrainConfig, dist: D
     the device has caught up (a time budget measures there), last=True at the epoch's end; it
     may return where the epoch ends.
     """
+    cfg, smoothing = config.train, config.optim.label_smoothing
     parts.model.train()
     n_batches, accum = len(loader), cfg.grad_accum
     earlier = start.totals if start else EpochTotals()
@@ -131,14 +130,14 @@ def train_one_epoch(parts: StepParts, loader, augment, cfg: TrainConfig, dist: D
         with sync_grads:
             with autocast(dist.device, cfg.amp):  # forward only: backward runs outside autocast
                 logits = parts.model(inputs).float()
-                loss = F.cross_entropy(logits, labels, label_smoothing=parts.label_smoothing)
+                loss = F.cross_entropy(logits, labels, label_smoothing=smoothing)
             parts.scaler.scale(loss / window).backward()
         sums.add(loss.detach(), logits.detach(), labels)
         n = len(labels) * dist.world_size  # host arithmetic: the shape is known without the device
         images, in_epoch, window_samples = images + len(labels), in_epoch + n, window_samples + n
         if closes_window:
             parts.schedule.step(position, window_samples)
-            _optimizer_step(parts)
+            _optimizer_step(parts, cfg.clip_grad)
             position, window_samples, optimizer_steps = position + window_samples, 0, optimizer_steps + 1
             # A sync point every sync_every optimizer steps, and when a log line is due (it reads the device)
             if optimizer_steps % cfg.sync_every == 0 or clock.log_due(k + 1):
@@ -162,14 +161,14 @@ def train_one_epoch(parts: StepParts, loader, augment, cfg: TrainConfig, dist: D
     if on_sync is not None and not stopped:
         on_sync(in_epoch, clock.elapsed(), True)
     session = EpochTotals(loss_sum, correct, images * dist.world_size)
-    return EpochStats(earlier + session, images * dist.world_size, clock.elapsed(), clock.data_s, position,
+    return EpochStats(earlier + session, images * dist.world_size, clock.elapsed(), position,
                       in_epoch if stopped else None)
 
 
-def _optimizer_step(parts: StepParts) -> None:
-    if parts.clip_grad:
+def _optimizer_step(parts: StepParts, clip_grad: float | None) -> None:
+    if clip_grad:
         parts.scaler.unscale_(parts.optimizer)  # clip the true gradients, not the loss-scaled ones
-        nn.utils.clip_grad_norm_([p for g in parts.optimizer.param_groups for p in g["params"]], parts.clip_grad)
+        nn.utils.clip_grad_norm_([p for g in parts.optimizer.param_groups for p in g["params"]], clip_grad)
     parts.scaler.step(parts.optimizer)
     parts.scaler.update()
     parts.optimizer.zero_grad(set_to_none=True)
@@ -216,7 +215,7 @@ def predict_scores(model: nn.Module, inputs: torch.Tensor, amp: str = "off", tta
     with tta, P is averaged over the 8 dihedral views (each tempered first)."""
     views = dihedral_views(inputs) if tta else [inputs]
     with autocast(inputs.device, amp):
-        log_odds = [(model(v).float().diff(dim=1)[:, 0] / temperature) for v in views]
+        log_odds = [tumour_log_odds(model(v).float(), temperature) for v in views]
     if len(log_odds) == 1:
         return log_odds[0].sigmoid(), log_odds[0]
     prob = torch.stack([lo.double().sigmoid() for lo in log_odds]).mean(0)

@@ -1,7 +1,6 @@
 """Inference from a checkpoint: predict a folder (Kaggle submission), operating point, export."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -14,14 +13,15 @@ from torch.utils.data import DataLoader
 
 from . import checkpoint
 from .atomic import atomic_path, write_text
-from .config import Config, from_dict
+from .config import Config
 from .data.augment import Preprocess
 from .data.datasets import FolderDataset, ShardSampler
 from .data.kaggle import check_ids
+from .data.patch import PATCH_SHAPE
 from .distributed import DistInfo
 from .engine import evaluate
 from .errors import DataError, UserError
-from .models import build_model
+from .models import build_for_weights, tumour_log_odds
 from .signals import ignore_stop_signals
 
 log = logging.getLogger(__name__)
@@ -29,13 +29,13 @@ IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
 EXPORT_FILES = ("model.ts", "model.pt2", "weights.pt", "model.json")
 
 
-def load_model(path: str | Path, device: torch.device) -> tuple[nn.Module, Config, dict]:
+def load_model(path: str | Path, device: torch.device) -> tuple[nn.Module, Config, checkpoint.Checkpoint]:
     """The model of a checkpoint, in eval mode, with the config it was trained with."""
-    state = checkpoint.load(path)
-    cfg = from_dict(state["config"])
-    model = build_model(dataclasses.replace(cfg.model, pretrained="none"), cfg.data.image_size)  # weights: state
-    checkpoint.load_model_state(model, state, path)
-    return model.to(device).eval(), cfg, state
+    ckpt = checkpoint.Checkpoint.load(path)
+    cfg = ckpt.config()
+    model = build_for_weights(cfg)
+    ckpt.load_weights(model)
+    return model.to(device).eval(), cfg, ckpt
 
 
 def list_images(folder: str | Path, ids_csv: str | Path | None) -> tuple[list[str], list[Path]]:
@@ -79,14 +79,9 @@ def submission(ids: list[str], probs: np.ndarray, threshold: float | None) -> pd
     return pd.DataFrame({"id": ids, "label": label})
 
 
-def checkpoint_temperature(state: dict, calibrated: bool) -> float:
-    """The temperature evaluation fitted (1 when none, or when calibration is turned off)."""
-    return float(state.get("temperature") or 1.0) if calibrated else 1.0
-
-
-def checkpoint_threshold(state: dict, path: Path, tta: bool, temperature: float) -> float:
+def checkpoint_threshold(ckpt: checkpoint.Checkpoint, tta: bool, temperature: float) -> float:
     """The stored operating point for predictions made this way (plain or TTA, same temperature)."""
-    point = state.get("operating_point_tta" if tta else "operating_point")
+    path, point = ckpt.path, ckpt.operating_point(tta)
     if not point:
         how = "--tta " if tta else ""
         raise UserError(f"checkpoint {path} holds no operating point chosen on {'TTA' if tta else 'plain'} "
@@ -111,17 +106,16 @@ class Exported(nn.Module):
         self.model, self.temperature = model, temperature
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        logits = self.model(self.preprocess(images))
-        return ((logits[:, 1] - logits[:, 0]) / self.temperature).sigmoid()
+        return tumour_log_odds(self.model(self.preprocess(images)), self.temperature).sigmoid()
 
 
 def export(ckpt: Path, out_dir: Path, calibrated: bool = True) -> dict:
     """model.ts (TorchScript) and model.pt2 (torch.export), both with preprocessing (and the fitted
     temperature) inside; weights.pt (plain state dict); model.json (what they expect and return)."""
-    model, cfg, state = load_model(ckpt, torch.device("cpu"))
-    temperature = checkpoint_temperature(state, calibrated)
+    model, cfg, saved = load_model(ckpt, torch.device("cpu"))
+    temperature = saved.temperature(calibrated)
     wrapped = Exported(model, cfg, temperature).eval()
-    example = torch.randint(0, 256, (2, 96, 96, 3), dtype=torch.uint8)
+    example = torch.randint(0, 256, (2, *PATCH_SHAPE), dtype=torch.uint8)
     with torch.no_grad():
         traced = torch.jit.trace(wrapped, example, check_trace=False)
     # torch.export: TorchScript's successor (TorchScript is deprecated from torch 2.9 on)
@@ -134,8 +128,8 @@ def export(ckpt: Path, out_dir: Path, calibrated: bool = True) -> dict:
     with atomic_path(out_dir / "weights.pt") as tmp:
         torch.save(model.state_dict(), tmp)
     info = {"arch": cfg.model.arch, "head": cfg.model.head, "image_size": cfg.data.image_size,
-            "mean": cfg.data.mean, "std": cfg.data.std, "source": str(ckpt), "epoch": state["epoch"],
-            "temperature": temperature, "operating_point": state.get("operating_point"),
+            "mean": cfg.data.mean, "std": cfg.data.std, "source": str(ckpt), "epoch": saved.epoch,
+            "temperature": temperature, "operating_point": saved.operating_point(tta=False),
             "model.ts / model.pt2": "input uint8 (N, 96, 96, 3) RGB patches (NHWC, as decoded); output "
                                     "float32 (N,) P(tumour) = sigmoid((logit_1 - logit_0) / temperature); "
                                     "resize and normalisation inside",

@@ -12,10 +12,6 @@ def roc_auc(labels: np.ndarray, probs: np.ndarray) -> float:
     return float(skm.roc_auc_score(labels, probs)) if len(np.unique(labels)) == 2 else float("nan")
 
 
-def log_loss(labels: np.ndarray, probs: np.ndarray) -> float:
-    return float(skm.log_loss(labels, np.clip(probs, 1e-7, 1 - 1e-7), labels=[0, 1]))
-
-
 def _between(thresholds: np.ndarray, index: int) -> float:
     """Midway between the ROC cut at index and the next lower score: the same cut on these
     data, but not sitting exactly on one patch's score (rounding could flip that patch)."""

@@ -1,6 +1,7 @@
 """Any torchvision classifier as a patch classifier: head replacement, freezing, pretrained weights."""
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import os
@@ -43,7 +44,7 @@ class PatchClassifier(nn.Module):
     def head(self) -> nn.Module:
         return self.net.get_submodule(self.head_name)
 
-    def train(self, mode: bool = True) -> "PatchClassifier":
+    def train(self, mode: bool = True) -> PatchClassifier:
         super().train(mode)
         if self.freeze_backbone:  # frozen BatchNorm must keep its ImageNet running statistics
             self.net.eval()
@@ -174,6 +175,18 @@ def build_model(cfg: ModelConfig, image_size: int) -> PatchClassifier:
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def build_for_weights(cfg) -> PatchClassifier:
+    """The model of a config (a cancernet.config.Config) whose weights a checkpoint will bring:
+    nothing pretrained is fetched or read."""
+    return build_model(dataclasses.replace(cfg.model, pretrained="none"), cfg.data.image_size)
+
+
+def tumour_log_odds(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """(N,) log-odds of class 1 from (N, 2) logits: (logit_1 - logit_0) / temperature. P(tumour)
+    is its sigmoid; training, evaluation, predict and export all score with this."""
+    return (logits[:, 1] - logits[:, 0]) / temperature
 
 
 def _probe(model: nn.Module, arch: str, image_size: int) -> None:

@@ -7,7 +7,6 @@ import math
 import torch
 
 from .config import OptimConfig
-from .errors import CheckpointError
 from .models import PatchClassifier
 
 log = logging.getLogger(__name__)
@@ -63,16 +62,21 @@ def describe_groups(optimizer: torch.optim.Optimizer, base_lr: float) -> str:
                      for (lr, wd), (names, n) in rows.items())
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, path) -> None:
-    """The checkpoint's moments, with this run's hyperparameters (lr scales, weight decay, ...)."""
-    current = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    try:
-        optimizer.load_state_dict(state)
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(f"checkpoint {path}: its optimizer state does not fit this run's parameter "
-                              f"groups ({e}); model.freeze_backbone or the architecture changed") from None
-    for group, hyper in zip(optimizer.param_groups, current):
-        group.update(hyper)
+class OptimizerState:
+    """The optimizer as a checkpoint part: its moments are restored, its hyperparameters (lr
+    scales, weight decay, ...) stay this run's."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        current = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(state)
+        for group, hyper in zip(self.optimizer.param_groups, current):
+            group.update(hyper)
 
 
 class LrSchedule:
@@ -117,6 +121,11 @@ class LrSchedule:
     def state_dict(self) -> dict:
         return {"schedule": self.name, "position": self.position, "total_samples": self.total,
                 "warmup_samples": self.warmup, "base_lr": self.base_lr}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Where the last step was; the curve itself (total, warm-up, base lr) follows this run's config."""
+        self.position = state["position"]
+        self.last_factor = self.factor(self.position)
 
 
 def _cosine(start: float, end: float, t: float) -> float:

@@ -1,12 +1,14 @@
 """Figures from saved predictions and summary.csv; each function returns a matplotlib Figure."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from sklearn import metrics as skm
+
+from .data.patch import LABEL_SIDE, LABEL_START
 
 CLASS_NAMES = ("normal (0)", "tumour (1)")
 COLOURS = ("#1f77b4", "#d62728")  # blue = normal, red = tumour, everywhere
@@ -118,9 +120,14 @@ def prediction_distribution(labels, probs, threshold: float) -> Figure:
     return fig
 
 
-def reliability(labels, probs, raw_probs=None, bins: int = 15) -> Figure:
-    """Reliability diagram: fraction of tumours per bin of P(tumour), after (and before) the temperature."""
-    from .metrics import expected_calibration_error, reliability as reliability_table
+def reliability(labels, probs, raw_probs=None, bins: int = 15, few: int = 10) -> Figure:
+    """Reliability diagram: fraction of tumours per bin of P(tumour), after (and before) the temperature.
+
+    A marker's area grows with its bin's count, and a bin of fewer than `few` patches is drawn
+    hollow and left out of the line: one or two patches make a point at 0 or 1 that says little.
+    """
+    from .metrics import expected_calibration_error
+    from .metrics import reliability as reliability_table
     fig, (ax, count_ax) = _axes(2, width=5.2)
     ax.plot([0, 1], [0, 1], ":", color="gray", label="perfect calibration")
     curves = [("after temperature" if raw_probs is not None else "model", probs, "C3")]
@@ -128,12 +135,17 @@ def reliability(labels, probs, raw_probs=None, bins: int = 15) -> Figure:
         curves.insert(0, ("before temperature", raw_probs, "C7"))
     for name, p, colour in curves:
         table = reliability_table(labels, p, bins)
-        used = table["count"] > 0
+        solid, sparse = table[table["count"] >= few], table[(table["count"] > 0) & (table["count"] < few)]
         ece = expected_calibration_error(labels, p, bins)
-        ax.plot(table["mean_prob"][used], table["fraction_positive"][used], "o-", color=colour,
+        size = 12 + 200 * table["count"] / max(table["count"].max(), 1)
+        ax.plot(solid["mean_prob"], solid["fraction_positive"], "-", color=colour, alpha=0.7,
                 label=f"{name} (ECE {ece:.3f})")
-    ax.set(title=f"Reliability ({bins} equal-width bins)", xlabel="mean predicted P(tumour) in bin",
-           ylabel="fraction of tumour patches in bin", xlim=(0, 1), ylim=(0, 1))
+        ax.scatter(solid["mean_prob"], solid["fraction_positive"], s=size[solid.index], color=colour, zorder=3)
+        ax.scatter(sparse["mean_prob"], sparse["fraction_positive"], s=size[sparse.index], facecolors="none",
+                   edgecolors=colour, zorder=3)
+    ax.scatter([], [], s=20, facecolors="none", edgecolors="gray", label=f"bin of < {few} patches")
+    ax.set(title=f"Reliability ({bins} equal-width bins; area ~ patches)", xlabel="mean predicted P(tumour) in bin",
+           ylabel="fraction of tumour patches in bin", xlim=(0, 1), ylim=(-0.02, 1.02))
     ax.legend(loc="upper left", fontsize=8)
     ax.grid(alpha=0.3)
     table = reliability_table(labels, probs, bins)
@@ -143,7 +155,7 @@ def reliability(labels, probs, raw_probs=None, bins: int = 15) -> Figure:
 
 
 def augmentation_grid(originals: np.ndarray, views: list[np.ndarray], description: str,
-                      view_box: tuple[float, float] = (32, 32)) -> Figure:
+                      view_box: tuple[float, float] = (LABEL_START, LABEL_SIDE)) -> Figure:
     """Each row: a training patch, then what the augmentation makes of it in successive epochs.
 
     view_box: (start, side) of the labelled centre in the views' pixels (they may be resized or cropped).
@@ -222,7 +234,7 @@ def sample_grid(predictions: pd.DataFrame, load_image: Callable[[str], np.ndarra
     return fig
 
 
-def _centre_box(start: float = 32, side: float = 32):
+def _centre_box(start: float = LABEL_START, side: float = LABEL_SIDE):
     """The labelled centre 32x32 (in a 96 px patch; other values for resized or cropped views)."""
     from matplotlib.patches import Rectangle
     return Rectangle((start - 0.5, start - 0.5), side, side, fill=False, ls="--", lw=0.8, ec="white")
@@ -251,7 +263,6 @@ def gradcam_grid(picked: pd.DataFrame, images: np.ndarray, cams: np.ndarray, thr
         wrong = (row.prob >= threshold) != (row.label == 1)
         image_ax.set_title(f"{row.kind}: true {row.label}", fontsize=8, color="red" if wrong else "black")
         cam_ax.set_title(f"Grad-CAM, p={row.prob:.2f}", fontsize=8)
-    fig.suptitle("Where the model sees tumour: Grad-CAM of the class-1 logit at the backbone's last stage, "
-                 "one colour scale for all patches (bright = strong evidence); dashed box = the labelled "
-                 "centre 32x32", fontsize=9)
+    fig.suptitle("Where the model sees tumour: Grad-CAM of the class-1 logit (one colour scale for all\n"
+                 "patches; bright = strong evidence); dashed box = the labelled centre 32x32", fontsize=9)
     return fig

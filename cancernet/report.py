@@ -6,16 +6,24 @@ from __future__ import annotations
 
 import html
 import json
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
+import torch
 
 from . import plots
 from .atomic import atomic_path, write_text
+from .config import Config
+from .data.formats import reader
+from .data.patch import label_box
 from .metrics import at_threshold, binary_report, bootstrap_cis, group_scores, roc_auc
 from .rundir import RunDir
+
+log = logging.getLogger(__name__)
 
 
 def predictions_frame(ids: list[str], result: dict[str, np.ndarray]) -> pd.DataFrame:
@@ -66,16 +74,18 @@ def group_metrics(frame: pd.DataFrame, bootstrap: int, seed: int) -> dict:
 
 @dataclass
 class ReportInputs:
+    cfg: Config  # the run's: figures, image reader, augmentation, geometry
     split: str
     val: pd.DataFrame
     evaluated: pd.DataFrame  # id, label, prob (after the temperature), log_odds
     table: pd.DataFrame  # id, label, split for every image
-    load_image: Callable[[str], np.ndarray]
-    summary: pd.DataFrame | None = None
     raw_evaluated: pd.DataFrame | None = None  # before the temperature (reliability before/after)
-    gradcam: Callable | None = None  # threshold -> Figure | None
-    augmentation: Callable | None = None  # () -> Figure
-    figures: bool = True
+    model: torch.nn.Module | None = None  # the evaluated weights (Grad-CAM)
+    summary: pd.DataFrame | None = None
+
+    @cached_property
+    def load_image(self) -> Callable[[str], np.ndarray]:
+        return reader(self.cfg.data)
 
 
 def _history(make):
@@ -99,9 +109,62 @@ FIGURES: dict[str, Callable] = {
                                                   else r.raw_evaluated["prob"].to_numpy()),
     "label_distribution": lambda r, t: plots.label_distribution(r.table),
     "sample_grid": lambda r, t: plots.sample_grid(r.evaluated, r.load_image, t, r.split),
-    "augmentation": lambda r, t: r.augmentation() if r.augmentation else None,
-    "gradcam": lambda r, t: r.gradcam(t) if r.gradcam else None,
+    "augmentation": lambda r, t: augmentation_figure(r.cfg, r.table, r.load_image),
+    "gradcam": lambda r, t: gradcam_figure(r.cfg, r.model, r.evaluated, r.load_image, t) if r.model else None,
 }
+
+
+def gradcam_figure(cfg: Config, model, evaluated: pd.DataFrame, load_image, threshold: float, per_kind: int = 4):
+    """Grad-CAM of up to per_kind true/false positives/negatives: the most confident of each kind."""
+    from .data.augment import Preprocess
+    from .gradcam import GradCamUnavailable, gradcam
+
+    picked = most_confident(evaluated, threshold, per_kind)
+    images = np.stack([load_image(i) for i in picked["id"]])
+    device = next(model.parameters()).device
+    inputs = Preprocess.from_config(cfg.data).to(device)(torch.from_numpy(images).permute(0, 3, 1, 2).to(device))
+    try:
+        cams = gradcam(model, inputs)
+    except GradCamUnavailable as e:
+        log.warning("no Grad-CAM figure: %s", e)
+        return None
+    cams = torch.nn.functional.interpolate(cams[:, None], size=images.shape[1:3], mode="bilinear")[:, 0]
+    return plots.gradcam_grid(picked, images, cams.cpu().numpy(), threshold)
+
+
+def most_confident(evaluated: pd.DataFrame, threshold: float, per_kind: int) -> pd.DataFrame:
+    """Up to per_kind TP, FN, FP, TN: the highest P(tumour) of the positive calls, the lowest of the negative."""
+    pred = evaluated["prob"] >= threshold
+    kinds = {"TP": pred & (evaluated["label"] == 1), "FN": ~pred & (evaluated["label"] == 1),
+             "FP": pred & (evaluated["label"] == 0), "TN": ~pred & (evaluated["label"] == 0)}
+    return pd.concat([evaluated[mask].assign(kind=kind).sort_values("prob", ascending=kind in ("FN", "TN"))
+                      .head(per_kind) for kind, mask in kinds.items()])
+
+
+def augmentation_figure(cfg: Config, table: pd.DataFrame, load_image, n: int = 6, views: int = 5):
+    """A few training patches and the augmentation this run applies to them (different epochs)."""
+    from .data.augment import Augment
+
+    train = table[table["split"] == "train"].head(n)
+    images = torch.from_numpy(np.stack([load_image(i) for i in train["id"]])).permute(0, 3, 1, 2)
+    augment = Augment(cfg.data, cfg.train.seed)
+    index = torch.arange(len(train))
+    mean, std = torch.tensor(cfg.data.mean).view(1, 3, 1, 1), torch.tensor(cfg.data.std).view(1, 3, 1, 1)
+    shown = [((augment(images, index, epoch) * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255)
+             .round().astype(np.uint8) for epoch in range(views)]
+    box = label_box(cfg.data.crop, cfg.data.image_size)  # where the labelled centre lands in the views
+    return plots.augmentation_grid(images.permute(0, 2, 3, 1).numpy(), shown, describe_augmentation(cfg), box)
+
+
+def describe_augmentation(cfg: Config) -> str:
+    d = cfg.data
+    parts = [{"dihedral": "dihedral flips/turns", "seed": "flip + ±10° rotation", "none": "no geometry"}[d.augment]]
+    if d.stain == "hed":
+        parts.append(f"HED stain (σ {d.stain_sigma:g}, bias {d.stain_bias:g})")
+    if d.jitter or d.hue:
+        parts.append(f"colour jitter {d.jitter:g}, hue {d.hue:g}")
+    size = f"centre {d.crop} px crop, {d.image_size} px" if d.crop else f"{d.image_size} px"
+    return ", ".join(parts) + ", " + size
 
 
 def write_report(run: RunDir, inputs: ReportInputs, metrics: dict) -> dict:
@@ -114,7 +177,7 @@ def write_report(run: RunDir, inputs: ReportInputs, metrics: dict) -> dict:
     write_predictions(run.predictions(inputs.split), inputs.evaluated, threshold)
     write_text(run.metrics, json.dumps({"split": inputs.split, **metrics}, indent=2))
     paths = {}
-    for name, make in FIGURES.items() if inputs.figures else ():
+    for name, make in FIGURES.items() if inputs.cfg.report.figures else ():
         figure = make(inputs, threshold)
         if figure is None:
             continue

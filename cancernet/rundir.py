@@ -1,9 +1,12 @@
-"""RunDir: every path of a run directory (train.out_dir), in one place."""
+"""RunDir: every path of a run directory (train.out_dir), and the readers of its files, in one place."""
 from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+
+import pandas as pd
+import yaml
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,26 @@ class RunDir:
     @property
     def index_html(self) -> Path:
         return self.report / "index.html"
+
+    def read_splits(self) -> pd.DataFrame | None:
+        """splits.csv (id, split), or None before the run wrote it."""
+        return pd.read_csv(self.splits, dtype={"id": str}) if self.splits.is_file() else None
+
+    def read_summary(self) -> pd.DataFrame | None:
+        """summary.csv (one row per epoch), or None when there is none yet."""
+        return pd.read_csv(self.summary) if self.summary.is_file() else None
+
+    def load_config(self, overrides: list[str] = ()):
+        """The run's config.yaml with key=value overrides (a cancernet.config.Config)."""
+        from .config import load_config
+        from .errors import UserError
+        if not self.config.is_file():
+            raise UserError(f"{self.root} is not a run directory (no config.yaml)")
+        return load_config(self.config, overrides)
+
+    def read_meta(self) -> dict:
+        """config.yaml's meta section: git commit, torch version, world size, what a time budget fixed."""
+        return (yaml.safe_load(self.config.read_text()) or {}).get("meta", {}) if self.config.is_file() else {}
 
     def holds_a_run(self) -> bool:
         return any(p.exists() for p in (self.config, self.summary, self.splits, self.checkpoints))

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import pandas as pd
 import torch
@@ -82,8 +81,7 @@ def run(cfg: Config, dist: DistInfo, stop: StopFlag | None = None,
             t.writer.wait()
             barrier(dist)  # best.pt is complete before every rank reads it
             start = time.perf_counter()
-            evaluate_run(cfg, dist, t.model_without_ddp, t.loaders, run_dir, t.table, tracker,
-                         {"best_epoch": t.state.best_epoch, "train_s": t.state.train_s})
+            evaluate_run(t, tracker, {"best_epoch": t.state.best_epoch, "train_s": t.state.train_s})
             if budget is not None:
                 log.info("time budget %s: training, validation and checkpoints took %.0f s; the final test "
                          "evaluation and report (not counted) %.0f s", cfg.train.time_budget, budget.used_s(),
@@ -111,7 +109,7 @@ def train_epoch(t: Training, epoch: int, stop: StopFlag, tracker: NullTracker, b
     train = t.loaders["train"]
     set_epoch(train, epoch, mid.samples if mid else 0, t.epoch_end(epoch))
     bar = progress_bar(cfg, dist, len(train.loader), f"epoch {epoch + 1}")
-    stats = train_one_epoch(t.parts, train.loader, train.augment, cfg.train, dist, epoch, position=t.state.position,
+    stats = train_one_epoch(t.parts, train.loader, train.augment, cfg, dist, epoch, position=t.state.position,
                             start=mid, stop=stop, progress=bar, on_sync=budget.sync(epoch) if budget else None)
     if bar is not None:
         bar.close()
@@ -131,8 +129,7 @@ def train_epoch(t: Training, epoch: int, stop: StopFlag, tracker: NullTracker, b
     is_best = validate and (row.val_auc, -row.val_loss) > (t.state.best_auc, -t.state.best_val_loss)
     if is_best:
         t.state.best_auc, t.state.best_val_loss, t.state.best_epoch = row.val_auc, row.val_loss, epoch + 1
-    t.state.history.append(dataclasses.asdict(row))
-    row.ckpt_s = save_checkpoints(t, best=is_best)
+    save_checkpoints(t, best=is_best, row=row)
     if budget is not None:
         budget.refine(epoch, t.state.history[-1])
     if dist.is_main:
@@ -157,19 +154,23 @@ def validate_epoch(t: Training, epoch: int, stats: EpochStats) -> EpochRow:
     return epoch_row(epoch, stats, val, t, time.perf_counter() - start)
 
 
-def save_checkpoints(t: Training, best: bool) -> float:
-    """last.pt (and best.pt) written in the background; returns the seconds the ranks were held
-    up, also recorded as the last history row's ckpt_s (in the checkpoint too)."""
+def save_checkpoints(t: Training, best: bool, row: EpochRow | None = None) -> float:
+    """last.pt (and best.pt) written in the background; returns the seconds the ranks were held up.
+
+    row: the epoch just finished; it joins the history with those seconds as its ckpt_s, after
+    the (timed) copy of the tensors and before last.pt is written, so the file holds it too.
+    """
     start = time.perf_counter()
     rng = checkpoint.gather_rng(t.dist)  # a collective: every rank takes part
-    if not t.dist.is_main:
-        return 0.0
-    copies = t.writer.copy({t.run.last: t.resume_state(rng), **({t.run.best: t.best_state()} if best else {})})
-    seconds = time.perf_counter() - start
-    for history in (t.state.history, copies[t.run.last]["history"]):
-        if history and math.isnan(history[-1]["ckpt_s"]):
-            history[-1]["ckpt_s"] = seconds
-    t.writer.start(copies)
+    copies = (t.writer.copy({t.run.last: t.resume_state(rng), **({t.run.best: t.best_state()} if best else {})})
+              if t.dist.is_main else {})
+    seconds = time.perf_counter() - start if t.dist.is_main else 0.0
+    if row is not None:
+        row.ckpt_s = seconds
+        t.state.history.append(dataclasses.asdict(row))
+    if t.dist.is_main:
+        copies[t.run.last]["history"] = [dict(r) for r in t.state.history]  # plain rows: no tensor to copy
+        t.writer.start(copies)
     return seconds
 
 

@@ -19,9 +19,9 @@ from .data.loaders import SplitLoader, check_validation_split, load_table, make_
 from .distributed import DistInfo
 from .ema import ModelEma
 from .engine import StepParts
-from .errors import ConfigError, UserError
+from .errors import CheckpointError, ConfigError, UserError
 from .models import build_model, count_parameters
-from .optim import LrSchedule, build_optimizer, describe_groups, effective_lr, load_optimizer_state
+from .optim import LrSchedule, OptimizerState, build_optimizer, describe_groups, effective_lr
 from .rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -96,17 +96,35 @@ class Training:
         """The weights validation, best.pt and the test report use: the EMA when it is on."""
         return self.parts.ema.module if self.parts.ema is not None else self.model_without_ddp
 
-    def resume_state(self, rng: list) -> dict:
+    def stateful(self) -> dict[str, checkpoint.Stateful]:
+        """The parts a resume restores, by their checkpoint keys (the model first)."""
         p = self.parts
-        return {"model": self.model_without_ddp.state_dict(), "optimizer": p.optimizer.state_dict(),
-                "scheduler": p.schedule.state_dict(), "scaler": p.scaler.state_dict(), "rng": rng,
-                "config": self.cfg.to_dict(), "world_size": self.dist.world_size,
-                **({"ema": p.ema.state_dict()} if p.ema is not None else {}), **dataclasses.asdict(self.state)}
+        parts = {checkpoint.MODEL: self.model_without_ddp, checkpoint.OPTIMIZER: OptimizerState(p.optimizer),
+                 checkpoint.SCHEDULER: p.schedule, checkpoint.SCALER: ScalerState(p.scaler)}
+        return parts | ({checkpoint.EMA: p.ema} if p.ema is not None else {})
+
+    def resume_state(self, rng: list) -> dict:
+        return checkpoint.training_state(self.stateful(), dataclasses.asdict(self.state), rng, self.cfg.to_dict(),
+                                         self.dist.world_size)
 
     def best_state(self) -> dict:
-        return {"model": self.eval_model.state_dict(), "config": self.cfg.to_dict(), "epoch": self.state.epoch,
-                "best_auc": self.state.best_auc, "best_val_loss": self.state.best_val_loss,
-                "weights": "ema" if self.parts.ema is not None else "model"}
+        return checkpoint.weights_state(self.eval_model.state_dict(), self.cfg.to_dict(), self.state.epoch,
+                                        "ema" if self.parts.ema is not None else "model", best_auc=self.state.best_auc,
+                                        best_val_loss=self.state.best_val_loss)
+
+
+class ScalerState:
+    """The GradScaler's state (fp16); nothing when it is off (bf16, fp32) or was off when saved."""
+
+    def __init__(self, scaler: torch.amp.GradScaler):
+        self.scaler = scaler
+
+    def state_dict(self) -> dict:
+        return self.scaler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        if state and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state)
 
 
 def wrap_for_training(model: torch.nn.Module, cfg: ModelConfig, dist: DistInfo, ddp: bool | None = None
@@ -157,42 +175,30 @@ def build(cfg: Config, dist: DistInfo, run: RunDir, saved_splits: pd.DataFrame |
              f" (optim.lr {cfg.optim.lr:g} scaled linearly from batch {cfg.optim.base_batch})"
              if cfg.optim.lr_scale == "linear" else "", describe_groups(optimizer, base_lr))
     scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.train.amp == "fp16")
-    parts = StepParts(model, optimizer, schedule, scaler, ema, cfg.train.clip_grad, cfg.optim.label_smoothing)
+    parts = StepParts(model, optimizer, schedule, scaler, ema)
     return Training(cfg, dist, run, table, loaders, model_without_ddp, parts)
 
 
 def restore(t: Training, path) -> None:
     """Continue from a checkpoint: weights, optimizer moments, EMA, RNG and position; the schedule
     follows the current config from the position reached."""
-    saved = checkpoint.load(path)
-    checkpoint.check_resumable(saved["config"], t.cfg.to_dict(), path)
-    checkpoint.load_model_state(t.model_without_ddp, saved, path)
-    if "optimizer" not in saved:
+    ckpt = checkpoint.Checkpoint.load(path)
+    checkpoint.check_resumable(ckpt.config_dict, t.cfg.to_dict(), path)
+    if not ckpt.is_resumable:
         raise UserError(f"checkpoint {path} holds weights only (a best.pt); resume from last.pt, "
                         "or start a new run from these weights with model.pretrained")
-    load_optimizer_state(t.parts.optimizer, saved["optimizer"], path)
-    if saved["scaler"] and t.parts.scaler.is_enabled():
-        t.parts.scaler.load_state_dict(saved["scaler"])
-    if t.parts.ema is not None:
-        if "ema" in saved:
-            t.parts.ema.load_state_dict(saved["ema"])
-        else:
-            t.parts.ema = ModelEma(t.model_without_ddp, t.cfg.train.ema_decay)
-            log.warning("the checkpoint has no EMA: the EMA starts from its weights")
-    if not checkpoint.set_rng_state(saved["rng"] if isinstance(saved["rng"], list) else [], t.dist):
-        torch.manual_seed(sample_seed(t.cfg.train.seed, t.dist.rank, saved["epoch"]))
+    names = [f.name for f in dataclasses.fields(RunState)]
+    if any(name not in ckpt.state for name in ("position", "mid_epoch")):
+        raise CheckpointError(f"checkpoint {path} was written by an older cancernet and cannot be resumed "
+                              "(evaluate, predict and export still read it); start a new train.out_dir")
+    missing = ckpt.restore(t.stateful())
+    if checkpoint.EMA in missing:  # EMA turned on at this resume: it starts from the loaded weights
+        t.parts.ema = ModelEma(t.model_without_ddp, t.cfg.train.ema_decay)
+        log.warning("the checkpoint has no EMA: the EMA starts from its weights")
+    if not checkpoint.set_rng_state(ckpt.get(checkpoint.RNG) or [], t.dist):
+        torch.manual_seed(sample_seed(t.cfg.train.seed, t.dist.rank, ckpt.epoch))
         log.warning("no saved RNG state for rank %d (world size changed): it draws from a new seed", t.dist.rank)
-    names = {f.name for f in dataclasses.fields(RunState)}
-    t.state = RunState(**{k: v for k, v in saved.items() if k in names})
-    mid = t.state.mid_epoch
-    if mid and "step" in mid:  # written by cancernet before positions were counted in samples
-        old = saved["config"]["train"]
-        samples = mid["step"] * old["batch_size"] * saved.get("world_size", 1)
-        loss_sum, correct, seen, _ = mid["totals"]
-        t.state.mid_epoch = {"samples": samples, "totals": {"loss_sum": loss_sum, "correct": correct, "seen": int(seen)}}
-    if "position" not in saved:
-        t.state.position = t.state.epoch * t.loaders["train"].sampler.samples_per_epoch() + (
-            t.state.mid_epoch["samples"] if t.state.mid_epoch else 0)
+    t.state = RunState(**{name: ckpt.state[name] for name in names if name in ckpt.state})
     if t.state.budget_plan is not None:
         if t.cfg.train.time_budget:  # the length stays what the budget fixed; the schedule follows it
             t.parts.schedule.total = t.state.budget_plan["samples"]
@@ -200,11 +206,10 @@ def restore(t: Training, path) -> None:
             log.warning("train.time_budget is off now: the run's length is train.epochs=%d again, not the %.2f "
                         "epochs its budget fixed", t.cfg.train.epochs, t.state.budget_plan["epochs"])
             t.state.budget_plan = None
-    changes = checkpoint.changed_settings(saved["config"], t.cfg.to_dict())
-    if saved.get("world_size", t.dist.world_size) != t.dist.world_size:
-        changes.append(f"world size: {saved['world_size']} -> {t.dist.world_size}")
-    mid = t.state.mid_epoch
-    schedule = t.parts.schedule
+    changes = checkpoint.changed_settings(ckpt.config_dict, t.cfg.to_dict())
+    if ckpt.get(checkpoint.WORLD_SIZE, t.dist.world_size) != t.dist.world_size:
+        changes.append(f"world size: {ckpt.get(checkpoint.WORLD_SIZE)} -> {t.dist.world_size}")
+    mid, schedule = t.state.mid_epoch, t.parts.schedule
     log.info("resumed from %s after epoch %d%s: sample %d of %d, lr %.3g%s", path, t.state.epoch,
              f" (+{mid['samples']} samples into epoch {t.state.epoch + 1})" if mid else "", t.state.position,
              schedule.total, schedule.base_lr * schedule.factor(t.state.position),

@@ -59,6 +59,40 @@ def assert_same_run(a: Path, b: Path, epochs=(1, 2, 3, 4)) -> None:
         assert all(torch.allclose(wa[k].float(), wb[k].float(), atol=1e-5) for k in wa)
 
 
+# dropout (seed head), EMA and accumulation windows (the last one of each epoch short) all take
+# part, so a resume that loses RNG, EMA or window state cannot match the uninterrupted run
+RESUME_COMMON = ("data.limit=240", "train.seed=3", "train.epochs=4", "train.sync_every=1", "model.head=seed",
+                 "train.ema_decay=0.9", "train.grad_accum=2")
+
+
+class StopAfterSyncs:
+    """A stop request that turns on at the n-th look: the loop reads `requested` at every sync point
+    (each optimizer step with train.sync_every=1) and once at each epoch's end, as after a signal."""
+
+    def __init__(self, n: int):
+        self.n, self.reads = n, 0
+
+    @property
+    def requested(self) -> bool:
+        self.reads += 1
+        return self.reads >= self.n
+
+    @requested.setter
+    def requested(self, value: bool) -> None:  # a signal arriving as well
+        self.n = 0 if value else self.n
+
+
+def train_stopping(root, out, after_epochs=None, after_syncs=None, overrides=RESUME_COMMON) -> str:
+    """Train until a stop request after some epochs (run's epoch-end hook) or looks at the request."""
+    from cancernet.signals import StopFlag
+    stop = StopAfterSyncs(after_syncs) if after_syncs else StopFlag()
+    def stop_after(t, row):
+        if after_epochs is not None and row["epoch"] >= after_epochs:
+            stop.requested = True
+    with session("cpu") as dist:
+        return run(make_cfg(root, out, *overrides), dist, stop, stop_after)
+
+
 def python_env() -> dict:
     """The environment for a subprocess: no torchrun variables leaking in."""
     return {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
@@ -82,7 +116,7 @@ def copy_dataset(src: Path, dest: Path, n: int | None = None) -> Path:
 def packed_root(synth_root, tmp_path_factory) -> Path:
     """synth_root's images, also packed (data.format=packed)."""
     from cancernet.config import DataConfig
-    from cancernet.data.packed import prepare
+    from cancernet.data.formats import prepare
     root = copy_dataset(synth_root, tmp_path_factory.mktemp("packed_root"))
-    prepare(DataConfig(root=str(root)), workers=2, chunk=64)
+    prepare(DataConfig(root=str(root)), workers=2)
     return root

@@ -80,7 +80,7 @@ class Cluster:
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
         self.procs: list[subprocess.Popen] = []
 
-    def start(self, timeout: float = 60) -> "Cluster":
+    def start(self, timeout: float = 60) -> Cluster:
         Path("/run/munge").mkdir(parents=True, exist_ok=True)
         if subprocess.run(["munge", "-n"], capture_output=True).returncode != 0:  # reuse a live munged
             # --force: start even over a stale socket left by a munged that was killed

@@ -7,6 +7,7 @@ import torch
 import yaml
 
 from cancernet.budget import Shape, plan_length
+
 from conftest import make_cfg, session
 
 SHAPE = Shape(per_epoch=1000, window=100, cap=50_000, eval_every=1)

@@ -9,9 +9,10 @@ from PIL import Image
 from cancernet.config import DataConfig
 from cancernet.data.augment import Augment, Preprocess
 from cancernet.data.kaggle import read_labels, read_patch
-from cancernet.errors import DataError
 from cancernet.data.splits import make_splits
 from cancernet.data.synthetic import render_patch
+from cancernet.errors import DataError
+
 from conftest import train
 
 
@@ -109,10 +110,12 @@ def test_bad_image_skip_lists_it(root, tmp_path):
     assert bad_id not in set(splits["id"]) and len(splits) == 59
 
 
-def test_read_patch_returns_rgb_uint8(synth_root):
-    first = next((synth_root / "train").iterdir())
-    arr = read_patch(first)
-    assert arr.shape == (96, 96, 3) and arr.dtype == np.uint8
+def test_read_patch_returns_exactly_the_pixels_written(tmp_path):
+    from PIL import Image
+    pixels = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "p.tif", format="TIFF")
+    arr = read_patch(tmp_path / "p.tif")
+    assert arr.dtype == np.uint8 and np.array_equal(arr, pixels)  # not transposed, no channel swap
 
 
 def _frame(n=1000, seed=0):
@@ -211,6 +214,7 @@ def test_hed_stain_augmentation_recolours_each_pixel_in_place():
 def test_folder_and_packed_paths_augment_an_image_identically(packed_root):
     from cancernet.data.loaders import make_loader, set_epoch, to_device
     from cancernet.distributed import DistInfo
+
     from conftest import make_cfg
     table = read_labels(packed_root).assign(split="train").head(64)
     batches = {}
@@ -225,10 +229,22 @@ def test_folder_and_packed_paths_augment_an_image_identically(packed_root):
     assert torch.allclose(batches["folder"][1], batches["packed"][1], atol=1e-6)
 
 
-def test_seed_augment_resizes_and_rotates():
-    cfg = DataConfig(augment="seed", image_size=224, jitter=0.0, hue=0.0)
-    y = _augment(cfg, _batch())
-    assert y.shape == (6, 3, 224, 224)
+def test_seed_augment_rotates_by_its_drawn_angle_flips_by_its_draw_and_resizes():
+    from cancernet.data.augment import FLIP, ROTATE, _rotate_resize, sample_uniforms
+    x = _batch().float() / 255
+    # the resampling itself: a quarter turn is rot90 (counter-clockwise on screen), a flip is a mirror
+    turned = _rotate_resize(x, torch.full((6,), 90.0), torch.zeros(6, dtype=torch.bool), 96)
+    assert torch.allclose(turned[:, :, 1:-1, 1:-1], torch.rot90(x, 1, dims=(-2, -1))[:, :, 1:-1, 1:-1], atol=1e-5)
+    mirrored = _rotate_resize(x, torch.zeros(6), torch.ones(6, dtype=torch.bool), 96)
+    assert torch.allclose(mirrored, x.flip(-1), atol=1e-5)
+    # the augmentation: each patch is turned by its own drawn angle in [-10, 10] and flipped by its draw
+    cfg = DataConfig(augment="seed", image_size=224, jitter=0.0, hue=0.0, mean=[0, 0, 0], std=[1, 1, 1])
+    y = _augment(cfg, _batch(), epoch=3)
+    u = sample_uniforms(torch.arange(6), 0, 3)
+    angles, flips = 20 * u[:, ROTATE] - 10, u[:, FLIP] < 0.5
+    assert y.shape == (6, 3, 224, 224) and angles.abs().max() <= 10 and 0 < flips.sum() < 6
+    assert torch.allclose(y, _rotate_resize(x, angles, flips, 224), atol=1e-6)
+    assert (y - _rotate_resize(x, torch.zeros(6), flips, 224)).abs().mean() > 0.01  # it did rotate
 
 
 def test_centre_crop_keeps_the_labelled_centre_at_full_resolution():
@@ -242,3 +258,14 @@ def test_centre_crop_keeps_the_labelled_centre_at_full_resolution():
                              mean=[0, 0, 0], std=[1, 1, 1]), 0)(x, torch.arange(6), 0)
     for a, b in zip(aug, x[:, :, 16:80, 16:80]):
         assert torch.equal((a * 255).round().to(torch.uint8).flatten().sort().values, b.flatten().sort().values)
+
+
+def test_evaluation_batches_have_eval_batch_size(synth_root):
+    from cancernet.data.loaders import make_loader
+    from cancernet.distributed import DistInfo
+
+    from conftest import make_cfg
+    cfg = make_cfg(synth_root, "unused", "train.eval_batch_size=7", "train.batch_size=5")
+    part = read_labels(synth_root).head(20)
+    loader = make_loader(cfg, DistInfo(), part, train=False).loader
+    assert [len(batch[1]) for batch in loader] == [7, 7, 6]  # every image once, none dropped

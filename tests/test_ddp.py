@@ -14,6 +14,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from cancernet.data.synthetic import write_dataset
+
 from conftest import ROOT, python_env, train
 
 pytestmark = pytest.mark.slow
@@ -27,6 +28,8 @@ def ddp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp_run")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "train_ddp.py", "--config", "configs/cpu_test.yaml", f"data.root={root}", *COMMON, "train.epochs=2",
+           # the global batch is 2 x 32: the lr doubles (the single-process extension below keeps 1 x 32)
+           "optim.lr_scale=linear", "optim.base_batch=32",
            # a progress bar on rank 0 only, with step log lines due: the ranks must still agree on sync points
            "train.progress=on", "train.log_every=3", "train.sync_every=50", f"train.out_dir={out}"]
     proc = subprocess.run(cmd, cwd=ROOT, env=python_env(), capture_output=True, text=True, timeout=600)
@@ -79,6 +82,15 @@ def test_two_process_validation_scores_one_model_on_every_shard(ddp_run, tmp_pat
 def test_each_rank_keeps_its_own_rng_state(ddp_run):
     rng = torch.load(ddp_run.stage1 / "checkpoints" / "last.pt", weights_only=True)["rng"]
     assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])  # different dropout masks
+
+
+def test_linear_lr_scaling_follows_the_global_batch_of_both_ranks(ddp_run):
+    assert "global batch 64, lr 0.004 (optim.lr 0.002 scaled linearly from batch 32)" in ddp_run.proc.stdout
+    summary = pd.read_csv(ddp_run.stage1 / "summary.csv")
+    per_epoch = summary["samples_seen"].iloc[0]
+    # the epoch's last step starts 64 samples before its end, on a cosine over 2 epochs
+    expected = 4e-3 * 0.5 * (1 + math.cos(math.pi * (per_epoch - 64) / (2 * per_epoch)))
+    assert summary["lr"].iloc[0] == pytest.approx(expected, rel=1e-6)
 
 
 def test_two_process_run_learns(ddp_run):

@@ -25,7 +25,7 @@ def _worker(rank: int, world: int, init_file: str, ckpt: str, results) -> None:
         shared = checkpoint.load_on_main(ckpt if rank == 0 else ckpt + ".missing", model, dist)
         results[rank] = {"gathered": gathered.tolist(), "running_mean": bn.running_mean.tolist(),
                          "objects": gather_objects({"rank": rank}, dist), "weight": model.weight.tolist(),
-                         "temperature": shared["temperature"], "has_optimizer": "optimizer" in shared}
+                         "temperature": shared.temperature(), "has_optimizer": "optimizer" in shared.state}
     finally:
         tdist.destroy_process_group()
 

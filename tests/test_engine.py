@@ -2,13 +2,14 @@
 syncs inside a step, mixed precision, samplers, the LR schedule, EMA."""
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from cancernet.config import OptimConfig, TrainConfig
+from cancernet.config import Config, OptimConfig, TrainConfig
 from cancernet.data.augment import dihedral, dihedral_views, sample_uniforms
 from cancernet.data.datasets import EpochSampler, ShardSampler
 from cancernet.distributed import DistInfo
@@ -41,10 +42,10 @@ def _batches(sizes, seed=0):
     return out
 
 
-def _parts(model, lr=0.1, scaler=None, clip=None):
+def _parts(model, lr=0.1, scaler=None):
     optimizer = torch.optim.SGD([{"params": list(model.parameters()), "lr_scale": 1.0}], lr=lr)
     schedule = LrSchedule(optimizer, OptimConfig(schedule="none"), lr, 10**6, 0)
-    return StepParts(model, optimizer, schedule, scaler or torch.amp.GradScaler("cpu", enabled=False), clip_grad=clip)
+    return StepParts(model, optimizer, schedule, scaler or torch.amp.GradScaler("cpu", enabled=False))
 
 
 def _to_unit(images, index, epoch):
@@ -54,8 +55,8 @@ def _to_unit(images, index, epoch):
 def _train(batches, accum):
     model = Tiny()
     parts = _parts(model)
-    stats = train_one_epoch(parts, batches, _to_unit, TrainConfig(grad_accum=accum, log_every=0), DistInfo(), 0,
-                            position=0)
+    cfg = Config(train=TrainConfig(grad_accum=accum, log_every=0))
+    stats = train_one_epoch(parts, batches, _to_unit, cfg, DistInfo(), 0, position=0)
     return model, parts, stats
 
 
@@ -113,8 +114,9 @@ class _Dispatch(TorchDispatchMode):
 
 
 def _packed_training(packed_root, tmp_path, *overrides):
-    from cancernet.training import build
     from cancernet.rundir import RunDir
+    from cancernet.training import build
+
     from conftest import make_cfg
     cfg = make_cfg(packed_root, tmp_path, "data.format=packed", "train.sync_every=3", "data.image_size=16",
                    "data.stain=hed", "train.ema_decay=0.9", "train.clip_grad=1.0", *overrides)
@@ -129,7 +131,7 @@ def test_a_training_step_never_waits_for_the_device_between_sync_points(packed_r
     batches = list(train.loader)  # uint8 batches as the loader hands them over (its work is host-only)
     recorder = SyncRecorder()
     with recorder, recorder.dispatch:
-        train_one_epoch(t.parts, batches, train.augment, cfg.train, t.dist, 0, position=0, progress=recorder)
+        train_one_epoch(t.parts, batches, train.augment, cfg, t.dist, 0, position=0, progress=recorder)
     steps = len(batches)
     # sync points: after optimizer steps 3, 6, ... (recorded before that step's progress update) and the epoch end
     expected = {k for k in range(steps) if (k + 1) % 3 == 0} | {steps}
@@ -146,7 +148,7 @@ def test_the_sync_recorder_catches_a_nonzero_or_item_in_the_step(packed_root, tm
     batches = list(train.loader)
     recorder = SyncRecorder()
     with recorder, recorder.dispatch:
-        train_one_epoch(t.parts, batches, syncing_augment, cfg.train, t.dist, 0, position=0, progress=recorder)
+        train_one_epoch(t.parts, batches, syncing_augment, cfg, t.dist, 0, position=0, progress=recorder)
     names = {name for step, name in recorder.events if step == 0}
     assert {"nonzero", "aten::nonzero", "__float__", "aten::_local_scalar_dense"} <= names
 
@@ -160,7 +162,7 @@ def test_fp16_step_with_an_inf_gradient_is_skipped_and_lowers_the_scale():
     with torch.autocast("cpu", dtype=torch.float16):
         loss = nn.functional.cross_entropy(model(images.float() / 255).float(), labels)
     parts.scaler.scale(loss).backward()
-    _optimizer_step(parts)
+    _optimizer_step(parts, None)
     hook.remove()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the step was skipped
     assert parts.scaler.get_scale() == 512.0
@@ -173,7 +175,7 @@ def test_bf16_autocast_on_cpu_learns():
     batches = [(images[i:i + 32], labels[i:i + 32], torch.arange(i, i + 32)) for i in range(0, 256, 32)]
     model = Tiny()
     parts = _parts(model, lr=0.5)
-    cfg = TrainConfig(amp="bf16", log_every=0)
+    cfg = Config(train=TrainConfig(amp="bf16", log_every=0))
     losses = [train_one_epoch(parts, batches, _to_unit, cfg, DistInfo(), e, position=0).totals.train_loss
               for e in range(15)]
     assert losses[-1] < 0.6 * losses[0], losses
@@ -181,11 +183,11 @@ def test_bf16_autocast_on_cpu_learns():
 
 def test_clipping_sees_unscaled_gradients():
     model = Tiny()
-    parts = _parts(model, lr=1.0, scaler=torch.amp.GradScaler("cpu", init_scale=1024.0), clip=1e-3)
+    parts = _parts(model, lr=1.0, scaler=torch.amp.GradScaler("cpu", init_scale=1024.0))
     before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
     images, labels = _batches([8])[0][:2]
     parts.scaler.scale(nn.functional.cross_entropy(model(images.float() / 255), labels)).backward()
-    _optimizer_step(parts)
+    _optimizer_step(parts, 1e-3)
     step = torch.cat([p.detach().flatten() for p in model.parameters()]) - before
     assert step.norm().item() == pytest.approx(1e-3, rel=1e-3)  # clipped to clip_grad, not to clip_grad / scale
 
@@ -317,3 +319,36 @@ def test_preprocess_hands_the_model_the_memory_format_it_was_built_for(channels_
         out = Preprocess(size, [0.5] * 3, [0.2] * 3, channels_last=channels_last)(nhwc_strided)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         assert out.shape == (4, 3, size, size) and out.is_contiguous(memory_format=fmt)
+
+
+def test_label_smoothing_is_applied_to_the_training_loss():
+    """optim.label_smoothing reaches the loss the loop optimises (lr 0: the loss of fixed weights)."""
+    from cancernet.config import OptimConfig as Optim
+    batches = _batches([16, 16])
+    model = Tiny()
+    images = torch.cat([b[0] for b in batches]).float() / 255
+    labels = torch.cat([b[1] for b in batches])
+    with torch.no_grad():
+        expected = {s: nn.functional.cross_entropy(model(images), labels, label_smoothing=s).item() for s in (0.0, 0.2)}
+    for smoothing in (0.0, 0.2):
+        cfg = Config(train=TrainConfig(log_every=0), optim=Optim(label_smoothing=smoothing))
+        stats = train_one_epoch(_parts(model, lr=0.0), batches, _to_unit, cfg, DistInfo(), 0, position=0)
+        assert stats.totals.train_loss == pytest.approx(expected[smoothing], rel=1e-5)
+    assert expected[0.2] != pytest.approx(expected[0.0], rel=1e-3)
+
+
+def test_tta_averages_the_probability_over_exactly_the_eight_dihedral_views():
+    """Each view made here independently (numpy's rot90 and fliplr); the model is not invariant."""
+    from cancernet.engine import predict_scores
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 6 * 6, 2)).eval()
+    x = torch.randn(5, 3, 6, 6)
+    arrays = x.numpy()
+    views = [np.rot90(a, k, axes=(-2, -1)) for a in (arrays, arrays[..., ::-1]) for k in range(4)]
+    with torch.no_grad():
+        probs = [torch.sigmoid(model(torch.from_numpy(v.copy())).diff(dim=1)[:, 0]) for v in views]
+        expected = torch.stack(probs).mean(0)
+        prob, _ = predict_scores(model, x, tta=True)
+        plain, _ = predict_scores(model, x, tta=False)
+    assert torch.allclose(prob, expected, atol=1e-6)
+    assert not torch.allclose(prob, plain, atol=1e-3)  # the views differ for this model

@@ -57,8 +57,8 @@ def test_no_host_device_sync_inside_a_training_step(cuda, packed_root, tmp_path,
     """Every synchronising CUDA call warns under sync debug mode; each must fall at a sync point."""
     from cancernet.distributed import DistInfo
     from cancernet.engine import train_one_epoch
-    from cancernet.training import build
     from cancernet.rundir import RunDir
+    from cancernet.training import build
     cfg = make_cfg(packed_root, tmp_path, "data.format=packed", "train.device=cuda", f"train.amp={amp}",
                    "train.sync_every=4", "data.stain=hed", "train.ema_decay=0.99", "train.clip_grad=1.0",
                    "model.channels_last=true")
@@ -66,7 +66,7 @@ def test_no_host_device_sync_inside_a_training_step(cuda, packed_root, tmp_path,
     assert next(t.model_without_ddp.parameters()).is_cuda
     train = t.loaders["train"]
     batches = [tuple(x.pin_memory() for x in b) for b in train.loader]
-    train_one_epoch(t.parts, batches[:2], train.augment, cfg.train, t.dist, 0, position=0)  # warm-up
+    train_one_epoch(t.parts, batches[:2], train.augment, cfg, t.dist, 0, position=0)  # warm-up
     torch.cuda.synchronize()
     tagger = _Tagger()
     with warnings.catch_warnings():  # restores warnings.showwarning on exit
@@ -74,7 +74,7 @@ def test_no_host_device_sync_inside_a_training_step(cuda, packed_root, tmp_path,
         warnings.showwarning = tagger.record
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            train_one_epoch(t.parts, batches, train.augment, cfg.train, t.dist, 1, position=0, progress=tagger)
+            train_one_epoch(t.parts, batches, train.augment, cfg, t.dist, 1, position=0, progress=tagger)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     steps = len(batches)

@@ -12,9 +12,8 @@ from cancernet.console import main_guard
 from cancernet.data.kaggle import read_patch
 from cancernet.distributed import DistInfo
 from cancernet.inference import load_model, predict_folder
-from conftest import ROOT, python_env, train
 
-pytestmark = pytest.mark.slow
+from conftest import ROOT, python_env, train
 
 
 def cli(*args, launcher=(sys.executable,)):
@@ -47,6 +46,7 @@ def _some_ids(synth_root, n=40, seed=0):
     return labels.sample(n, random_state=seed)
 
 
+@pytest.mark.slow
 def test_submission_follows_the_ids_file_order(synth_root, ckpt, tmp_path, capsys, monkeypatch):
     chosen = _some_ids(synth_root)
     chosen[["id"]].assign(label=0).to_csv(tmp_path / "ids.csv", index=False)
@@ -61,6 +61,25 @@ def test_submission_follows_the_ids_file_order(synth_root, ckpt, tmp_path, capsy
     assert sub["label"].between(0, 1).all() and sub["label"].nunique() > 2  # probabilities
 
 
+@pytest.mark.slow
+def test_each_probability_belongs_to_the_image_named_beside_it(synth_root, ckpt, tmp_path, capsys, monkeypatch):
+    """Shuffled ids, batches of 8 with 2 loader workers: each row equals that image predicted alone."""
+    chosen = _some_ids(synth_root, 20, seed=5).sample(frac=1.0, random_state=1)
+    chosen[["id"]].to_csv(tmp_path / "ids.csv", index=False)
+    code, err = run_cli(capsys, monkeypatch, "predict", "--checkpoint", str(ckpt), "--images",
+                        str(synth_root / "train"), "--ids", str(tmp_path / "ids.csv"), "--out", str(tmp_path / "s.csv"),
+                        "--device", "cpu", "--num-workers", "2", "--batch-size", "8", "--amp", "off")
+    assert code == 0, err
+    sub = pd.read_csv(tmp_path / "s.csv", dtype={"id": str})
+    model, cfg, saved = load_model(ckpt, torch.device("cpu"))
+    alone = [predict_folder(model, cfg, DistInfo(), [synth_root / "train" / f"{i}.tif"], 1, 0, tta=False, amp="off",
+                            temperature=saved.temperature())[0] for i in sub["id"]]
+    assert sub["id"].tolist() == chosen["id"].tolist()
+    assert np.allclose(sub["label"].to_numpy(), alone, atol=1e-6)
+    assert np.std(alone) > 1e-3  # the images do get different probabilities
+
+
+@pytest.mark.slow
 def test_predict_a_whole_folder_of_png_and_tif(synth_root, ckpt, tmp_path, capsys, monkeypatch):
     from PIL import Image
     folder = tmp_path / "mixed"
@@ -75,6 +94,7 @@ def test_predict_a_whole_folder_of_png_and_tif(synth_root, ckpt, tmp_path, capsy
     assert sorted(pd.read_csv(out, dtype={"id": str})["id"]) == sorted(chosen)
 
 
+@pytest.mark.slow
 def test_torchrun_predict_matches_single_process(synth_root, ckpt, tmp_path, capsys, monkeypatch):
     chosen = _some_ids(synth_root, 50, seed=1)
     chosen[["id"]].to_csv(tmp_path / "ids.csv", index=False)
@@ -90,6 +110,7 @@ def test_torchrun_predict_matches_single_process(synth_root, ckpt, tmp_path, cap
     assert np.allclose(ddp["label"], single["label"], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_operating_points_are_chosen_and_applied_on_predictions_made_the_same_way(
         synth_root, run_dir, ckpt, tmp_path, capsys, monkeypatch):
     code, err = run_cli(capsys, monkeypatch, "evaluate", "--run", str(run_dir), "--tta", "--target-sensitivity", "0.95")
@@ -137,6 +158,7 @@ def test_operating_points_are_chosen_and_applied_on_predictions_made_the_same_wa
     assert not (tmp_path / "x.csv").exists() and not (tmp_path / "y.csv").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
 def test_export_gives_the_checkpoints_outputs(synth_root, ckpt, tmp_path):
     proc = cli("export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "export"))
@@ -144,9 +166,9 @@ def test_export_gives_the_checkpoints_outputs(synth_root, ckpt, tmp_path):
     assert all(name in proc.stdout + proc.stderr for name in ("model.ts", "model.pt2", "weights.pt", "model.json"))
     ids = _some_ids(synth_root, 12, seed=3)["id"].tolist()
     paths = [synth_root / "train" / f"{i}.tif" for i in ids]
-    model, cfg, state = load_model(ckpt, torch.device("cpu"))
+    model, cfg, saved = load_model(ckpt, torch.device("cpu"))
     expected = predict_folder(model, cfg, DistInfo(), paths, 8, 0, tta=False, amp="off",
-                              temperature=state["temperature"])
+                              temperature=saved.temperature())
     scripted = torch.jit.load(str(tmp_path / "export" / "model.ts"))
     program = torch.export.load(str(tmp_path / "export" / "model.pt2")).module()
     batch = torch.from_numpy(np.stack([read_patch(p) for p in paths]))  # uint8 NHWC
@@ -156,9 +178,10 @@ def test_export_gives_the_checkpoints_outputs(synth_root, ckpt, tmp_path):
     weights = torch.load(tmp_path / "export" / "weights.pt", weights_only=True)
     model.load_state_dict(weights)  # plain state dict of the same architecture
     info = json.loads((tmp_path / "export" / "model.json").read_text())
-    assert info["arch"] == "resnet18" and info["image_size"] == 48 and info["temperature"] == state["temperature"]
+    assert info["arch"] == "resnet18" and info["image_size"] == 48 and info["temperature"] == saved.temperature()
 
 
+@pytest.mark.slow
 def test_missing_image_is_a_clear_error_and_nothing_is_written(synth_root, ckpt, tmp_path, capsys, monkeypatch):
     pd.DataFrame({"id": ["f" * 40]}).to_csv(tmp_path / "ids.csv", index=False)
     out = tmp_path / "sub.csv"
@@ -168,6 +191,7 @@ def test_missing_image_is_a_clear_error_and_nothing_is_written(synth_root, ckpt,
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_an_id_that_would_leave_the_image_folder_is_refused(synth_root, ckpt, tmp_path, capsys, monkeypatch):
     pd.DataFrame({"id": ["../secret"]}).to_csv(tmp_path / "ids.csv", index=False)
     code, err = run_cli(capsys, monkeypatch, "predict", "--checkpoint", str(ckpt), "--images",
@@ -175,6 +199,7 @@ def test_an_id_that_would_leave_the_image_folder_is_refused(synth_root, ckpt, tm
     assert code == 2 and "row 2 has id '../secret'" in err
 
 
+@pytest.mark.slow
 def test_unreadable_image_is_a_clear_error(synth_root, ckpt, tmp_path, capsys, monkeypatch):
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -193,6 +218,7 @@ def test_corrupt_checkpoint_is_a_clear_error(synth_root, tmp_path, capsys, monke
     assert code == 2 and str(bad) in err and "corrupt" in err
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_arch_is_a_clear_error(synth_root, ckpt, tmp_path, capsys, monkeypatch):
     state = torch.load(ckpt, weights_only=True)
     state["config"]["model"]["arch"] = "resnet34"  # weights of a resnet18, config says resnet34

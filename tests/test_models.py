@@ -14,6 +14,7 @@ from cancernet.config import ModelConfig, OptimConfig, load_config
 from cancernet.errors import ConfigError, UserError
 from cancernet.models import build_model, count_parameters
 from cancernet.optim import build_optimizer, param_groups
+
 from conftest import CONFIGS
 
 
@@ -80,6 +81,7 @@ def test_parameter_groups_get_the_learning_rates_asked_for():
 def test_each_family_trains_resumes_predicts_and_exports(arch, synth_root, tmp_path):
     from cancernet.distributed import DistInfo
     from cancernet.inference import Exported, export, load_model, predict_folder
+
     from conftest import train
     out = tmp_path / "run"
     common = (f"model.arch={arch}", "data.limit=96", "data.image_size=32", "train.batch_size=16",

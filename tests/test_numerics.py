@@ -54,6 +54,7 @@ def test_a_run_records_the_precision_auto_chose_and_trains_with_the_deterministi
     import yaml
 
     from cancernet.runner import run
+
     from conftest import make_cfg, session
     seen = {}
     def look(t, row):

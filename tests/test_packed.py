@@ -10,10 +10,14 @@ import torch
 from cancernet.config import DataConfig
 from cancernet.data.augment import Preprocess
 from cancernet.data.datasets import FolderDataset
+from cancernet.data.formats import open_source_pack as open_pack
+from cancernet.data.formats import prepare
 from cancernet.data.kaggle import read_patch
-from cancernet.data.packed import PackedDataset, open_pack, prepare
+from cancernet.data.packed import PackedDataset
 from cancernet.errors import DataError
-from conftest import ROOT, copy_dataset as _copy, python_env, train
+
+from conftest import ROOT, python_env, train
+from conftest import copy_dataset as _copy
 
 
 def test_pack_holds_every_patch_as_decoded(packed_root):
@@ -33,7 +37,7 @@ def test_packed_and_folder_datasets_give_the_same_uint8_batches(packed_root):
     labels = np.zeros(16, dtype=np.int64)
     paths = [packed_root / "train" / f"{i}.tif" for i in ids]
     folder = torch.stack([FolderDataset(paths, labels)[i][0] for i in range(16)])
-    images, _, index = PackedDataset(cfg, ids, labels)[list(range(16))]
+    images, _, index = PackedDataset(open_pack(cfg), ids, labels)[list(range(16))]
     assert images.dtype == folder.dtype == torch.uint8 and index.tolist() == list(range(16))
     assert torch.equal(images, folder)
     assert Preprocess.from_config(cfg)(images).shape == (16, 3, 64, 64)
@@ -88,12 +92,11 @@ def test_packed_training_learns_as_well_as_folder(packed_root, tmp_path):
 
 
 @pytest.mark.slow
-def test_packed_mid_epoch_resume_is_exact(packed_root, tmp_path, monkeypatch):
-    from test_checkpoint import COMMON, _train_stopping
-    from conftest import assert_same_run
-    common = (*COMMON, "data.format=packed")
+def test_packed_mid_epoch_resume_is_exact(packed_root, tmp_path):
+    from conftest import RESUME_COMMON, assert_same_run, train_stopping
+    common = (*RESUME_COMMON, "data.format=packed")
     train(packed_root, tmp_path / "full", *common)
-    assert _train_stopping(packed_root, tmp_path / "resumed", monkeypatch, None, 7, *common) == "stopped"
+    assert train_stopping(packed_root, tmp_path / "resumed", after_syncs=5, overrides=common) == "stopped"
     train(packed_root, tmp_path / "resumed", *common)
     assert_same_run(tmp_path / "full", tmp_path / "resumed")
 

@@ -8,9 +8,13 @@ import pandas as pd
 import pytest
 
 from cancernet.config import DataConfig
-from cancernet.data.packed import open_pack, prepare
-from cancernet.data.pcam import SizedGzip, load_pcam_table, write_release
+from cancernet.data.formats import open_source_pack as open_pack
+from cancernet.data.formats import prepare
+from cancernet.data.pcam import SOURCE as PCAM
+from cancernet.data.pcam import SizedGzip
+from cancernet.data.synthetic import write_pcam_release as write_release
 from cancernet.errors import DataError
+
 from conftest import train
 
 STEM = "camelyonpatch_level_2_split"
@@ -39,7 +43,7 @@ def test_synth_writes_the_release_layout(tmp_path):
 def test_prepare_packs_every_split_with_its_slide(release):
     cfg = DataConfig(root=str(release), format="pcam")
     pack = open_pack(cfg)
-    table = load_pcam_table(cfg)
+    table = PCAM.table(cfg, pack)
     assert table["split"].value_counts().to_dict() == {"train": 300, "val": 80, "test": 80}
     for split, ours in (("train", "train"), ("valid", "val"), ("test", "test")):
         with gzip.open(release / f"{STEM}_{split}_x.h5.gz") as g, h5py.File(g) as fx, \
@@ -70,7 +74,8 @@ def test_a_gzipped_file_opens_without_decompressing_all_of_it(release):
 
 
 def test_data_limit_takes_every_split_in_proportion(release):
-    table = load_pcam_table(DataConfig(root=str(release), format="pcam", limit=92))
+    cfg = DataConfig(root=str(release), format="pcam", limit=92)
+    table = PCAM.table(cfg, open_pack(cfg))
     assert table["split"].value_counts().to_dict() == {"train": 60, "val": 16, "test": 16}
 
 

@@ -10,8 +10,9 @@ import torch
 
 from cancernet.config import DataConfig
 from cancernet.data.datasets import FolderDataset
+from cancernet.data.formats import open_source_pack as open_pack
+from cancernet.data.formats import prepare
 from cancernet.data.kaggle import read_patch
-from cancernet.data.packed import open_pack, prepare
 
 FIXTURE = Path(__file__).parent / "fixtures" / "pcam_real"
 
@@ -49,6 +50,7 @@ def test_prepare_packs_real_patches_byte_for_byte(real_root):
 def test_train_and_predict_read_real_patches(real_root, tmp_path):
     from cancernet.distributed import DistInfo
     from cancernet.inference import load_model, predict_folder
+
     from conftest import train
     out = tmp_path / "run"
     # 20 patches: a smoke run of the real format end to end, not an accuracy measurement

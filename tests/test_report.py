@@ -8,10 +8,17 @@ import pytest
 from PIL import Image
 from sklearn import metrics as skm
 
-from cancernet.evaluation import most_confident
-from cancernet.metrics import (bootstrap_cis, brier, expected_calibration_error, fit_temperature, group_scores,
-                               nll_from_log_odds, youden_threshold)
-from cancernet.report import FIGURES, compute_metrics, group_metrics
+from cancernet.metrics import (
+    bootstrap_cis,
+    brier,
+    expected_calibration_error,
+    fit_temperature,
+    group_scores,
+    nll_from_log_odds,
+    youden_threshold,
+)
+from cancernet.report import FIGURES, group_metrics, most_confident
+
 from conftest import ROOT, python_env, train
 
 
@@ -45,16 +52,23 @@ def test_metrics_json_matches_scikit_learn_on_saved_predictions(run_dir):
     assert metrics["temperature"] == metrics["calibration"]["temperature"] > 0
 
 
-def test_threshold_comes_from_validation_not_test():
-    rng = np.random.default_rng(0)
-    def frame(shift):
-        labels = rng.integers(0, 2, 400)
-        return pd.DataFrame({"label": labels, "prob": np.clip(labels * 0.4 + shift + rng.normal(0, 0.15, 400), 0, 1)})
-    val, test = frame(0.1), frame(0.4)  # test scores are shifted: its own best cut is elsewhere
-    t = youden_threshold(val["label"].to_numpy(), val["prob"].to_numpy())
-    metrics = compute_metrics(test, {"threshold": t, "method": "youden_j"}, bootstrap=0)
-    assert abs(t - youden_threshold(test["label"].to_numpy(), test["prob"].to_numpy())) > 0.1
-    assert metrics["at_val_threshold"]["threshold"] == t
+@pytest.mark.slow
+def test_the_threshold_and_the_temperature_are_chosen_on_validation_not_on_test(run_dir):
+    """Evaluation has both splits' predictions at hand; each choice must come from validation."""
+    metrics = json.loads((run_dir / "report" / "metrics.json").read_text())
+    val, test = (pd.read_csv(run_dir / "predictions" / f"{s}.csv") for s in ("val", "test"))
+    # the saved probabilities are after the temperature T: their log-odds x T are the raw ones
+    t = metrics["temperature"]
+    raw = {name: t * np.log(f["prob"].clip(1e-12, 1 - 1e-12) / (1 - f["prob"].clip(1e-12, 1 - 1e-12)))
+           for name, f in (("val", val), ("test", test))}
+    assert fit_temperature(val["label"].to_numpy(), raw["val"].to_numpy()) == pytest.approx(t, rel=2e-3)
+    assert fit_temperature(test["label"].to_numpy(), raw["test"].to_numpy()) != pytest.approx(t, rel=2e-2)
+    chosen = metrics["val_threshold"]
+    assert chosen["chosen_on"] == "val"
+    # Youden's J cut of the saved validation predictions, as written to 8 significant digits
+    assert chosen["value"] == pytest.approx(youden_threshold(val["label"].to_numpy(), val["prob"].to_numpy()), abs=1e-6)
+    assert chosen["value"] != pytest.approx(youden_threshold(test["label"].to_numpy(), test["prob"].to_numpy()),
+                                            abs=1e-6)
 
 
 def test_bootstrap_cis_match_a_slow_reference_and_contain_the_estimate():
@@ -95,6 +109,9 @@ def test_calibration_measures_match_their_definitions():
     # bins of width 1/15: 0.1 -> bin 1; 0.35, 0.4 -> bin 5 and 6; 0.8 -> bin 12; 0.9 -> bin 13
     expected = (0.1 + 0.4 + abs(0.35 - 1) + abs(0.8 - 1) + abs(0.9 - 1)) / 5
     assert expected_calibration_error(labels, probs) == pytest.approx(expected)
+    # unequal bins weigh by their counts: bin 1 holds 3 patches (mean P 0.11, 1 of 3 tumours), bin 13 one
+    labels, probs = np.array([0, 1, 0, 1]), np.array([0.1, 0.12, 0.11, 0.9])
+    assert expected_calibration_error(labels, probs) == pytest.approx(0.75 * abs(0.11 - 1 / 3) + 0.25 * 0.1)
 
 
 def test_group_auc_equals_scikit_learn_on_hand_built_groups():
@@ -109,7 +126,7 @@ def test_group_auc_equals_scikit_learn_on_hand_built_groups():
     assert out["n_groups"] == 4 and out["n_positive_groups"] == 2
 
 
-def test_gradcam_shows_the_most_confident_of_each_kind():
+def test_the_report_shows_the_most_confident_of_each_kind():
     rng = np.random.default_rng(0)
     frame = pd.DataFrame({"id": [str(i) for i in range(200)], "label": rng.integers(0, 2, 200),
                           "prob": rng.uniform(0, 1, 200)})
@@ -176,3 +193,54 @@ def test_evaluate_command_on_a_non_run_is_a_clear_error(tmp_path, capsys, monkey
     from cancernet.console import main_guard
     monkeypatch.setattr(sys, "argv", ["cancernet", "evaluate", "--run", str(tmp_path)])
     assert main_guard(main) == 2 and "not a run directory" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_gradcam_heat_lies_in_the_labelled_centre_of_synthetic_tumours(run_dir, synth_root):
+    """Synthetic positives have tumour nuclei in the centre 32x32 by construction (and negatives may
+    have them outside it): explained by Grad-CAM, a model that learnt the task puts its heat there.
+    At the 32 px these runs train at, ResNet18's last stage is 1x1: a map from it is flat."""
+    import torch
+
+    from cancernet.data.augment import Preprocess
+    from cancernet.data.kaggle import image_path, read_patch
+    from cancernet.gradcam import gradcam
+    from cancernet.inference import load_model
+    model, cfg, _ = load_model(run_dir / "checkpoints" / "best.pt", torch.device("cpu"))
+    test = pd.read_csv(run_dir / "predictions" / "test.csv", dtype={"id": str})
+    positives = test[(test["label"] == 1) & (test["prob"] > 0.5)]["id"].head(16)
+    images = torch.from_numpy(np.stack([read_patch(image_path(synth_root, i)) for i in positives])).permute(0, 3, 1, 2)
+    cams = gradcam(model, Preprocess.from_config(cfg.data)(images))
+    cams = torch.nn.functional.interpolate(cams[:, None], size=(96, 96), mode="bilinear")[:, 0]
+    inside = cams[:, 32:64, 32:64].mean(dim=(1, 2))
+    outside = (cams.sum(dim=(1, 2)) - cams[:, 32:64, 32:64].sum(dim=(1, 2))) / (96 * 96 - 32 * 32)
+    assert len(positives) >= 8 and (inside > outside).float().mean() >= 0.75, (inside, outside)
+    assert inside.mean() > 1.5 * outside.mean()
+
+
+def test_gradcam_figure_title_fits_inside_the_figure():
+    from cancernet import plots
+    rng = np.random.default_rng(0)
+    picked = pd.DataFrame({"kind": ["TP", "FN", "FP", "TN"] * 4, "label": [1, 1, 0, 0] * 4,
+                           "prob": rng.uniform(0, 1, 16)})
+    fig = plots.gradcam_grid(picked, rng.integers(0, 256, (16, 96, 96, 3), dtype=np.uint8),
+                             rng.uniform(0, 1, (16, 96, 96)), 0.5)
+    fig.canvas.draw()
+    box = fig._suptitle.get_window_extent()
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.width and box.y1 <= fig.bbox.height
+
+
+def test_reliability_diagram_shows_how_many_patches_each_point_stands_for():
+    from cancernet import plots
+    rng = np.random.default_rng(0)
+    # one bin of 400 patches, one of 40, one of 2
+    probs = np.concatenate([rng.uniform(0, 0.06, 400), rng.uniform(0.94, 1, 40), [0.5, 0.52]])
+    labels = (rng.uniform(0, 1, len(probs)) < probs).astype(int)
+    ax = plots.reliability(labels, probs).axes[0]
+    solid, hollow = [c for c in ax.collections if len(c.get_offsets())][:2]
+    assert 0.5 < hollow.get_offsets()[0][0] < 0.6 and len(hollow.get_offsets()) == 1  # the sparse bin
+    assert hollow.get_facecolor().size == 0 or hollow.get_facecolor()[0][3] == 0  # drawn hollow
+    sizes = solid.get_sizes()
+    assert sizes.max() > 3 * sizes.min()  # marker area follows the bin's count
+    (line,) = [line for line in ax.get_lines() if line.get_label().startswith("model")]
+    assert not np.any(np.isclose(line.get_xdata(), 0.51, atol=0.02))  # the sparse bin is not on the line

@@ -7,10 +7,9 @@ import pytest
 import torch
 
 from cancernet import tracking
-from wandb_log import history, records, run_ids
-from conftest import train
 
-pytestmark = pytest.mark.slow
+from conftest import train
+from wandb_log import history, records, run_ids
 
 
 @pytest.fixture
@@ -26,9 +25,12 @@ def _logs(wandb_dir):
     return sorted(wandb_dir.glob("wandb/offline-run-*/run-*.wandb"))
 
 
-def test_offline_run_holds_one_val_auc_per_epoch_equal_to_summary(synth_root, tmp_path, offline):
+@pytest.mark.slow
+def test_offline_run_holds_one_val_auc_per_epoch_equal_to_summary(synth_root, tmp_path, offline, monkeypatch):
     out = tmp_path / "run"
-    train(synth_root, out, "train.epochs=2", "data.limit=200", "report.figures=true", "wandb.log_model=true")
+    monkeypatch.delenv("WANDB_MODE")  # the config's wandb.mode decides here
+    train(synth_root, out, "train.epochs=2", "data.limit=200", "report.figures=true", "wandb.log_model=true",
+          "wandb.mode=offline")
     (log,) = _logs(offline)
     epochs = [row for row in history(log) if "val_auc" in row]
     summary = pd.read_csv(out / "summary.csv")
@@ -44,6 +46,7 @@ def test_offline_run_holds_one_val_auc_per_epoch_equal_to_summary(synth_root, tm
     assert "optimizer" not in torch.load(out / "checkpoints" / "best.pt", weights_only=True)  # weights only
 
 
+@pytest.mark.slow
 def test_an_offline_node_with_an_api_key_falls_back_to_offline_in_bounded_time(synth_root, tmp_path, offline,
                                                                                monkeypatch, caplog):
     """The usual cluster setup: WANDB_API_KEY set, no network. The online start gives up after
@@ -63,6 +66,7 @@ def test_an_offline_node_with_an_api_key_falls_back_to_offline_in_bounded_time(s
     assert not [r for r in records(log) if r.WhichOneof("record_type") == "artifact"]  # log_model is off
 
 
+@pytest.mark.slow
 def test_resumed_run_continues_the_same_wandb_run(synth_root, tmp_path, offline):
     out = tmp_path / "run"
     train(synth_root, out, "train.epochs=1", "data.limit=150")
@@ -73,6 +77,7 @@ def test_resumed_run_continues_the_same_wandb_run(synth_root, tmp_path, offline)
     assert [row["epoch"] for row in history(logs[1]) if "val_auc" in row] == [2]
 
 
+@pytest.mark.slow
 def test_training_survives_wandb_failing_to_start(synth_root, tmp_path, offline, monkeypatch, caplog):
     import wandb
     def broken_init(*args, **kwargs):
@@ -85,6 +90,7 @@ def test_training_survives_wandb_failing_to_start(synth_root, tmp_path, offline,
     assert "W&B logging is off" in caplog.text
 
 
+@pytest.mark.slow
 def test_training_survives_wandb_failing_mid_run(synth_root, tmp_path, offline, monkeypatch):
     import wandb
     def broken_log(self, *args, **kwargs):

@@ -1,6 +1,7 @@
-"""The Kaggle folder layout: train_labels.csv (id,label) and train/<id>.tif patches."""
+"""The Kaggle folder layout: train_labels.csv (id,label) and train/<id>.tif patches; its Source."""
 from __future__ import annotations
 
+import hashlib
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -8,11 +9,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
+from tqdm import tqdm
 
+from ..config import DataConfig
 from ..errors import BadImageError, DataError
 from ..signals import ignore_stop_signals
-
-PATCH_SHAPE = (96, 96, 3)
+from .packed import Pack, PackWriter, write_rows
+from .patch import PATCH_SHAPE
+from .source import Source
 
 
 def labels_csv(root: str | Path) -> Path:
@@ -113,3 +117,60 @@ def drop_bad_images(frame: pd.DataFrame, bad: dict[str, str], policy: str, root)
         raise DataError(f"bad image {image_path(root, first)}: {bad[first]} "
                         f"({len(bad)} bad image(s) in all; data.on_bad_image=skip skips and lists them)")
     return frame[~frame["id"].isin(bad)].reset_index(drop=True)
+
+
+def _pack_chunk(job: tuple[str, str, list[str], int]) -> dict[str, str]:
+    """Decode ids into rows [start, start+len) of images.npy; return {id: reason} of bad ones."""
+    root, images_file, ids, start = job
+    block = np.zeros((len(ids), *PATCH_SHAPE), np.uint8)
+    bad = {}
+    for i, image_id in enumerate(ids):
+        try:
+            block[i] = read_patch(image_path(root, image_id))
+        except BadImageError as e:
+            bad[image_id] = e.reason
+    write_rows(images_file, start, block)
+    return bad
+
+
+class KaggleFolder(Source):
+    """train_labels.csv + train/<id>.tif: read file by file, or packed."""
+
+    name, reads_files = "Kaggle folder", True
+
+    def fingerprint(self, root: str) -> tuple[str, str]:
+        csv = labels_csv(root)
+        return str(csv), hashlib.sha256(csv.read_bytes()).hexdigest()
+
+    def mtime(self, root: str) -> int:
+        return labels_csv(root).stat().st_mtime_ns
+
+    def table(self, cfg: DataConfig, pack: Pack | None) -> pd.DataFrame:
+        return read_labels(cfg.root, cfg.limit)
+
+    def image_path(self, cfg: DataConfig, image_id: str) -> Path:
+        return image_path(cfg.root, image_id)
+
+    def find_bad(self, cfg: DataConfig, ids: list[str], workers: int) -> dict[str, str]:
+        return find_bad_images(cfg.root, ids, workers)
+
+    def pack(self, cfg: DataConfig, writer: PackWriter, workers: int):
+        frame = read_labels(cfg.root)  # the whole CSV: data.limit applies when reading the pack
+        images = writer.allocate(len(frame))
+        ids = frame["id"].tolist()
+        chunk = max(1, min(2048, -(-len(ids) // (4 * max(1, workers)))))  # several per worker, at most 2048
+        jobs = [(str(cfg.root), str(images), ids[s:s + chunk], s) for s in range(0, len(ids), chunk)]
+        bad: dict[str, str] = {}
+        with ProcessPoolExecutor(max(1, workers)) as pool, \
+                tqdm(total=len(ids), desc="prepare", unit="img", disable=None) as bar:
+            for job, result in zip(jobs, pool.map(_pack_chunk, jobs)):
+                bad.update(result)
+                bar.update(len(job[2]))
+        if bad and cfg.on_bad_image == "fail":
+            first = next(iter(bad))
+            raise DataError(f"bad image {image_path(cfg.root, first)}: {bad[first]} ({len(bad)} bad image(s); "
+                            "nothing was packed; data.on_bad_image=skip packs the rest and lists them)")
+        return ids, frame["label"].to_numpy(), {"bad_images": bad}
+
+
+SOURCE = KaggleFolder()

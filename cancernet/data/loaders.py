@@ -8,13 +8,15 @@ import pandas as pd
 import torch
 from torch.utils.data import BatchSampler, DataLoader
 
-from ..config import Config, DataConfig
+from ..config import Config
 from ..distributed import DistInfo, broadcast_object
 from ..errors import DataError
 from ..signals import ignore_stop_signals
 from .augment import Augment, Preprocess
 from .datasets import EpochSampler, FolderDataset, ShardSampler
-from .kaggle import drop_bad_images, find_bad_images, image_path, read_labels, read_patch
+from .formats import format_of, open_source_pack
+from .kaggle import drop_bad_images
+from .packed import PackedDataset
 from .splits import make_splits, read_groups, reuse_splits
 
 log = logging.getLogger(__name__)
@@ -27,18 +29,17 @@ def load_table(cfg: Config, dist: DistInfo, saved_splits: pd.DataFrame | None = 
     saved_splits: a run's splits.csv (id, split) to reuse instead of drawing new splits.
     """
     dc = cfg.data
-    if dc.format == "pcam":
-        from .pcam import load_pcam_table
-        return load_pcam_table(dc), {}
-    frame = read_labels(dc.root, dc.limit)
-    if dc.format == "folder":
-        # Rank 0 decodes every image once up front, so a bad one fails now, not mid-epoch.
-        bad = find_bad_images(dc.root, frame["id"].tolist(), dc.num_workers) if dist.is_main else None
-        bad = broadcast_object(bad, dist)
-    else:
-        from .packed import open_pack
-        bad = open_pack(dc).bad_images
-    frame = drop_bad_images(frame, bad, dc.on_bad_image, dc.root)
+    fmt = format_of(dc)
+    pack = open_source_pack(dc) if fmt.packed else None
+    table = fmt.source.table(dc, pack)
+    if pack is not None:
+        bad = pack.bad_images
+    else:  # rank 0 decodes every image once up front, so a bad one fails now, not mid-epoch
+        found = fmt.source.find_bad(dc, table["id"].tolist(), dc.num_workers) if dist.is_main else None
+        bad = broadcast_object(found, dist)
+    if fmt.source.fixed_splits:
+        return table, bad
+    frame = drop_bad_images(table, bad, dc.on_bad_image, dc.root)
     if bad:
         log.warning("skipping %d bad image(s), listed in bad_images.csv", len(bad))
     groups = read_groups(dc.groups_csv, frame["id"]) if dc.groups_csv else None
@@ -55,14 +56,6 @@ def check_validation_split(table: pd.DataFrame) -> None:
     if val["label"].nunique() < 2:
         raise DataError(f"the validation split holds {len(val)} image(s) of class(es) {sorted(set(val['label']))} only: "
                         "raise data.val_fraction or data.limit so that it holds both classes")
-
-
-def image_reader(cfg: DataConfig):
-    """id -> (96, 96, 3) uint8 patch, from the folder (or the pack for packed and pcam data)."""
-    if cfg.format in ("packed", "pcam"):
-        from .packed import open_pack
-        return open_pack(cfg).read_by_id
-    return lambda image_id: read_patch(image_path(cfg.root, image_id))
 
 
 @dataclass
@@ -91,12 +84,13 @@ def make_loader(cfg: Config, dist: DistInfo, part: pd.DataFrame, train: bool) ->
                    prefetch_factor=4 if dc.num_workers else None, pin_memory=dist.device.type == "cuda",
                    # each iter() draws a base seed: from its own generator, not the global RNG (dropout's)
                    generator=torch.Generator().manual_seed(tc.seed), worker_init_fn=ignore_stop_signals)
-    if dc.format in ("packed", "pcam"):
-        from .packed import PackedDataset  # one read per batch of uint8 rows
+    fmt = format_of(dc)
+    if fmt.packed:  # one read per batch of uint8 rows
         batches = BatchSampler(sampler, batch_size, drop_last=train)
-        loader = DataLoader(PackedDataset(dc, ids, labels), batch_size=None, sampler=batches, **workers)
+        loader = DataLoader(PackedDataset(open_source_pack(dc), ids, labels), batch_size=None, sampler=batches,
+                            **workers)
     else:
-        dataset = FolderDataset([image_path(dc.root, i) for i in ids], labels)
+        dataset = FolderDataset([fmt.source.image_path(dc, i) for i in ids], labels)
         loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=train, **workers)
     channels_last = cfg.model.channels_last
     augment = Augment(dc, tc.seed, channels_last).to(dist.device) if train else None

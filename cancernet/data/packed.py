@@ -1,26 +1,23 @@
-"""The packed format: every patch of train_labels.csv in one uint8 array file, read by row.
+"""The packed container: N patches in one uint8 array file, read by row. It knows no source:
+what fills it (a Kaggle folder, a PCam release) is each source's packer (data/formats.py).
 
-<packed_dir>/images.npy    N x 96 x 96 x 3 uint8 (.npy: self-describing)
-<packed_dir>/ids.txt       the N ids, in row order
-<packed_dir>/labels.npy    N int64 labels
-<packed_dir>/manifest.json count, shape, dtype, sha256 of the source (labels CSV, or the PCam
-                           release's y files and meta CSVs), bad images, timings
-<packed_dir>/meta.csv      PCam release only: id, split, group (slide) of every row
+<pack>/images.npy    N x 96 x 96 x 3 uint8 (.npy: self-describing)
+<pack>/ids.txt       the N ids, in row order
+<pack>/labels.npy    N int64 labels
+<pack>/manifest.json count, shape, dtype, what the pack was made from and its sha256, bad
+                     images, timings (written last: it marks the pack complete)
+<pack>/...           files a source adds (PCam: meta.csv with each id's split and slide)
 
 Rows are read with pread from the one file: all ranks of a node share a single copy in the OS
 page cache, and nothing is mapped into a process, so a worker's RSS does not grow with the
-dataset (a memory map would count every page it touched).
+dataset (a memory map would count every page it touched). Rows are written with pwrite, for
+the same reason (the written pages of a map count as the writer's memory).
 """
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
-import logging
 import os
 import shutil
-import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -28,19 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
-from ..config import DataConfig
-from ..errors import BadImageError, DataError
-from .kaggle import PATCH_SHAPE, image_path, labels_csv, read_labels, read_patch
+from ..errors import DataError
+from .patch import PATCH_SHAPE
 
-log = logging.getLogger(__name__)
 ROW_BYTES = int(np.prod(PATCH_SHAPE))
 VERSION = 2
-
-
-def pack_dir(cfg: DataConfig) -> Path:
-    return Path(cfg.packed_dir) if cfg.packed_dir else Path(cfg.root) / "packed"
 
 
 def npy_layout(path: Path) -> tuple[tuple, np.dtype, int]:
@@ -49,27 +39,6 @@ def npy_layout(path: Path) -> tuple[tuple, np.dtype, int]:
         np.lib.format.read_magic(f)
         shape, _, dtype = np.lib.format.read_array_header_1_0(f)
         return shape, dtype, f.tell()
-
-
-def fingerprint(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def source_fingerprint(root: str, fmt: str) -> tuple[str, str]:
-    """(what the pack was made from, its sha256): the labels CSV, or the PCam release's files."""
-    if fmt == "pcam":
-        from .pcam import release_fingerprint
-        return f"PCam release {root}", release_fingerprint(Path(root))
-    csv = labels_csv(root)
-    return str(csv), fingerprint(csv)
-
-
-def _source_mtime(cfg: DataConfig) -> int:
-    if cfg.format == "pcam":
-        from .pcam import release_file
-        return max(release_file(Path(cfg.root), s, p).stat().st_mtime_ns for s in ("train", "valid", "test")
-                   for p in ("y", "meta"))
-    return labels_csv(cfg.root).stat().st_mtime_ns
 
 
 @dataclass
@@ -105,21 +74,13 @@ class Pack:
             os.close(fd)
 
 
-def open_pack(cfg: DataConfig) -> Pack:
-    """Open the pack for data.root, refusing one that is missing, partial or out of date."""
-    path = pack_dir(cfg)
+def open_pack(path: Path, source: str, digest: str, hint: str) -> Pack:
+    """The pack at path, refused unless it is complete, of this version, and made from `source`
+    whose sha256 is `digest` now."""
     manifest_path = path / "manifest.json"
-    hint = "run `python -m cancernet prepare --config CFG` (same data.root/data.packed_dir)"
     if not manifest_path.is_file():
-        raise DataError(f"no complete pack at {path} (data.format={cfg.format}): {hint}")
-    return _open(path, str(cfg.root), "pcam" if cfg.format == "pcam" else "folder",
-                 manifest_path.stat().st_mtime_ns, _source_mtime(cfg), hint)
-
-
-@functools.lru_cache(maxsize=4)  # opened by several loaders; re-checked when either side changes
-def _open(path: Path, root: str, fmt: str, manifest_mtime: int, source_mtime: int, hint: str) -> Pack:
-    manifest = json.loads((path / "manifest.json").read_text())
-    source, digest = source_fingerprint(root, fmt)
+        raise DataError(f"no complete pack at {path}: {hint}")
+    manifest = json.loads(manifest_path.read_text())
     if manifest.get("version") != VERSION or manifest.get("source_sha256") != digest:
         raise DataError(f"pack {path} was made from a different {source} (or an older cancernet); "
                         f"re-run prepare: {hint}")
@@ -131,15 +92,66 @@ def _open(path: Path, root: str, fmt: str, manifest_mtime: int, source_mtime: in
     return Pack(path, ids, labels, manifest["bad_images"], offset)
 
 
+def write_rows(images_file: str | Path, start: int, block: np.ndarray) -> None:
+    """pwrite rows [start, start + len(block)) of images.npy (from any process)."""
+    _, _, offset = npy_layout(Path(images_file))
+    block = np.ascontiguousarray(block, dtype=np.uint8)
+    fd = os.open(images_file, os.O_WRONLY)
+    try:
+        if os.pwrite(fd, block.data, offset + start * ROW_BYTES) != block.nbytes:
+            raise DataError(f"{images_file}: short write (disk full?)")
+    finally:
+        os.close(fd)
+
+
+class PackWriter:
+    """Builds a pack in <pack>.partial/ and renames it over <pack> when complete, so a half-written
+    pack is never used; a crashed earlier attempt is cleared first. A context manager: on an
+    error the partial folder is removed."""
+
+    def __init__(self, final: Path):
+        self.final = Path(final)
+        self.path = self.final.with_name(self.final.name + ".partial")
+
+    def __enter__(self) -> "PackWriter":
+        shutil.rmtree(self.path, ignore_errors=True)
+        self.path.mkdir(parents=True)
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if error is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+    @property
+    def images(self) -> Path:
+        return self.path / "images.npy"
+
+    def allocate(self, count: int) -> Path:
+        """Create images.npy for count rows (sparse until written); returns its path."""
+        np.lib.format.open_memmap(self.images, mode="w+", dtype=np.uint8, shape=(count, *PATCH_SHAPE)).flush()
+        return self.images
+
+    def finish(self, ids: list[str], labels: np.ndarray, manifest: dict) -> Path:
+        """Write ids, labels and the manifest (last: it marks the pack complete), then rename."""
+        np.save(self.path / "labels.npy", np.asarray(labels, dtype=np.int64))
+        (self.path / "ids.txt").write_text("\n".join(ids) + "\n")
+        manifest = {"version": VERSION, "shape": list(PATCH_SHAPE), "dtype": "uint8", "count": len(ids), **manifest}
+        (self.path / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        if self.final.exists():
+            shutil.rmtree(self.final)
+        os.replace(self.path, self.final)
+        return self.final
+
+
 class PackedDataset(Dataset):
-    """Whole uint8 batches from the pack: dataset[list of indices] -> (images NCHW, labels, indices).
+    """Whole uint8 batches from a pack: dataset[list of indices] -> (images NCHW, labels, indices).
 
     Used with a BatchSampler as the loader's sampler (batch_size=None), so one call reads a batch.
     """
 
-    def __init__(self, cfg: DataConfig, ids: list[str], labels: np.ndarray):
-        self.pack = open_pack(cfg)
-        self.rows = np.array([self.pack.row_of[i] for i in ids], dtype=np.int64)
+    def __init__(self, pack: Pack, ids: list[str], labels: np.ndarray):
+        self.pack = pack
+        self.rows = np.array([pack.row_of[i] for i in ids], dtype=np.int64)
         self.labels = torch.tensor(labels, dtype=torch.int64)
         self._fd = None  # opened lazily in each worker process
 
@@ -155,68 +167,3 @@ class PackedDataset(Dataset):
 
     def __getstate__(self):
         return {**self.__dict__, "_fd": None}  # file descriptors do not cross processes
-
-
-def _pack_chunk(job: tuple[str, str, list[str], int]) -> dict[str, str]:
-    """Decode ids into rows [start, start+len) of images.npy; return {id: reason} of bad ones."""
-    root, images_file, ids, start = job
-    array = np.load(images_file, mmap_mode="r+")
-    bad = {}
-    for i, image_id in enumerate(ids):
-        try:
-            array[start + i] = read_patch(image_path(root, image_id))
-        except BadImageError as e:
-            bad[image_id] = e.reason
-    array.flush()
-    return bad
-
-
-def prepare(cfg: DataConfig, workers: int, chunk: int = 2048) -> Path:
-    """Pack every labelled image of data.root (or the PCam release there) into a temp folder,
-    renamed when complete."""
-    start_time = time.perf_counter()
-    final = pack_dir(cfg)
-    partial = final.with_name(final.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)  # a crashed earlier run restarts cleanly
-    partial.mkdir(parents=True)
-    try:
-        if cfg.format == "pcam":
-            from .pcam import pack_release
-            fields = pack_release(cfg, partial, workers)
-        else:
-            fields = _pack_folder(cfg, partial, workers, chunk)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    source, digest = source_fingerprint(str(cfg.root), cfg.format)
-    manifest = {"version": VERSION, "shape": list(PATCH_SHAPE), "dtype": "uint8", "source": source,
-                "source_sha256": digest, **fields, "seconds": round(time.perf_counter() - start_time, 1),
-                "workers": workers}
-    (partial / "manifest.json").write_text(json.dumps(manifest, indent=1))  # last: marks it complete
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(partial, final)
-    log.info("packed %d images (%d bad, skipped) into %s in %.1fs", manifest["count"], len(manifest["bad_images"]),
-             final, manifest["seconds"])
-    return final
-
-
-def _pack_folder(cfg: DataConfig, partial: Path, workers: int, chunk: int) -> dict:
-    frame = read_labels(cfg.root)  # the whole CSV: data.limit applies when reading the pack
-    images = partial / "images.npy"
-    np.lib.format.open_memmap(images, mode="w+", dtype=np.uint8, shape=(len(frame), *PATCH_SHAPE)).flush()
-    ids = frame["id"].tolist()
-    jobs = [(str(cfg.root), str(images), ids[s:s + chunk], s) for s in range(0, len(ids), chunk)]
-    bad: dict[str, str] = {}
-    with ProcessPoolExecutor(max(1, workers)) as pool, \
-            tqdm(total=len(ids), desc="prepare", unit="img", disable=None) as bar:
-        for job, result in zip(jobs, pool.map(_pack_chunk, jobs)):
-            bad.update(result)
-            bar.update(len(job[2]))
-    if bad and cfg.on_bad_image == "fail":
-        first = next(iter(bad))
-        raise DataError(f"bad image {image_path(cfg.root, first)}: {bad[first]} ({len(bad)} bad image(s); "
-                        "nothing was packed; data.on_bad_image=skip packs the rest and lists them)")
-    np.save(partial / "labels.npy", frame["label"].to_numpy())
-    (partial / "ids.txt").write_text("\n".join(ids) + "\n")
-    return {"count": len(ids), "bad_images": bad}

@@ -8,7 +8,7 @@
 `prepare` streams every split into the packed format (one pack; ids `<split>_<row>`, and a
 meta.csv with each id's split and slide), so training reads it through the fast path unchanged.
 The .h5 files may be gzip-compressed, as the release is distributed; they are read through a
-gzip stream, never decompressed to disk.
+gzip stream, never decompressed to disk. `PcamRelease` is its Source.
 """
 from __future__ import annotations
 
@@ -17,8 +17,6 @@ import gzip
 import hashlib
 import io
 import logging
-import os
-import shutil
 import struct
 import zlib
 from concurrent.futures import ProcessPoolExecutor
@@ -29,7 +27,9 @@ import pandas as pd
 
 from ..config import DataConfig
 from ..errors import DataError
-from .kaggle import PATCH_SHAPE
+from .packed import Pack, PackWriter, write_rows
+from .patch import PATCH_SHAPE
+from .source import Source
 
 log = logging.getLogger(__name__)
 RELEASE_SPLITS = {"train": "train", "valid": "val", "test": "test"}  # release name -> ours
@@ -134,7 +134,8 @@ def open_dataset(path: Path, name: str):
                         f"{str(e).splitlines()[0] if str(e) else 'truncated'}); a truncated download?") from None
 
 
-def read_labels(path: Path) -> np.ndarray:
+def read_release_labels(path: Path) -> np.ndarray:
+    """The labels of one split's y file (N,), checked to be 0 or 1."""
     with open_dataset(path, "y") as y:
         if y.dtype != np.uint8 or y.ndim != 4 or y.shape[1:] != (1, 1, 1):
             raise DataError(f"{path}: dataset 'y' is {y.dtype} {y.shape}; expected uint8 (N, 1, 1, 1)")
@@ -176,7 +177,7 @@ def check_release(root: Path) -> dict[str, tuple[np.ndarray, pd.DataFrame]]:
     out = {}
     for split in RELEASE_SPLITS:
         x_path, y_path, meta_path = (release_file(root, split, p) for p in ("x", "y", "meta"))
-        labels = read_labels(y_path)
+        labels = read_release_labels(y_path)
         with open_dataset(x_path, "x") as x:
             if x.dtype != np.uint8 or tuple(x.shape[1:]) != PATCH_SHAPE:
                 raise DataError(f"{x_path}: dataset 'x' is {x.dtype} {x.shape}; expected uint8 (N, 96, 96, 3)")
@@ -187,115 +188,59 @@ def check_release(root: Path) -> dict[str, tuple[np.ndarray, pd.DataFrame]]:
 
 
 def _copy_split(job: tuple[str, str, int, int]) -> int:
-    """Stream one split's x into rows [start, start + n) of images.npy, a chunk at a time.
-
-    pwrite, not a memory map: written pages of a map count as the process' memory (7.6 GB for
-    the train split); this way it holds one chunk.
-    """
-    from .packed import npy_layout
+    """Stream one split's x into rows [start, start + n) of images.npy, a chunk at a time (one
+    chunk in memory, whatever the split's size)."""
     x_path, images_file, start, chunk = job
-    _, _, offset = npy_layout(Path(images_file))
-    row_bytes = int(np.prod(PATCH_SHAPE))
-    fd = os.open(images_file, os.O_WRONLY)
-    try:
-        with open_dataset(Path(x_path), "x") as x:
-            for s in range(0, x.shape[0], chunk):
-                block = np.ascontiguousarray(x[s:s + chunk])
-                if os.pwrite(fd, block.data, offset + (start + s) * row_bytes) != block.nbytes:
-                    raise DataError(f"{images_file}: short write (disk full?)")
+    with open_dataset(Path(x_path), "x") as x:
+        for s in range(0, x.shape[0], chunk):
+            write_rows(images_file, start + s, x[s:s + chunk])
         return x.shape[0]
-    finally:
-        os.close(fd)
 
 
-def pack_release(cfg: DataConfig, partial: Path, workers: int, chunk: int = 4096) -> dict:
-    """Write images.npy, labels.npy, ids.txt and meta.csv of a release into partial/; returns the
-    manifest's extra fields."""
-    root = Path(cfg.root)
-    release = check_release(root)
-    ids, labels, meta = [], [], []
-    for split, (split_labels, split_meta) in release.items():
-        ours = RELEASE_SPLITS[split]
-        split_ids = [f"{ours}_{i:06d}" for i in range(len(split_labels))]
-        ids += split_ids
-        labels.append(split_labels)
-        meta.append(pd.DataFrame({"id": split_ids, "split": ours, "group": split_meta["wsi"].astype(str).to_numpy()}))
-    images = partial / "images.npy"
-    np.lib.format.open_memmap(images, mode="w+", dtype=np.uint8, shape=(len(ids), *PATCH_SHAPE)).flush()
-    starts = np.cumsum([0] + [len(release[s][0]) for s in RELEASE_SPLITS])[:-1]
-    jobs = [(str(release_file(root, s, "x")), str(images), int(start), chunk) for s, start in zip(RELEASE_SPLITS, starts)]
-    with ProcessPoolExecutor(max(1, min(workers, len(jobs)))) as pool:
-        list(pool.map(_copy_split, jobs))
-    np.save(partial / "labels.npy", np.concatenate(labels))
-    (partial / "ids.txt").write_text("\n".join(ids) + "\n")
-    pd.concat(meta).to_csv(partial / "meta.csv", index=False)
-    return {"source": "pcam", "count": len(ids), "bad_images": {},
-            "splits": {RELEASE_SPLITS[s]: int(len(release[s][0])) for s in RELEASE_SPLITS}}
+class PcamRelease(Source):
+    """PCam's HDF5 release: always packed; its own slide-disjoint splits and slide ids."""
+
+    name, fixed_splits = "PCam release", True
+
+    def fingerprint(self, root: str) -> tuple[str, str]:
+        return f"PCam release {root}", release_fingerprint(Path(root))
+
+    def mtime(self, root: str) -> int:
+        return max(release_file(Path(root), s, p).stat().st_mtime_ns for s in RELEASE_SPLITS for p in ("y", "meta"))
+
+    def pack(self, cfg: DataConfig, writer: PackWriter, workers: int, chunk: int = 4096):
+        root = Path(cfg.root)
+        release = check_release(root)
+        ids, labels, meta = [], [], []
+        for split, (split_labels, split_meta) in release.items():
+            ours = RELEASE_SPLITS[split]
+            split_ids = [f"{ours}_{i:06d}" for i in range(len(split_labels))]
+            ids += split_ids
+            labels.append(split_labels)
+            meta.append(pd.DataFrame({"id": split_ids, "split": ours,
+                                      "group": split_meta["wsi"].astype(str).to_numpy()}))
+        images = writer.allocate(len(ids))
+        starts = np.cumsum([0] + [len(release[s][0]) for s in RELEASE_SPLITS])[:-1]
+        jobs = [(str(release_file(root, s, "x")), str(images), int(start), chunk)
+                for s, start in zip(RELEASE_SPLITS, starts)]
+        with ProcessPoolExecutor(max(1, min(workers, len(jobs)))) as pool:
+            list(pool.map(_copy_split, jobs))
+        pd.concat(meta).to_csv(writer.path / "meta.csv", index=False)
+        return ids, np.concatenate(labels), {"source_kind": "pcam", "bad_images": {},
+                                             "splits": {RELEASE_SPLITS[s]: int(len(release[s][0])) for s in RELEASE_SPLITS}}
+
+    def table(self, cfg: DataConfig, pack: Pack | None) -> pd.DataFrame:
+        """id, label, split (the release's), group (slide) of the prepared pack; data.limit takes the
+        first rows of every split in proportion to its size."""
+        meta = pd.read_csv(pack.path / "meta.csv", dtype={"id": str, "group": str})
+        table = meta.assign(label=pack.labels)[["id", "label", "split", "group"]]
+        if cfg.limit:
+            share = cfg.limit / len(table)
+            table = pd.concat([part.head(max(1, round(share * len(part))))
+                               for _, part in table.groupby("split", sort=False)])
+        log.info("PCam release splits (not data.val_fraction/test_fraction): %s; %d slides",
+                 {k: int(v) for k, v in table["split"].value_counts().items()}, table["group"].nunique())
+        return table.reset_index(drop=True)
 
 
-def load_pcam_table(cfg: DataConfig) -> pd.DataFrame:
-    """id, label, split (the release's), group (slide) of the prepared pack; data.limit takes the
-    first rows of every split in proportion to its size."""
-    from .packed import open_pack
-    pack = open_pack(cfg)
-    meta = pd.read_csv(pack.path / "meta.csv", dtype={"id": str, "group": str})
-    table = meta.assign(label=pack.labels)[["id", "label", "split", "group"]]
-    if cfg.limit:
-        share = cfg.limit / len(table)
-        table = pd.concat([part.head(max(1, round(share * len(part)))) for _, part in table.groupby("split", sort=False)])
-    log.info("PCam release splits (not data.val_fraction/test_fraction): %s; %d slides",
-             {k: int(v) for k, v in table["split"].value_counts().items()}, table["group"].nunique())
-    return table.reset_index(drop=True)
-
-
-def write_release(out: str | Path, n_train: int, n_valid: int, n_test: int, seed: int = 0, gzip_files: bool = False,
-                  workers: int = 1, pool: int | None = None, per_slide: int = 25, chunk: int = 8192) -> dict:
-    """A synthetic dataset in the release's exact layout (x/y .h5, or .h5.gz, and meta CSVs).
-
-    Patches come from the synthetic Kaggle renderer; every `per_slide` consecutive patches of a
-    split share a slide id (normal slides hold only normal patches), and no slide spans two splits. pool: render only this many distinct
-    patches and reuse them (for scale runs).
-    """
-    import h5py
-
-    from .synthetic import _render_many
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    sizes = {"train": n_train, "valid": n_valid, "test": n_test}
-    cache: dict[int, list[np.ndarray]] = {0: [], 1: []}  # with pool: distinct renders per label, reused
-    for s_index, (split, n) in enumerate(sizes.items()):
-        # slides are tumour slides (60% tumour patches) or normal ones (none), as in Camelyon16
-        tumour_slide = rng.random(n // per_slide + 1) < 0.6
-        labels = ((rng.random(n) < 0.75) & tumour_slide[np.arange(n) // per_slide]).astype(np.uint8)
-        stem = out / f"camelyonpatch_level_2_split_{split}"
-        with h5py.File(f"{stem}_x.h5", "w") as fx:
-            x = fx.create_dataset("x", (n, *PATCH_SHAPE), dtype=np.uint8)
-            for start in range(0, n, chunk):
-                part = labels[start:start + chunk]
-                if pool and min(len(c) for c in cache.values()) >= pool // 2:
-                    rendered = [cache[int(v)][(start + i) % len(cache[int(v)])] for i, v in enumerate(part)]
-                else:
-                    pieces = np.array_split(np.arange(len(part)), max(1, workers * 2))
-                    jobs = [(seed * 1000 + s_index * 100 + start + k, part[p], np.zeros(len(p), bool))
-                            for k, p in enumerate(pieces) if len(p)]
-                    with ProcessPoolExecutor(workers) as ex:
-                        rendered = [a for piece in ex.map(_render_many, jobs) for a in piece]
-                    for array, v in zip(rendered, part) if pool else ():
-                        if len(cache[int(v)]) < pool // 2:
-                            cache[int(v)].append(array)
-                x[start:start + len(part)] = np.stack(rendered)
-        with h5py.File(f"{stem}_y.h5", "w") as fy:
-            fy.create_dataset("y", data=labels.reshape(n, 1, 1, 1))
-        slides = [f"synthetic_{split}_{i // per_slide:05d}" for i in range(n)]
-        pd.DataFrame({"coord_y": rng.integers(0, 100_000, n), "coord_x": rng.integers(0, 100_000, n),
-                      "tumor_patch": labels.astype(bool), "center_tumor_patch": labels.astype(bool),
-                      "wsi": slides}).to_csv(f"{stem}_meta.csv")
-        if gzip_files:
-            for part in ("x", "y"):
-                plain = Path(f"{stem}_{part}.h5")
-                with open(plain, "rb") as src, gzip.open(f"{plain}.gz", "wb", compresslevel=1) as dst:
-                    shutil.copyfileobj(src, dst, 1 << 22)
-                plain.unlink()
-    return {split: n for split, n in sizes.items()}
+SOURCE = PcamRelease()

@@ -6,6 +6,8 @@ that loses the centre (or mislabels) cannot score well.
 """
 from __future__ import annotations
 
+import gzip
+import shutil
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -13,7 +15,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-SIZE, CENTRE = 96, (32, 64)  # the label looks at pixels [32, 64) in both axes
+from .patch import LABEL_END, LABEL_START, PATCH_SHAPE, PATCH_SIZE
+
+SIZE, CENTRE = PATCH_SIZE, (LABEL_START, LABEL_END)  # the label looks at pixels [32, 64) in both axes
 _YY, _XX = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
 
 
@@ -116,3 +120,54 @@ def write_dataset(out: str | Path, n_train: int, n_test: int, seed: int = 0,
     frame.to_csv(out / "train_labels.csv", index=False)
     pd.DataFrame({"id": ids[n_train:], "label": 0}).to_csv(out / "sample_submission.csv", index=False)
     return frame
+
+
+def write_pcam_release(out: str | Path, n_train: int, n_valid: int, n_test: int, seed: int = 0, gzip_files: bool = False,
+                  workers: int = 1, pool: int | None = None, per_slide: int = 25, chunk: int = 8192) -> dict:
+    """A synthetic dataset in PCam's release layout (x/y .h5, or .h5.gz, and meta CSVs: data/pcam.py).
+
+    Patches come from the synthetic Kaggle renderer; every `per_slide` consecutive patches of a
+    split share a slide id (normal slides hold only normal patches), and no slide spans two splits. pool: render only this many distinct
+    patches and reuse them (for scale runs).
+    """
+    import h5py
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    sizes = {"train": n_train, "valid": n_valid, "test": n_test}
+    cache: dict[int, list[np.ndarray]] = {0: [], 1: []}  # with pool: distinct renders per label, reused
+    for s_index, (split, n) in enumerate(sizes.items()):
+        # slides are tumour slides (60% tumour patches) or normal ones (none), as in Camelyon16
+        tumour_slide = rng.random(n // per_slide + 1) < 0.6
+        labels = ((rng.random(n) < 0.75) & tumour_slide[np.arange(n) // per_slide]).astype(np.uint8)
+        stem = out / f"camelyonpatch_level_2_split_{split}"
+        with h5py.File(f"{stem}_x.h5", "w") as fx:
+            x = fx.create_dataset("x", (n, *PATCH_SHAPE), dtype=np.uint8)
+            for start in range(0, n, chunk):
+                part = labels[start:start + chunk]
+                if pool and min(len(c) for c in cache.values()) >= pool // 2:
+                    rendered = [cache[int(v)][(start + i) % len(cache[int(v)])] for i, v in enumerate(part)]
+                else:
+                    pieces = np.array_split(np.arange(len(part)), max(1, workers * 2))
+                    jobs = [(seed * 1000 + s_index * 100 + start + k, part[p], np.zeros(len(p), bool))
+                            for k, p in enumerate(pieces) if len(p)]
+                    with ProcessPoolExecutor(workers) as ex:
+                        rendered = [a for piece in ex.map(_render_many, jobs) for a in piece]
+                    for array, v in zip(rendered, part) if pool else ():
+                        if len(cache[int(v)]) < pool // 2:
+                            cache[int(v)].append(array)
+                x[start:start + len(part)] = np.stack(rendered)
+        with h5py.File(f"{stem}_y.h5", "w") as fy:
+            fy.create_dataset("y", data=labels.reshape(n, 1, 1, 1))
+        slides = [f"synthetic_{split}_{i // per_slide:05d}" for i in range(n)]
+        pd.DataFrame({"coord_y": rng.integers(0, 100_000, n), "coord_x": rng.integers(0, 100_000, n),
+                      "tumor_patch": labels.astype(bool), "center_tumor_patch": labels.astype(bool),
+                      "wsi": slides}).to_csv(f"{stem}_meta.csv")
+        if gzip_files:
+            for part in ("x", "y"):
+                plain = Path(f"{stem}_{part}.h5")
+                with open(plain, "rb") as src, gzip.open(f"{plain}.gz", "wb", compresslevel=1) as dst:
+                    shutil.copyfileobj(src, dst, 1 << 22)
+                plain.unlink()
+    return {split: n for split, n in sizes.items()}

@@ -1,0 +1,96 @@
+"""data.format, registered in one place: which source a format reads, and whether from its own
+files or from the pack `prepare` made of it.
+
+A new source is one module with a Source (data/source.py) plus one line in FORMATS.
+"""
+from __future__ import annotations
+
+import difflib
+import functools
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..config import DataConfig
+from ..errors import ConfigError
+from . import kaggle, pcam
+from .packed import Pack, PackWriter, open_pack
+from .source import Source
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Format:
+    source: Source
+    packed: bool  # read from the pack (python -m cancernet prepare), else from the source's files
+
+
+FORMATS: dict[str, Format] = {
+    "folder": Format(kaggle.SOURCE, packed=False),
+    "packed": Format(kaggle.SOURCE, packed=True),
+    "pcam": Format(pcam.SOURCE, packed=True),
+}
+
+
+def check_format(name: str, key: str = "data.format") -> str:
+    if name not in FORMATS:
+        close = difflib.get_close_matches(name, FORMATS, n=2)
+        raise ConfigError(f"config key '{key}': {name!r} is not a data format (known: {', '.join(FORMATS)})"
+                          + (f"; did you mean {close[0]}?" if close else ""))
+    return name
+
+
+def format_of(cfg: DataConfig) -> Format:
+    return FORMATS[check_format(cfg.format)]
+
+
+def pack_dir(cfg: DataConfig) -> Path:
+    return Path(cfg.packed_dir) if cfg.packed_dir else Path(cfg.root) / "packed"
+
+
+def _hint(cfg: DataConfig) -> str:
+    return (f"run `python -m cancernet prepare --config CFG` with data.format={cfg.format} and the same "
+            "data.root/data.packed_dir")
+
+
+def open_source_pack(cfg: DataConfig) -> Pack:
+    """The pack of data.root, refused when missing, partial or made from other data."""
+    source, path = format_of(cfg).source, pack_dir(cfg)
+    manifest = path / "manifest.json"
+    mtime = manifest.stat().st_mtime_ns if manifest.is_file() else 0
+    return _open(path, cfg.format, str(cfg.root), mtime, source.mtime(str(cfg.root)) if mtime else 0, _hint(cfg))
+
+
+@functools.lru_cache(maxsize=4)  # opened by several loaders; re-checked when either side changes
+def _open(path: Path, fmt: str, root: str, manifest_mtime: int, source_mtime: int, hint: str) -> Pack:
+    if not manifest_mtime:
+        return open_pack(path, "", "", hint)  # raises: no complete pack
+    source = FORMATS[fmt].source
+    return open_pack(path, *source.fingerprint(root), hint)
+
+
+def prepare(cfg: DataConfig, workers: int) -> Path:
+    """Pack every labelled patch of data.root's source (whatever data.limit says) into pack_dir."""
+    start = time.perf_counter()
+    source = format_of(cfg).source
+    with PackWriter(pack_dir(cfg)) as writer:
+        ids, labels, fields = source.pack(cfg, writer, workers)
+        what, digest = source.fingerprint(str(cfg.root))
+        final = writer.finish(ids, labels, {"source": what, "source_sha256": digest, **fields,
+                                            "seconds": round(time.perf_counter() - start, 1), "workers": workers})
+    log.info("packed %d images (%d bad, skipped) into %s in %.1fs", len(ids), len(fields["bad_images"]), final,
+             time.perf_counter() - start)
+    return final
+
+
+def reader(cfg: DataConfig) -> Callable[[str], np.ndarray]:
+    """id -> (96, 96, 3) uint8 patch, from the pack or the source's files."""
+    fmt = format_of(cfg)
+    if fmt.packed:
+        return open_source_pack(cfg).read_by_id
+    return lambda image_id: kaggle.read_patch(fmt.source.image_path(cfg, image_id))
