@@ -2,6 +2,7 @@
 
 Single process without a launcher; DDP under `torchrun --nproc_per_node=N train_ddp.py ...`.
 """
+
 import argparse
 import sys
 

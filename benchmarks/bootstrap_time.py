@@ -1,4 +1,5 @@
 """Time the bootstrap CIs of the report: 60,000 predictions, 1,000 resamples, two thresholds."""
+
 import time
 
 import numpy as np

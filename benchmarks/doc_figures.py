@@ -7,6 +7,7 @@
 - example_report.png: six of RUN_DIR's report figures side by side
 - example_gradcam.jpg, example_sample_grid.jpg, example_augmentation.jpg: RUN_DIR's figures
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,7 +22,7 @@ from PIL import Image
 from cancernet.config import load_config
 from cancernet.data.augment import Augment
 from cancernet.data.kaggle import read_patch
-from cancernet.plots import augmentation_grid
+from cancernet.grids import augmentation_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 IMG = ROOT / "docs" / "img"
@@ -35,18 +36,31 @@ def stain_figure() -> None:
     images = torch.from_numpy(originals).permute(0, 3, 1, 2)
     views, labels = [], []
     for scale in (1, 2):
-        data = dataclasses.replace(cfg.data, augment="none", jitter=0.0, hue=0.0, stain="hed", image_size=96,
-                                   stain_sigma=cfg.data.stain_sigma * scale, stain_bias=cfg.data.stain_bias * scale,
-                                   mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0])
+        data = dataclasses.replace(
+            cfg.data,
+            augment="none",
+            jitter=0.0,
+            hue=0.0,
+            stain="hed",
+            image_size=96,
+            stain_sigma=cfg.data.stain_sigma * scale,
+            stain_bias=cfg.data.stain_bias * scale,
+            mean=[0.0, 0.0, 0.0],
+            std=[1.0, 1.0, 1.0],
+        )
         augment = Augment(data, seed=0)
         for epoch in range(3):
             out = augment(images, torch.arange(len(images)), epoch)
             views.append((out.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8))
             labels.append(f"{'x2, ' if scale == 2 else ''}draw {epoch + 1}")
-    figure = augmentation_grid(originals, views, f"HED stain only (σ {cfg.data.stain_sigma:g}, bias "
-                                                 f"{cfg.data.stain_bias:g}; last three columns twice as strong), "
-                                                 "real PCam patches (tests/fixtures, CC0)")
-    for ax, label in zip(figure.axes[1:len(views) + 1], labels):
+    figure = augmentation_grid(
+        originals,
+        views,
+        f"HED stain only (σ {cfg.data.stain_sigma:g}, bias "
+        f"{cfg.data.stain_bias:g}; last three columns twice as strong), "
+        "real PCam patches (tests/fixtures, CC0)",
+    )
+    for ax, label in zip(figure.axes[1 : len(views) + 1], labels):
         ax.set_title(label, fontsize=8)
     figure.savefig(IMG / "stain_augmentation.jpg", dpi=90, pil_kwargs={"quality": 85})  # photos: JPEG
 

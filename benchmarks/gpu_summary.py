@@ -3,6 +3,7 @@ ceiling, and the recipe's end-to-end rate over the seed-like pipeline's.
 
     python benchmarks/gpu_summary.py OUT/bench.jsonl
 """
+
 import json
 import sys
 
@@ -17,19 +18,29 @@ def main(path: str) -> None:
     for r in rows:
         extra = ""
         if r["bench"] == "train" and key(r) in ceiling:
-            extra = (f"  {100 * r['images_per_s'] / ceiling[key(r)]:.0f}% of the step ceiling; "
-                     f"val_s {r['val_s']} ckpt_s {r['ckpt_s']}")
+            extra = (
+                f"  {100 * r['images_per_s'] / ceiling[key(r)]:.0f}% of the step ceiling; "
+                f"val_s {r['val_s']} ckpt_s {r['ckpt_s']}"
+            )
         what = r.get("arch") or r.get("path")
-        mode = f"ddp, compiled {'around DDP' if r.get('compile_scope') == 'ddp' else 'inside DDP'}" \
-            if r.get("ddp") and r.get("compile") else f"compile={r.get('compile', '-')}"
-        print(f"{r['bench']:5s} {what!s:9s} {r['image_size']:3d} px batch {r['batch_size']:4d} {mode:26s} "
-              f"augmented={r.get('augmented', '-')!s:5s} {r['images_per_s']:>10.0f} img/s{extra}")
-    ours = sorted((r for r in rows if r["bench"] == "train" and r["path"] == "packed"),
-                  key=lambda r: r.get("arch") != "resnet34")  # the recipe's arch when measured
+        mode = (
+            f"ddp, compiled {'around DDP' if r.get('compile_scope') == 'ddp' else 'inside DDP'}"
+            if r.get("ddp") and r.get("compile")
+            else f"compile={r.get('compile', '-')}"
+        )
+        print(
+            f"{r['bench']:5s} {what!s:9s} {r['image_size']:3d} px batch {r['batch_size']:4d} {mode:26s} "
+            f"augmented={r.get('augmented', '-')!s:5s} {r['images_per_s']:>10.0f} img/s{extra}"
+        )
+    ours = sorted(
+        (r for r in rows if r["bench"] == "train" and r["path"] == "packed"), key=lambda r: r.get("arch") != "resnet34"
+    )  # the recipe's arch when measured
     seed = [r for r in rows if r["bench"] == "train" and r["path"] == "folder"]
     if ours and seed:
-        print(f"ours ({ours[0]['arch']}, packed, {ours[0]['image_size']} px) / seed-like (frozen resnet34, folder, "
-              f"{seed[0]['image_size']} px) end to end: {ours[0]['images_per_s'] / seed[0]['images_per_s']:.1f}x")
+        print(
+            f"ours ({ours[0]['arch']}, packed, {ours[0]['image_size']} px) / seed-like (frozen resnet34, folder, "
+            f"{seed[0]['image_size']} px) end to end: {ours[0]['images_per_s'] / seed[0]['images_per_s']:.1f}x"
+        )
 
 
 if __name__ == "__main__":

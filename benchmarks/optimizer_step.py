@@ -1,4 +1,5 @@
 """Time one optimizer step of ResNet18's parameters: foreach vs fused AdamW (CPU unless CUDA)."""
+
 import time
 
 import torch

@@ -1,5 +1,6 @@
 """python -m cancernet {synth,prepare,evaluate,predict,export,bench,fetch-weights}: the commands
 besides training (also installed as the `cancernet` console script)."""
+
 from __future__ import annotations
 
 import argparse
@@ -17,14 +18,30 @@ def cmd_synth(args) -> int:
     start = time.perf_counter()
     if args.format == "pcam":
         from .data.synthetic import write_pcam_release
-        sizes = write_pcam_release(args.out, args.n_train, args.n_valid, args.n_test, args.seed, gzip_files=args.gzip,
-                              workers=args.workers, pool=args.pool)
+
+        sizes = write_pcam_release(
+            args.out,
+            args.n_train,
+            args.n_valid,
+            args.n_test,
+            args.seed,
+            gzip_files=args.gzip,
+            workers=args.workers,
+            pool=args.pool,
+        )
         log.info("wrote a PCam-layout release (%s) to %s in %.1fs", sizes, args.out, time.perf_counter() - start)
         return 0
     from .data.synthetic import write_dataset
+
     frame = write_dataset(args.out, args.n_train, args.n_test, args.seed, pool=args.pool, workers=args.workers)
-    log.info("wrote %d train (%.1f%% positive) and %d test patches to %s in %.1fs", len(frame),
-             100 * frame["label"].mean(), args.n_test, args.out, time.perf_counter() - start)
+    log.info(
+        "wrote %d train (%.1f%% positive) and %d test patches to %s in %.1fs",
+        len(frame),
+        100 * frame["label"].mean(),
+        args.n_test,
+        args.out,
+        time.perf_counter() - start,
+    )
     return 0
 
 
@@ -46,8 +63,11 @@ def cmd_evaluate(args) -> int:
     cfg = run.load_config(args.overrides)
     with session(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_min) as dist:
         setup_logging(dist.rank)
-        evaluate_checkpoint(open_run(run, cfg, dist, args.split), run.checkpoint(args.checkpoint),
-                            Request(args.split, args.tta, args.target_sensitivity, args.calibrate))
+        evaluate_checkpoint(
+            open_run(run, cfg, dist, args.split),
+            run.checkpoint(args.checkpoint),
+            Request(args.split, args.tta, args.target_sensitivity, args.calibrate),
+        )
     return 0
 
 
@@ -63,17 +83,27 @@ def cmd_predict(args) -> int:
         ids, paths = inference.list_images(args.images, args.ids)
         model, cfg, ckpt = inference.load_model(args.checkpoint, dist.device)
         temperature = ckpt.temperature(not args.no_calibration)
-        threshold = (inference.checkpoint_threshold(ckpt, args.tta, temperature)
-                     if args.threshold_from_checkpoint else args.threshold)
+        threshold = (
+            inference.checkpoint_threshold(ckpt, args.tta, temperature)
+            if args.threshold_from_checkpoint
+            else args.threshold
+        )
         amp, _ = resolve_amp(args.amp, dist.device)
         start = time.perf_counter()
-        probs = inference.predict_folder(model, cfg, dist, paths, args.batch_size, args.num_workers, args.tta, amp,
-                                         temperature)
+        probs = inference.predict_folder(
+            model, cfg, dist, paths, args.batch_size, args.num_workers, args.tta, amp, temperature
+        )
         if dist.is_main:
             write_text(args.out, inference.submission(ids, probs, threshold).to_csv(index=False, float_format="%.8g"))
-            log.info("wrote %d predictions%s to %s in %.1fs (%.0f patches/s; temperature %.3g)", len(ids),
-                     f" (labels at threshold {threshold:.4f})" if threshold is not None else "", args.out,
-                     time.perf_counter() - start, len(ids) / (time.perf_counter() - start), temperature)
+            log.info(
+                "wrote %d predictions%s to %s in %.1fs (%.0f patches/s; temperature %.3g)",
+                len(ids),
+                f" (labels at threshold {threshold:.4f})" if threshold is not None else "",
+                args.out,
+                time.perf_counter() - start,
+                len(ids) / (time.perf_counter() - start),
+                temperature,
+            )
     return 0
 
 
@@ -81,8 +111,14 @@ def cmd_export(args) -> int:
     from .inference import EXPORT_FILES, export
 
     info = export(args.checkpoint, args.out, calibrated=not args.no_calibration)
-    log.info("exported %s (%s, temperature %.3g) to %s: %s", args.checkpoint, info["arch"], info["temperature"],
-             args.out, ", ".join(EXPORT_FILES))
+    log.info(
+        "exported %s (%s, temperature %.3g) to %s: %s",
+        args.checkpoint,
+        info["arch"],
+        info["temperature"],
+        args.out,
+        ", ".join(EXPORT_FILES),
+    )
     return 0
 
 
@@ -116,31 +152,52 @@ def cmd_bench(args) -> int:
 def add_synth(sub) -> None:
     p = sub.add_parser("synth", help="write a synthetic dataset in the Kaggle layout (or PCam's release layout)")
     p.add_argument("out")
-    p.add_argument("--format", choices=["kaggle", "pcam"], default="kaggle",
-                   help="kaggle: train/*.tif + train_labels.csv; pcam: the HDF5 release (x/y .h5 + meta CSVs)")
+    p.add_argument(
+        "--format",
+        choices=["kaggle", "pcam"],
+        default="kaggle",
+        help="kaggle: train/*.tif + train_labels.csv; pcam: the HDF5 release (x/y .h5 + meta CSVs)",
+    )
     p.add_argument("--n-train", type=int, default=2000)
     p.add_argument("--n-valid", type=int, default=200, help="pcam: patches in the valid split")
     p.add_argument("--n-test", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gzip", action="store_true", help="pcam: write .h5.gz files, as the release is distributed")
-    p.add_argument("--pool", type=int, default=None,
-                   help="render only this many distinct patches and reuse them (fast scale tests)")
+    p.add_argument(
+        "--pool",
+        type=int,
+        default=None,
+        help="render only this many distinct patches and reuse them (fast scale tests)",
+    )
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.set_defaults(func=cmd_synth)
 
 
 def add_evaluate(sub) -> None:
-    p = sub.add_parser("evaluate", help="evaluate a run's checkpoint and rewrite its report "
-                       "(also under torchrun: ranks share the work)")
+    p = sub.add_parser(
+        "evaluate",
+        help="evaluate a run's checkpoint and rewrite its report (also under torchrun: ranks share the work)",
+    )
     p.add_argument("--run", required=True, help="run directory (train.out_dir)")
     p.add_argument("--split", choices=["test", "val"], default="test")
     p.add_argument("--checkpoint", default="best", help="best | last | a checkpoint path")
-    p.add_argument("--tta", action="store_true",
-                   help="also report metrics averaged over the 8 dihedral views, with their own operating point")
-    p.add_argument("--target-sensitivity", type=float, default=None, metavar="S",
-                   help="choose the threshold reaching sensitivity S on validation and store it in the checkpoint")
-    p.add_argument("--calibrate", action="store_true",
-                   help="fit a temperature on validation predictions (else the checkpoint's is kept)")
+    p.add_argument(
+        "--tta",
+        action="store_true",
+        help="also report metrics averaged over the 8 dihedral views, with their own operating point",
+    )
+    p.add_argument(
+        "--target-sensitivity",
+        type=float,
+        default=None,
+        metavar="S",
+        help="choose the threshold reaching sensitivity S on validation and store it in the checkpoint",
+    )
+    p.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="fit a temperature on validation predictions (else the checkpoint's is kept)",
+    )
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.device=cpu")
     p.set_defaults(func=cmd_evaluate)
 
@@ -150,24 +207,36 @@ def add_predict(sub) -> None:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--images", required=True, help="folder of .tif/.png patches")
     p.add_argument("--out", required=True, help="CSV to write: id,label")
-    p.add_argument("--ids", default=None, help="CSV with an id column (e.g. sample_submission.csv): predict these, in this order")
+    p.add_argument(
+        "--ids", default=None, help="CSV with an id column (e.g. sample_submission.csv): predict these, in this order"
+    )
     p.add_argument("--tta", action="store_true", help="average over the 8 dihedral views")
     p.add_argument("--no-calibration", action="store_true", help="ignore the checkpoint's fitted temperature")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--threshold", type=float, default=None, help="write 0/1 labels at this threshold")
-    group.add_argument("--threshold-from-checkpoint", action="store_true",
-                       help="write 0/1 labels at the checkpoint's validation-chosen operating point")
+    group.add_argument(
+        "--threshold-from-checkpoint",
+        action="store_true",
+        help="write 0/1 labels at the checkpoint's validation-chosen operating point",
+    )
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
-                   help="precision (auto: bf16 where the device computes it natively, as train.amp=auto)")
+    p.add_argument(
+        "--amp",
+        choices=["auto", "bf16", "fp16", "off"],
+        default="auto",
+        help="precision (auto: bf16 where the device computes it natively, as train.amp=auto)",
+    )
     p.set_defaults(func=cmd_predict)
 
 
 def add_export(sub) -> None:
-    p = sub.add_parser("export", help="model.ts (TorchScript) and model.pt2 (torch.export) with preprocessing "
-                       "inside, weights.pt (state dict), model.json")
+    p = sub.add_parser(
+        "export",
+        help="model.ts (TorchScript) and model.pt2 (torch.export) with preprocessing "
+        "inside, weights.pt (state dict), model.json",
+    )
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True, help="folder for model.ts, model.pt2, weights.pt, model.json")
     p.add_argument("--no-calibration", action="store_true", help="leave the fitted temperature out")
@@ -187,17 +256,28 @@ def add_bench(sub) -> None:
     p.add_argument("what", choices=["data", "step", "train"])
     p.add_argument("--config", required=True)
     p.add_argument("--steps", type=int, default=20, help="timed batches (after a warm-up)")
-    p.add_argument("--paths", nargs="+", default=["folder", "packed"], choices=["folder", "packed"],
-                   help="bench data: which data paths to time")
-    p.add_argument("--ddp", action="store_true", help="bench step: inside a DDP wrapper (one-process group), "
-                   "torch.compile placed by model.compile_scope")
+    p.add_argument(
+        "--paths",
+        nargs="+",
+        default=["folder", "packed"],
+        choices=["folder", "packed"],
+        help="bench data: which data paths to time",
+    )
+    p.add_argument(
+        "--ddp",
+        action="store_true",
+        help="bench step: inside a DDP wrapper (one-process group), torch.compile placed by model.compile_scope",
+    )
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.batch_size=128")
     p.set_defaults(func=cmd_bench)
 
 
 def add_fetch_weights(sub) -> None:
-    p = sub.add_parser("fetch-weights", help="download ImageNet weights into the torch hub cache "
-                       "(run on a machine with network, e.g. a cluster's login node)")
+    p = sub.add_parser(
+        "fetch-weights",
+        help="download ImageNet weights into the torch hub cache "
+        "(run on a machine with network, e.g. a cluster's login node)",
+    )
     p.add_argument("--arch", nargs="+", default=["resnet34"], help="any torchvision classification model name")
     p.add_argument("--mirror", default=None, help="base URL holding the same file names")
     p.set_defaults(func=cmd_fetch_weights)

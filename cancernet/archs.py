@@ -1,4 +1,5 @@
 """The one list of model architectures: torchvision's classification model registry."""
+
 from __future__ import annotations
 
 import difflib

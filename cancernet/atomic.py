@@ -1,4 +1,5 @@
 """Write files so that a reader never sees a half-written one (temp file + os.replace)."""
+
 from __future__ import annotations
 
 import contextlib

@@ -2,6 +2,7 @@
 
 Each returns one JSON-able dict per measurement; `python -m cancernet bench` prints them.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,9 +34,15 @@ def _sync(device: torch.device) -> None:
 
 def _context(cfg: Config, device: torch.device) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    return {"device": name, "threads": torch.get_num_threads(), "image_size": cfg.data.image_size,
-            "augment": cfg.data.augment, "amp": cfg.train.amp, "channels_last": cfg.model.channels_last,
-            "torch": str(torch.__version__)}
+    return {
+        "device": name,
+        "threads": torch.get_num_threads(),
+        "image_size": cfg.data.image_size,
+        "augment": cfg.data.augment,
+        "amp": cfg.train.amp,
+        "channels_last": cfg.model.channels_last,
+        "torch": str(torch.__version__),
+    }
 
 
 def peak_rss_mb() -> dict:
@@ -74,19 +81,33 @@ def bench_data(cfg: Config, batches: int, warmup: int = 2, paths=("folder", "pac
             seen += len(labels)
         _sync(device)
         seconds = time.perf_counter() - start
-        results.append({"bench": "data", "path": path, "augmented": augmented,
-                        "images_per_s": round(seen / seconds, 1), "images": seen,
-                        "seconds": round(seconds, 3), "batch_size": cfg.train.batch_size,
-                        "num_workers": cfg.data.num_workers, **_context(cfg, device),
-                        **(peak_rss_mb() if batches == 0 else {})})
+        results.append(
+            {
+                "bench": "data",
+                "path": path,
+                "augmented": augmented,
+                "images_per_s": round(seen / seconds, 1),
+                "images": seen,
+                "seconds": round(seconds, 3),
+                "batch_size": cfg.train.batch_size,
+                "num_workers": cfg.data.num_workers,
+                **_context(cfg, device),
+                **(peak_rss_mb() if batches == 0 else {}),
+            }
+        )
     return results
 
 
 @contextlib.contextmanager
 def _one_process_group(device: torch.device):
     """A process group of this process alone, so that a single device can time the DDP wrapper."""
-    tdist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=tdist.HashStore(), rank=0,
-                             world_size=1, device_id=device if device.type == "cuda" else None)
+    tdist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo",
+        store=tdist.HashStore(),
+        rank=0,
+        world_size=1,
+        device_id=device if device.type == "cuda" else None,
+    )
     try:
         yield
     finally:
@@ -106,6 +127,7 @@ def bench_step(cfg: Config, steps: int, warmup: int = 5, ddp: bool = False) -> d
 
 def _bench_step(cfg: Config, device: torch.device, steps: int, warmup: int, ddp: bool) -> dict:
     from .training import wrap_for_training
+
     model = build_for_weights(cfg).to(device)
     optimizer = build_optimizer(cfg.optim, model, device)
     model = wrap_for_training(model, cfg.model, DistInfo(device=device), ddp=ddp)
@@ -130,10 +152,18 @@ def _bench_step(cfg: Config, device: torch.device, steps: int, warmup: int, ddp:
         optimizer.zero_grad(set_to_none=True)
     _sync(device)
     seconds = time.perf_counter() - start
-    return {"bench": "step", "arch": cfg.model.arch, "compile": cfg.model.compile, "ddp": ddp,
-            "compile_scope": cfg.model.compile_scope if cfg.model.compile and ddp else None,
-            "images_per_s": round(steps * n / seconds, 1), "batch_size": n, "steps": steps,
-            "seconds": round(seconds, 3), **_context(cfg, device)}
+    return {
+        "bench": "step",
+        "arch": cfg.model.arch,
+        "compile": cfg.model.compile,
+        "ddp": ddp,
+        "compile_scope": cfg.model.compile_scope if cfg.model.compile and ddp else None,
+        "images_per_s": round(steps * n / seconds, 1),
+        "batch_size": n,
+        "steps": steps,
+        "seconds": round(seconds, 3),
+        **_context(cfg, device),
+    }
 
 
 class _Limited:
@@ -158,8 +188,10 @@ def bench_train(cfg: Config, steps: int, warmup: int = 5) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = dataclasses.replace(
-            cfg, train=dataclasses.replace(cfg.train, out_dir=tmp, log_every=0, progress="off", grad_accum=1),
-            data=dataclasses.replace(cfg.data, val_fraction=0.02, test_fraction=0.01))
+            cfg,
+            train=dataclasses.replace(cfg.train, out_dir=tmp, log_every=0, progress="off", grad_accum=1),
+            data=dataclasses.replace(cfg.data, val_fraction=0.02, test_fraction=0.01),
+        )
         device = pick_device(cfg.train.device, 0)
         cfg = numerics.resolve(cfg, device)
         t = build(cfg, DistInfo(device=device), RunDir(tmp))
@@ -169,16 +201,26 @@ def bench_train(cfg: Config, steps: int, warmup: int = 5) -> dict:
             set_epoch(split, epoch)
             _sync(device)
             start = time.perf_counter()
-            stats = train_one_epoch(t.parts, _Limited(split.loader, n), split.augment, cfg, t.dist, epoch,
-                                    position=0)
+            stats = train_one_epoch(t.parts, _Limited(split.loader, n), split.augment, cfg, t.dist, epoch, position=0)
             _sync(device)
             timings.append((stats.images, time.perf_counter() - start))
         row = validate_epoch(t, 1, stats)
         ckpt_s = save_checkpoints(t, best=True)
         t.writer.wait()
     images, seconds = timings[1]
-    return {"bench": "train", "path": cfg.data.format, "arch": cfg.model.arch, "compile": cfg.model.compile,
-            "images_per_s": round(images / seconds, 1), "images": images, "seconds": round(seconds, 3),
-            "val_s": round(row.val_s, 3), "val_images": len(t.loaders["val"].ids), "ckpt_s": round(ckpt_s, 3),
-            "batch_size": cfg.train.batch_size, "num_workers": cfg.data.num_workers,
-            **_context(cfg, device), **peak_rss_mb()}
+    return {
+        "bench": "train",
+        "path": cfg.data.format,
+        "arch": cfg.model.arch,
+        "compile": cfg.model.compile,
+        "images_per_s": round(images / seconds, 1),
+        "images": images,
+        "seconds": round(seconds, 3),
+        "val_s": round(row.val_s, 3),
+        "val_images": len(t.loaders["val"].ids),
+        "ckpt_s": round(ckpt_s, 3),
+        "batch_size": cfg.train.batch_size,
+        "num_workers": cfg.data.num_workers,
+        **_context(cfg, device),
+        **peak_rss_mb(),
+    }

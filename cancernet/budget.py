@@ -11,6 +11,7 @@ seen) is laid over it, and the last epoch may be cut short to fit. The plan is s
 checkpoint, so a resumed run keeps it. `train.epochs` is the upper bound. The final test
 evaluation and the report come after the budget and are not counted in it (their time is logged).
 """
+
 from __future__ import annotations
 
 import logging
@@ -59,8 +60,9 @@ def plan_length(seconds_left: float, position: int, shape: Shape, train_rate: fl
     return max(total, math.ceil((position + 1) / shape.window) * shape.window)
 
 
-def eval_rate(model: torch.nn.Module, batch: int, size: int, device: torch.device, amp: str,
-              channels_last: bool) -> float:
+def eval_rate(
+    model: torch.nn.Module, batch: int, size: int, device: torch.device, amp: str, channels_last: bool
+) -> float:
     """Samples per second of one rank's evaluation forward (one warm-up call, one timed)."""
     x = torch.zeros(batch, 3, size, size, device=device)
     x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
@@ -86,8 +88,12 @@ class TimeBudget:
     def __init__(self, t, seconds: float):
         self.t, self.seconds = t, seconds
         sampler = t.loaders["train"].sampler
-        self.shape = Shape(per_epoch=sampler.samples_per_epoch(), window=sampler.global_batch * t.cfg.train.grad_accum,
-                           cap=sampler.samples_per_epoch() * t.cfg.train.epochs, eval_every=t.cfg.train.eval_every)
+        self.shape = Shape(
+            per_epoch=sampler.samples_per_epoch(),
+            window=sampler.global_batch * t.cfg.train.grad_accum,
+            cap=sampler.samples_per_epoch() * t.cfg.train.epochs,
+            eval_every=t.cfg.train.eval_every,
+        )
         self.val_size = len(t.loaders["val"].ids)
 
     @classmethod
@@ -119,6 +125,7 @@ class TimeBudget:
             rate = (in_epoch - first["samples"]) / max(elapsed - first["seconds"], 1e-9)
             self.plan(epoch, epoch * self.shape.per_epoch + in_epoch, before + elapsed, rate)
             return self.t.state.budget_plan["samples"] - epoch * self.shape.per_epoch
+
         return on_sync
 
     def plan(self, epoch: int, position: int, used: float, train_rate: float) -> None:
@@ -126,13 +133,20 @@ class TimeBudget:
         t, plan = self.t, None
         if t.dist.is_main:
             cfg = t.cfg
-            rate = eval_rate(t.eval_model, cfg.train.eval_batch_size, cfg.data.image_size, t.dist.device,
-                             cfg.train.amp, cfg.model.channels_last)
+            rate = eval_rate(
+                t.eval_model,
+                cfg.train.eval_batch_size,
+                cfg.data.image_size,
+                t.dist.device,
+                cfg.train.amp,
+                cfg.model.channels_last,
+            )
             val_s = self.val_size / t.dist.world_size / rate
             samples = plan_length(SAFETY * (self.seconds - used), position, self.shape, train_rate, val_s)
             estimate = used + (samples - position) / train_rate + val_s * self._validations(epoch, samples)
-            plan = self._describe(samples, estimate, train_rate, position, final=False,
-                                  eval_images_per_s_per_rank=round(rate, 1))
+            plan = self._describe(
+                samples, estimate, train_rate, position, final=False, eval_images_per_s_per_rank=round(rate, 1)
+            )
         self._set(plan)
 
     def refine(self, epoch: int, row: dict) -> None:
@@ -150,18 +164,39 @@ class TimeBudget:
             used = self.used_s()
             samples = plan_length(SAFETY * (self.seconds - used), row["samples_seen"], self.shape, rate, val_s)
             estimate = used + (samples - row["samples_seen"]) / rate + val_s * self._validations(epoch + 1, samples)
-            new = self._describe(samples, estimate, rate, row["samples_seen"], final=True,
-                                 eval_images_per_s_per_rank=plan["eval_images_per_s_per_rank"], warmup_samples=plan["samples"])
+            new = self._describe(
+                samples,
+                estimate,
+                rate,
+                row["samples_seen"],
+                final=True,
+                eval_images_per_s_per_rank=plan["eval_images_per_s_per_rank"],
+                warmup_samples=plan["samples"],
+            )
         self._set(new)
 
     def _describe(self, samples: int, estimate: float, rate: float, position: int, final: bool, **extra) -> dict:
-        plan = {"budget_s": self.seconds, "samples": samples, "epochs": round(samples / self.shape.per_epoch, 3),
-                "train_images_per_s": round(rate, 1), **extra, "estimated_s": round(estimate, 1),
-                "planned_at_sample": position, "final": final}
-        log.info("time budget %s (%s): %.0f img/s training; the run trains %d samples = %.2f epochs%s, an estimated "
-                 "%.0f s of training, validation and checkpoints; the LR schedule ends there", self.t.cfg.train.time_budget,
-                 "fixed after a whole epoch" if final else "after the warm-up", rate, samples, plan["epochs"],
-                 " (train.epochs caps it)" if samples >= self.shape.cap else "", estimate)
+        plan = {
+            "budget_s": self.seconds,
+            "samples": samples,
+            "epochs": round(samples / self.shape.per_epoch, 3),
+            "train_images_per_s": round(rate, 1),
+            **extra,
+            "estimated_s": round(estimate, 1),
+            "planned_at_sample": position,
+            "final": final,
+        }
+        log.info(
+            "time budget %s (%s): %.0f img/s training; the run trains %d samples = %.2f epochs%s, an estimated "
+            "%.0f s of training, validation and checkpoints; the LR schedule ends there",
+            self.t.cfg.train.time_budget,
+            "fixed after a whole epoch" if final else "after the warm-up",
+            rate,
+            samples,
+            plan["epochs"],
+            " (train.epochs caps it)" if samples >= self.shape.cap else "",
+            estimate,
+        )
         return plan
 
     def _set(self, plan: dict | None) -> None:

@@ -3,6 +3,7 @@
 last.pt holds everything a resume needs; best.pt only what evaluation, predict and export need
 (weights, config, epoch, operating point, temperature), so it costs a fraction of last.pt.
 """
+
 from __future__ import annotations
 
 import logging
@@ -19,8 +20,17 @@ from .errors import CheckpointError
 
 log = logging.getLogger(__name__)
 # Keys whose change makes a checkpoint's state meaningless for this run (resume refuses them).
-RESUME_FIXED = ("model.arch", "model.head", "model.freeze_backbone", "optim.name", "data.val_fraction",
-                "data.test_fraction", "data.limit", "data.groups_csv", "train.seed")
+RESUME_FIXED = (
+    "model.arch",
+    "model.head",
+    "model.freeze_backbone",
+    "optim.name",
+    "data.val_fraction",
+    "data.test_fraction",
+    "data.limit",
+    "data.groups_csv",
+    "train.seed",
+)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -155,9 +165,11 @@ class Checkpoint:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0] if str(e) else ''}); it is corrupt or "
-                                  "not a cancernet checkpoint") from None
+            raise CheckpointError(
+                f"checkpoint {path} cannot be read ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}); it is corrupt or "
+                "not a cancernet checkpoint"
+            ) from None
         if not isinstance(state, dict) or MODEL not in state or CONFIG not in state:
             raise CheckpointError(f"checkpoint {path} is not a cancernet checkpoint (no model/config)")
         return cls(state, path)
@@ -168,6 +180,7 @@ class Checkpoint:
 
     def config(self):
         from .config import from_dict
+
         return from_dict(self.config_dict)
 
     @property
@@ -197,7 +210,8 @@ class Checkpoint:
             lines = str(e).splitlines()
             raise CheckpointError(
                 f"checkpoint {self.path} does not fit this model: it holds {saved.get('arch')} "
-                f"(head {saved.get('head')}); first problem: {lines[1].strip() if len(lines) > 1 else e}") from None
+                f"(head {saved.get('head')}); first problem: {lines[1].strip() if len(lines) > 1 else e}"
+            ) from None
 
     def restore(self, parts: dict[str, Stateful]) -> list[str]:
         """Load each part from its key; returns the keys the checkpoint does not have."""
@@ -211,15 +225,22 @@ class Checkpoint:
                 try:
                     part.load_state_dict(self.state[key])
                 except (RuntimeError, ValueError, KeyError) as e:
-                    raise CheckpointError(f"checkpoint {self.path}: its {key} state does not fit this run ({e}); "
-                                          "model.freeze_backbone or the architecture changed") from None
+                    raise CheckpointError(
+                        f"checkpoint {self.path}: its {key} state does not fit this run ({e}); "
+                        "model.freeze_backbone or the architecture changed"
+                    ) from None
         return missing
 
 
 def training_state(parts: dict[str, Stateful], run_state: dict, rng: list, config: dict, world_size: int) -> dict:
     """last.pt: every part's state under its key, the run's position and findings, each rank's RNG."""
-    return {**{key: part.state_dict() for key, part in parts.items()}, **run_state, RNG: rng, CONFIG: config,
-            WORLD_SIZE: world_size}
+    return {
+        **{key: part.state_dict() for key, part in parts.items()},
+        **run_state,
+        RNG: rng,
+        CONFIG: config,
+        WORLD_SIZE: world_size,
+    }
 
 
 def weights_state(weights: dict, config: dict, epoch: int, which: str, **facts) -> dict:
@@ -262,7 +283,8 @@ def check_resumable(saved_config: dict, config: dict, path: Path) -> None:
             raise CheckpointError(
                 f"checkpoint {path} was trained with {key}={before!r}; this run asks for {now!r}, which it "
                 "cannot resume: use a new train.out_dir (model.pretrained=PATH starts from its weights), "
-                f"or keep {key}={before!r}")
+                f"or keep {key}={before!r}"
+            )
 
 
 def changed_settings(saved_config: dict, config: dict, sections=("train", "optim", "data")) -> list[str]:
@@ -270,8 +292,11 @@ def changed_settings(saved_config: dict, config: dict, sections=("train", "optim
     out = []
     for section in sections:
         before, now = saved_config.get(section, {}), config.get(section, {})
-        out += [f"{section}.{k}: {before.get(k)!r} -> {v!r}" for k, v in now.items()
-                if k in before and before[k] != v and k not in ("resume", "out_dir")]
+        out += [
+            f"{section}.{k}: {before.get(k)!r} -> {v!r}"
+            for k, v in now.items()
+            if k in before and before[k] != v and k not in ("resume", "out_dir")
+        ]
     return out
 
 
@@ -287,6 +312,7 @@ def resume_path(resume: str, last: Path) -> Path | None:
 def store_evaluation(path: Path, temperature: float, point: dict, tta_point: dict | None = None) -> None:
     """Add what evaluation chose (temperature, operating points) to a checkpoint (atomic rewrite)."""
     ckpt = Checkpoint.load(path)
-    ckpt.state.update({TEMPERATURE: temperature, OPERATING_POINT: point,
-                       **({OPERATING_POINT_TTA: tta_point} if tta_point else {})})
+    ckpt.state.update(
+        {TEMPERATURE: temperature, OPERATING_POINT: point, **({OPERATING_POINT_TTA: tta_point} if tta_point else {})}
+    )
     save(path, ckpt.state)

@@ -1,4 +1,5 @@
 """Typed run configuration: dataclasses, YAML loading, dotted overrides, validation."""
+
 from __future__ import annotations
 
 import contextlib
@@ -183,9 +184,11 @@ def _check_value(key: str, value: Any, hint: Any, meta: typing.Mapping) -> Any:
         _check_range(key, value, meta["range"])
     if meta.get("check") == "arch":
         from .archs import check_arch  # lazy: torchvision is slow to import
+
         check_arch(value, key)
     if meta.get("check") == "format":
         from .data.formats import check_format  # the registry of data formats
+
         check_format(value, key)
     if meta.get("check") == "duration":
         parse_duration(value, key)
@@ -195,6 +198,7 @@ def _check_value(key: str, value: Any, hint: Any, meta: typing.Mapping) -> Any:
 def parse_duration(text: str, key: str = "train.time_budget") -> float:
     """Seconds in '90s', '14m', '4h', '1h30m' or a plain number of seconds; ConfigError naming key."""
     import re
+
     text = str(text).strip().lower()
     if re.fullmatch(r"\d+(\.\d+)?", text):
         seconds = float(text)
@@ -230,21 +234,27 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
 def check(cfg: Config) -> Config:
     """Checks that span several keys; each error names a key, before any data is read."""
     from .data.formats import format_of
+
     d, t = cfg.data, cfg.train
     if format_of(d).source.fixed_splits:
         name = format_of(d).source.name
         for key in ("val_fraction", "test_fraction"):
             if getattr(d, key) != getattr(DataConfig, key):
-                raise ConfigError(f"config key 'data.{key}' does not apply to data.format={d.format}: the {name}'s "
-                                  "own train/valid/test splits are used")
+                raise ConfigError(
+                    f"config key 'data.{key}' does not apply to data.format={d.format}: the {name}'s "
+                    "own train/valid/test splits are used"
+                )
         if d.groups_csv:
-            raise ConfigError(f"config key 'data.groups_csv' does not apply to data.format={d.format}: slide ids "
-                              f"come from the {name}")
+            raise ConfigError(
+                f"config key 'data.groups_csv' does not apply to data.format={d.format}: slide ids come from the {name}"
+            )
     else:
         for key in ("val_fraction", "test_fraction"):
             if getattr(d, key) <= 0:
-                raise ConfigError(f"config key 'data.{key}' must be above 0: training needs a validation split "
-                                  "(best checkpoint) and a test split (final evaluation)")
+                raise ConfigError(
+                    f"config key 'data.{key}' must be above 0: training needs a validation split "
+                    "(best checkpoint) and a test split (final evaluation)"
+                )
         if d.val_fraction + d.test_fraction >= 1:
             raise ConfigError("config keys 'data.val_fraction' + 'data.test_fraction' must sum below 1")
     if len(d.mean) != 3 or len(d.std) != 3 or min(d.std) <= 0:
@@ -300,16 +310,19 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
         if not isinstance(values, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections (data:, model:, ...), "
-                              f"not a {type(values).__name__}")
+            raise ConfigError(
+                f"config file {path} must hold a mapping of sections (data:, model:, ...), "
+                f"not a {type(values).__name__}"
+            )
         values.pop("meta", None)  # written by resolved_yaml; not a setting
     return check(from_dict(_merge(values, parse_overrides(list(overrides)))))
 
 
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).resolve().parent, timeout=5
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
@@ -319,6 +332,5 @@ def resolved_yaml(cfg: Config, world_size: int, extra_meta: dict | None = None) 
     """The config as run, plus what produced it (git commit, torch version, world size)."""
     import torch
 
-    meta = {"git_commit": git_commit(), "torch": str(torch.__version__), "world_size": world_size,
-            **(extra_meta or {})}
+    meta = {"git_commit": git_commit(), "torch": str(torch.__version__), "world_size": world_size, **(extra_meta or {})}
     return yaml.safe_dump({**cfg.to_dict(), "meta": meta}, sort_keys=False)

@@ -1,4 +1,5 @@
 """Logging setup and the one-line error exit shared by train_ddp.py and python -m cancernet."""
+
 from __future__ import annotations
 
 import logging
@@ -11,9 +12,13 @@ from .errors import UserError
 
 def setup_logging(rank: int = 0) -> None:
     """Rank 0 logs at INFO, other ranks at WARNING, each line tagged with its rank."""
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, force=True,
-                        format=f"%(asctime)s [rank{rank}] %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stdout)
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        force=True,
+        format=f"%(asctime)s [rank{rank}] %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stdout,
+    )
 
 
 def main_guard(main: Callable[[], int]) -> int:

@@ -1,4 +1,5 @@
 """Process-group setup from torchrun's (or Slurm's) environment, and gather helpers."""
+
 from __future__ import annotations
 
 import contextlib
@@ -41,8 +42,9 @@ def _env_ranks() -> tuple[int, int, int]:
     if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
         # Launched by srun with one task per GPU, no torchrun: rendezvous on the first node.
         if "MASTER_ADDR" not in env:
-            nodes = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]],
-                                   capture_output=True, text=True, check=True).stdout.split()
+            nodes = subprocess.run(
+                ["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]], capture_output=True, text=True, check=True
+            ).stdout.split()
             env["MASTER_ADDR"] = nodes[0]
         env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", 0)) % 20000))
         return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env["SLURM_LOCALID"])
@@ -59,8 +61,13 @@ def _elastic_store(rank: int, world_size: int, timeout: datetime.timedelta):
     if "TORCHELASTIC_RESTART_COUNT" not in env:
         return None
     agent_hosts = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = tdist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size,
-                           is_master=not agent_hosts and rank == 0, timeout=timeout)
+    store = tdist.TCPStore(
+        env["MASTER_ADDR"],
+        int(env["MASTER_PORT"]),
+        world_size,
+        is_master=not agent_hosts and rank == 0,
+        timeout=timeout,
+    )
     return tdist.PrefixStore(f"cancernet/attempt_{env['TORCHELASTIC_RESTART_COUNT']}", store)
 
 
@@ -84,9 +91,14 @@ def session(device: str = "auto", backend: str = "auto", timeout_min: int = 30) 
         if backend == "auto":
             backend = "nccl" if dev.type == "cuda" else "gloo"
         timeout = datetime.timedelta(minutes=timeout_min)
-        tdist.init_process_group(backend, store=_elastic_store(rank, world_size, timeout), rank=rank,
-                                 world_size=world_size, timeout=timeout,
-                                 device_id=dev if dev.type == "cuda" else None)
+        tdist.init_process_group(
+            backend,
+            store=_elastic_store(rank, world_size, timeout),
+            rank=rank,
+            world_size=world_size,
+            timeout=timeout,
+            device_id=dev if dev.type == "cuda" else None,
+        )
     try:
         yield info
     finally:

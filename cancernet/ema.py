@@ -1,4 +1,5 @@
 """Exponential moving average of the weights (train.ema_decay), updated without host-device syncs."""
+
 from __future__ import annotations
 
 import copy

@@ -3,6 +3,7 @@
 Inside a training step the host never waits for the device: counts are kept on the host, sums
 on the device, and both are read together every `train.sync_every` optimizer steps.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -92,8 +93,13 @@ class _DeviceSums:
         self.values = torch.zeros(3, dtype=torch.float64, device=device)
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        self.values += torch.stack([torch.nan_to_num(loss * len(labels), nan=0.0, posinf=0.0, neginf=0.0),
-                                    (logits.argmax(1) == labels).sum(), (~torch.isfinite(loss)).float()]).double()
+        self.values += torch.stack(
+            [
+                torch.nan_to_num(loss * len(labels), nan=0.0, posinf=0.0, neginf=0.0),
+                (logits.argmax(1) == labels).sum(),
+                (~torch.isfinite(loss)).float(),
+            ]
+        ).double()
 
     def reduced(self, dist: DistInfo, stop: bool = False) -> tuple[float, float, float, bool]:
         """(loss sum, correct, non-finite, any rank asked to stop): all ranks' sums, on the host."""
@@ -102,9 +108,20 @@ class _DeviceSums:
         return loss_sum, correct, non_finite, stops > 0
 
 
-def train_one_epoch(parts: StepParts, loader, augment, config: Config, dist: DistInfo, epoch: int, *,
-                    position: int, start: MidEpoch | None = None, stop: StopFlag | None = None,
-                    progress=None, on_sync: Callable[[int, float, bool], int | None] | None = None) -> EpochStats:
+def train_one_epoch(
+    parts: StepParts,
+    loader,
+    augment,
+    config: Config,
+    dist: DistInfo,
+    epoch: int,
+    *,
+    position: int,
+    start: MidEpoch | None = None,
+    stop: StopFlag | None = None,
+    progress=None,
+    on_sync: Callable[[int, float, bool], int | None] | None = None,
+) -> EpochStats:
     """One pass over loader (which already skips start.samples). position: samples seen before.
 
     on_sync(samples into the epoch, seconds, last) runs on every rank at every sync point, where
@@ -143,11 +160,17 @@ def train_one_epoch(parts: StepParts, loader, augment, config: Config, dist: Dis
             if optimizer_steps % cfg.sync_every == 0 or clock.log_due(k + 1):
                 loss_sum, _, non_finite, stopped = sums.reduced(dist, stop is not None and stop.requested)
                 if non_finite:
-                    raise NonFiniteLossError(f"non-finite loss in epoch {epoch + 1} by step {k + 1}; "
-                                             "last.pt keeps the last good checkpoint")
+                    raise NonFiniteLossError(
+                        f"non-finite loss in epoch {epoch + 1} by step {k + 1}; last.pt keeps the last good checkpoint"
+                    )
                 if clock.log_due(k + 1):
-                    clock.log(k + 1, loss_sum / max(images * dist.world_size, 1), parts.schedule.lr,
-                              images * dist.world_size, dist)
+                    clock.log(
+                        k + 1,
+                        loss_sum / max(images * dist.world_size, 1),
+                        parts.schedule.lr,
+                        images * dist.world_size,
+                        dist,
+                    )
                 if on_sync is not None:
                     end = on_sync(in_epoch, clock.elapsed(), False) or end
             if stopped or in_epoch >= end:
@@ -161,8 +184,9 @@ def train_one_epoch(parts: StepParts, loader, augment, config: Config, dist: Dis
     if on_sync is not None and not stopped:
         on_sync(in_epoch, clock.elapsed(), True)
     session = EpochTotals(loss_sum, correct, images * dist.world_size)
-    return EpochStats(earlier + session, images * dist.world_size, clock.elapsed(), position,
-                      in_epoch if stopped else None)
+    return EpochStats(
+        earlier + session, images * dist.world_size, clock.elapsed(), position, in_epoch if stopped else None
+    )
 
 
 def _optimizer_step(parts: StepParts, clip_grad: float | None) -> None:
@@ -204,13 +228,23 @@ class _Clock:
             return
         eta = elapsed / step * (self.steps - step)
         mem = f" mem {torch.cuda.max_memory_allocated() / 2**30:.1f}G" if dist.device.type == "cuda" else ""
-        log.info("epoch %d [%d/%d] loss %.4f lr %.2e %.0f img/s data %.0f%% eta %s%s", self.epoch + 1, step,
-                 self.steps, loss, lr, images / max(elapsed, 1e-9), 100 * self.data_s / max(elapsed, 1e-9),
-                 time.strftime("%H:%M:%S", time.gmtime(eta)), mem)
+        log.info(
+            "epoch %d [%d/%d] loss %.4f lr %.2e %.0f img/s data %.0f%% eta %s%s",
+            self.epoch + 1,
+            step,
+            self.steps,
+            loss,
+            lr,
+            images / max(elapsed, 1e-9),
+            100 * self.data_s / max(elapsed, 1e-9),
+            time.strftime("%H:%M:%S", time.gmtime(eta)),
+            mem,
+        )
 
 
-def predict_scores(model: nn.Module, inputs: torch.Tensor, amp: str = "off", tta: bool = False,
-                   temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def predict_scores(
+    model: nn.Module, inputs: torch.Tensor, amp: str = "off", tta: bool = False, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(P(tumour), its log-odds), each (N,). The log-odds of one view is (logit_1 - logit_0) / T;
     with tta, P is averaged over the 8 dihedral views (each tempered first)."""
     views = dihedral_views(inputs) if tta else [inputs]
@@ -223,8 +257,16 @@ def predict_scores(model: nn.Module, inputs: torch.Tensor, amp: str = "off", tta
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, preprocess: nn.Module, dist: DistInfo, amp: str = "off",
-             tta: bool = False, temperature: float = 1.0, progress=None) -> dict[str, np.ndarray]:
+def evaluate(
+    model: nn.Module,
+    loader,
+    preprocess: nn.Module,
+    dist: DistInfo,
+    amp: str = "off",
+    tta: bool = False,
+    temperature: float = 1.0,
+    progress=None,
+) -> dict[str, np.ndarray]:
     """Predict every sample of a sharded loader; every rank gets all rows, sorted by index.
 
     Pass the unwrapped model: DDP's forward would start collectives that uneven shards break.
@@ -242,5 +284,10 @@ def evaluate(model: nn.Module, loader, preprocess: nn.Module, dist: DistInfo, am
     local = torch.cat(rows) if rows else torch.zeros(0, 5, dtype=torch.float64, device=dist.device)
     table = gather_rows(local, dist).cpu().numpy()
     table = table[np.argsort(table[:, 0], kind="stable")]
-    return {"index": table[:, 0].astype(np.int64), "label": table[:, 1].astype(np.int64),
-            "prob": table[:, 2], "loss": table[:, 3], "log_odds": table[:, 4]}
+    return {
+        "index": table[:, 0].astype(np.int64),
+        "label": table[:, 1].astype(np.int64),
+        "prob": table[:, 2],
+        "loss": table[:, 3],
+        "log_odds": table[:, 4],
+    }

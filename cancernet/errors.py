@@ -1,4 +1,5 @@
 """Errors a user can fix; the command line prints their one-line message and exits non-zero."""
+
 from __future__ import annotations
 
 from pathlib import Path

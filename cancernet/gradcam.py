@@ -5,6 +5,7 @@ at 64 px and 3x3 at 96 px, and a bilinear upsampling of a 2x2 map peaks in a cor
 patch shows. The map is taken at the deepest stage whose output is at least MIN_SIDE cells on a
 side (layer3 at 64 and 96 px, layer4 at 224 px), and upsampled bilinearly from cell centres.
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,8 +26,10 @@ def stage_sides(model: nn.Module, images: torch.Tensor) -> list[tuple[str, nn.Mo
     every backbone stage, from one forward pass of one image."""
     stages, sides, handles = model.stages(), {}, []
     for name, layer in stages:
+
         def record(module, inputs, out, name=name):
             sides[name] = min(out.shape[-2:]) if isinstance(out, torch.Tensor) and out.dim() == 4 else None
+
         handles.append(layer.register_forward_hook(record))
     was_training = model.training
     model.eval()
@@ -68,6 +71,7 @@ def gradcam(model: nn.Module, images: torch.Tensor, layer: nn.Module | None = No
             out.register_hook(lambda grad: saved.__setitem__("grad", grad))
         else:
             saved["act"] = out
+
     handles = [layer.register_forward_hook(keep)]
     was_training = model.training
     model.eval()
@@ -90,9 +94,13 @@ def gradcam(model: nn.Module, images: torch.Tensor, layer: nn.Module | None = No
 def _check_feature_map(act, x: torch.Tensor, model: nn.Module) -> None:
     name = type(getattr(model, "net", model)).__name__
     if not isinstance(act, torch.Tensor) or act.dim() != 4:
-        raise GradCamUnavailable(f"Grad-CAM needs a convolutional feature map; {name}'s last stage outputs "
-                                 f"{'tokens' if isinstance(act, torch.Tensor) else type(act).__name__}")
+        raise GradCamUnavailable(
+            f"Grad-CAM needs a convolutional feature map; {name}'s last stage outputs "
+            f"{'tokens' if isinstance(act, torch.Tensor) else type(act).__name__}"
+        )
     # NCHW: spatially smaller than the input in both trailing dims; NHWC (Swin) has channels last
     if act.shape[-1] > x.shape[-1] or act.shape[-2] > x.shape[-2] or act.shape[1] == act.shape[2] != act.shape[3]:
-        raise GradCamUnavailable(f"Grad-CAM needs an (N, C, h, w) feature map; {name}'s last stage outputs "
-                                 f"{tuple(act.shape)} (channels last)")
+        raise GradCamUnavailable(
+            f"Grad-CAM needs an (N, C, h, w) feature map; {name}'s last stage outputs "
+            f"{tuple(act.shape)} (channels last)"
+        )

@@ -1,4 +1,5 @@
 """Inference from a checkpoint: predict a folder (Kaggle submission), operating point, export."""
+
 from __future__ import annotations
 
 import json
@@ -58,17 +59,32 @@ def list_images(folder: str | Path, ids_csv: str | Path | None) -> tuple[list[st
         raise DataError(f"--ids {ids_csv} lists id {duplicated.iloc[0]!r} twice")
     missing = [i for i in ids if i not in found]
     if missing:
-        raise DataError(f"image for id {missing[0]!r} not found in {folder} as .tif or .png "
-                        f"({len(missing)} of {len(ids)} missing)")
+        raise DataError(
+            f"image for id {missing[0]!r} not found in {folder} as .tif or .png ({len(missing)} of {len(ids)} missing)"
+        )
     return ids, [found[i] for i in ids]
 
 
-def predict_folder(model: nn.Module, cfg: Config, dist: DistInfo, paths: list[Path], batch_size: int,
-                   num_workers: int, tta: bool, amp: str, temperature: float = 1.0) -> np.ndarray:
+def predict_folder(
+    model: nn.Module,
+    cfg: Config,
+    dist: DistInfo,
+    paths: list[Path],
+    batch_size: int,
+    num_workers: int,
+    tta: bool,
+    amp: str,
+    temperature: float = 1.0,
+) -> np.ndarray:
     """P(tumour) of every path, in order; ranks share the work, every rank gets all of it."""
-    loader = DataLoader(FolderDataset(paths, None), batch_size=batch_size, num_workers=num_workers,
-                        sampler=ShardSampler(len(paths), dist.rank, dist.world_size),
-                        pin_memory=dist.device.type == "cuda", worker_init_fn=ignore_stop_signals)
+    loader = DataLoader(
+        FolderDataset(paths, None),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        sampler=ShardSampler(len(paths), dist.rank, dist.world_size),
+        pin_memory=dist.device.type == "cuda",
+        worker_init_fn=ignore_stop_signals,
+    )
     preprocess = Preprocess.from_config(cfg.data, channels_last=cfg.model.channels_last).to(dist.device)
     return evaluate(model, loader, preprocess, dist, amp, tta=tta, temperature=temperature)["prob"]
 
@@ -84,16 +100,22 @@ def checkpoint_threshold(ckpt: checkpoint.Checkpoint, tta: bool, temperature: fl
     path, point = ckpt.path, ckpt.operating_point(tta)
     if not point:
         how = "--tta " if tta else ""
-        raise UserError(f"checkpoint {path} holds no operating point chosen on {'TTA' if tta else 'plain'} "
-                        f"predictions; run `python -m cancernet evaluate --run RUN {how}[--target-sensitivity S]` "
-                        "first, or pass --threshold")
+        raise UserError(
+            f"checkpoint {path} holds no operating point chosen on {'TTA' if tta else 'plain'} "
+            f"predictions; run `python -m cancernet evaluate --run RUN {how}[--target-sensitivity S]` "
+            "first, or pass --threshold"
+        )
     if point.get("tta", False) != tta:
-        raise UserError(f"checkpoint {path}: its operating point was chosen on {'TTA' if point.get('tta') else 'plain'} "
-                        f"predictions; these are {'TTA' if tta else 'plain'}: re-run evaluate with the same --tta")
+        raise UserError(
+            f"checkpoint {path}: its operating point was chosen on {'TTA' if point.get('tta') else 'plain'} "
+            f"predictions; these are {'TTA' if tta else 'plain'}: re-run evaluate with the same --tta"
+        )
     if abs(float(point.get("temperature", 1.0)) - temperature) > 1e-9:
-        raise UserError(f"checkpoint {path}: its operating point was chosen on probabilities at temperature "
-                        f"{point.get('temperature', 1.0):.4g}, these use {temperature:.4g}: drop --no-calibration "
-                        "or pass --threshold")
+        raise UserError(
+            f"checkpoint {path}: its operating point was chosen on probabilities at temperature "
+            f"{point.get('temperature', 1.0):.4g}, these use {temperature:.4g}: drop --no-calibration "
+            "or pass --threshold"
+        )
     return float(point["threshold"])
 
 
@@ -127,13 +149,21 @@ def export(ckpt: Path, out_dir: Path, calibrated: bool = True) -> dict:
         torch.export.save(program, str(tmp))
     with atomic_path(out_dir / "weights.pt") as tmp:
         torch.save(model.state_dict(), tmp)
-    info = {"arch": cfg.model.arch, "head": cfg.model.head, "image_size": cfg.data.image_size,
-            "mean": cfg.data.mean, "std": cfg.data.std, "source": str(ckpt), "epoch": saved.epoch,
-            "temperature": temperature, "operating_point": saved.operating_point(tta=False),
-            "model.ts / model.pt2": "input uint8 (N, 96, 96, 3) RGB patches (NHWC, as decoded); output "
-                                    "float32 (N,) P(tumour) = sigmoid((logit_1 - logit_0) / temperature); "
-                                    "resize and normalisation inside",
-            "weights.pt": "state dict of cancernet.models.build_model(model config, image_size); input float "
-                          "(N, 3, S, S) normalised with mean/std; output (N, 2) logits"}
+    info = {
+        "arch": cfg.model.arch,
+        "head": cfg.model.head,
+        "image_size": cfg.data.image_size,
+        "mean": cfg.data.mean,
+        "std": cfg.data.std,
+        "source": str(ckpt),
+        "epoch": saved.epoch,
+        "temperature": temperature,
+        "operating_point": saved.operating_point(tta=False),
+        "model.ts / model.pt2": "input uint8 (N, 96, 96, 3) RGB patches (NHWC, as decoded); output "
+        "float32 (N,) P(tumour) = sigmoid((logit_1 - logit_0) / temperature); "
+        "resize and normalisation inside",
+        "weights.pt": "state dict of cancernet.models.build_model(model config, image_size); input float "
+        "(N, 3, S, S) normalised with mean/std; output (N, 2) logits",
+    }
     write_text(out_dir / "model.json", json.dumps(info, indent=2))
     return info

@@ -11,6 +11,7 @@ script's trap) forwards it once more. When torchrun's task ends, Slurm kills wha
 step, so the workers die mid-checkpoint. Here torchrun's handler raises once; later signals
 are logged and ignored while the workers stop (SIGKILL still ends everything).
 """
+
 from __future__ import annotations
 
 import logging
@@ -45,12 +46,17 @@ def main() -> int:
         log.warning("this torch has no torchrun termination handler to guard; running plain torchrun")
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.run import main as torchrun
+
     sys.argv[0] = "torchrun"
     try:
         torchrun()
     except SignalException as e:
-        print(f"cancernet.launch: stopped by signal {int(e.sigval)} ({e.sigval.name}); the workers were asked "
-              "to checkpoint and stop first", file=sys.stderr, flush=True)
+        print(
+            f"cancernet.launch: stopped by signal {int(e.sigval)} ({e.sigval.name}); the workers were asked "
+            "to checkpoint and stop first",
+            file=sys.stderr,
+            flush=True,
+        )
         return 128 + int(e.sigval)
     return 0
 

@@ -1,4 +1,5 @@
 """Pure metric functions on arrays of labels and class-1 probabilities (no torch, no files)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -48,23 +49,31 @@ def binary_report(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5)
     """Accuracy, ROC AUC, AP, per-class precision/recall/f1/support and confusion matrix."""
     labels, probs = np.asarray(labels).astype(int), np.asarray(probs, dtype=float)
     pred = (probs >= threshold).astype(int)
-    precision, recall, f1, support = skm.precision_recall_fscore_support(
-        labels, pred, labels=[0, 1], zero_division=0)
+    precision, recall, f1, support = skm.precision_recall_fscore_support(labels, pred, labels=[0, 1], zero_division=0)
     both = len(np.unique(labels)) == 2
     return {
         "n": int(len(labels)),
         "accuracy": float(skm.accuracy_score(labels, pred)),
         "roc_auc": roc_auc(labels, probs),
         "average_precision": float(skm.average_precision_score(labels, probs)) if both else float("nan"),
-        "per_class": {str(c): {"precision": float(precision[c]), "recall": float(recall[c]),
-                               "f1": float(f1[c]), "support": int(support[c])} for c in (0, 1)},
+        "per_class": {
+            str(c): {
+                "precision": float(precision[c]),
+                "recall": float(recall[c]),
+                "f1": float(f1[c]),
+                "support": int(support[c]),
+            }
+            for c in (0, 1)
+        },
         "confusion_matrix": skm.confusion_matrix(labels, pred, labels=[0, 1]).tolist(),
         "classification_report": skm.classification_report(
-            labels, pred, labels=[0, 1], target_names=["normal (0)", "tumour (1)"], zero_division=0),
+            labels, pred, labels=[0, 1], target_names=["normal (0)", "tumour (1)"], zero_division=0
+        ),
     }
 
 
 # --- calibration --------------------------------------------------------------------------------
+
 
 def brier(labels: np.ndarray, probs: np.ndarray) -> float:
     return float(np.mean((np.asarray(probs, float) - np.asarray(labels, float)) ** 2))
@@ -78,8 +87,15 @@ def reliability(labels: np.ndarray, probs: np.ndarray, bins: int = 15) -> pd.Dat
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_prob = np.bincount(which, probs, minlength=bins) / count
         positive = np.bincount(which, labels, minlength=bins) / count
-    return pd.DataFrame({"lo": np.arange(bins) / bins, "hi": np.arange(1, bins + 1) / bins, "count": count,
-                         "mean_prob": mean_prob, "fraction_positive": positive})
+    return pd.DataFrame(
+        {
+            "lo": np.arange(bins) / bins,
+            "hi": np.arange(1, bins + 1) / bins,
+            "count": count,
+            "mean_prob": mean_prob,
+            "fraction_positive": positive,
+        }
+    )
 
 
 def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int = 15) -> float:
@@ -99,8 +115,12 @@ def nll_from_log_odds(labels: np.ndarray, log_odds: np.ndarray, temperature: flo
 
 def fit_temperature(labels: np.ndarray, log_odds: np.ndarray) -> float:
     """The temperature T minimising the NLL of sigmoid(log_odds / T) (Guo et al. 2017)."""
-    result = minimize_scalar(lambda log_t: nll_from_log_odds(labels, log_odds, float(np.exp(log_t))),
-                             bounds=(np.log(0.05), np.log(20.0)), method="bounded", options={"xatol": 1e-5})
+    result = minimize_scalar(
+        lambda log_t: nll_from_log_odds(labels, log_odds, float(np.exp(log_t))),
+        bounds=(np.log(0.05), np.log(20.0)),
+        method="bounded",
+        options={"xatol": 1e-5},
+    )
     return float(np.exp(result.x))
 
 
@@ -110,16 +130,28 @@ def apply_temperature(log_odds: np.ndarray, temperature: float) -> np.ndarray:
 
 # --- groups (slides) ----------------------------------------------------------------------------
 
+
 def group_scores(frame: pd.DataFrame) -> pd.DataFrame:
     """Per group (e.g. slide): label = any tumour patch, and the max and mean patch probability."""
-    return frame.groupby("group", sort=True).agg(label=("label", "max"), prob_max=("prob", "max"),
-                                                 prob_mean=("prob", "mean"), n=("prob", "size")).reset_index()
+    return (
+        frame.groupby("group", sort=True)
+        .agg(label=("label", "max"), prob_max=("prob", "max"), prob_mean=("prob", "mean"), n=("prob", "size"))
+        .reset_index()
+    )
 
 
 # --- bootstrap confidence intervals -------------------------------------------------------------
 
-def bootstrap_cis(labels: np.ndarray, probs: np.ndarray, thresholds: dict[str, float], resamples: int = 1000,
-                  seed: int = 0, level: float = 0.95, chunk: int = 100) -> dict:
+
+def bootstrap_cis(
+    labels: np.ndarray,
+    probs: np.ndarray,
+    thresholds: dict[str, float],
+    resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    chunk: int = 100,
+) -> dict:
     """Percentile bootstrap CIs of ROC AUC, average precision, and accuracy/sensitivity/specificity
     at each named threshold. Resample b draws n indices with rng.integers(0, n, n) from one
     default_rng(seed) stream (in order), so a loop over resamples reproduces it exactly.

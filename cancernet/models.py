@@ -1,4 +1,5 @@
 """Any torchvision classifier as a patch classifier: head replacement, freezing, pretrained weights."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,16 +18,20 @@ from .errors import UserError
 
 log = logging.getLogger(__name__)
 # builder arguments that keep a model's forward a plain (N, classes) tensor
-_BUILD_KWARGS = {"googlenet": {"aux_logits": False, "init_weights": True},
-                 "inception_v3": {"aux_logits": False, "init_weights": True}}
+_BUILD_KWARGS = {
+    "googlenet": {"aux_logits": False, "init_weights": True},
+    "inception_v3": {"aux_logits": False, "init_weights": True},
+}
 
 
 def head_name(net: nn.Module, arch: str) -> str:
     """The dotted name of the final classifier layer (fc, classifier.1, heads.head, ...)."""
     linears = [name for name, m in net.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
-        raise UserError(f"model.arch={arch}: no final Linear layer to replace with the head "
-                        "(its classifier is a convolution); choose another architecture")
+        raise UserError(
+            f"model.arch={arch}: no final Linear layer to replace with the head "
+            "(its classifier is a convolution); choose another architecture"
+        )
     return linears[-1]
 
 
@@ -58,11 +63,17 @@ class PatchClassifier(nn.Module):
         """The backbone's stages in forward order (resnet: conv1, bn1, layer1..4; densenet:
         features.conv0 ... features.norm5): the units of layer-wise LR decay and Grad-CAM."""
         head = self.head
+
         def holds_head(m: nn.Module) -> bool:
             return any(sub is head for sub in m.modules())
+
         def with_params(module: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
-            return [(f"{prefix}{n}", m) for n, m in module.named_children()
-                    if not holds_head(m) and any(True for _ in m.parameters())]
+            return [
+                (f"{prefix}{n}", m)
+                for n, m in module.named_children()
+                if not holds_head(m) and any(True for _ in m.parameters())
+            ]
+
         stages = with_params(self.net, "")
         while len(stages) < 4:  # too coarse (one container, or ViT's encoder): open the largest stage
             size = {name: sum(p.numel() for p in m.parameters()) for name, m in stages}
@@ -70,7 +81,7 @@ class PatchClassifier(nn.Module):
             if not openable:
                 break
             i = max(openable)[1]
-            stages[i:i + 1] = with_params(stages[i][1], f"{stages[i][0]}.")
+            stages[i : i + 1] = with_params(stages[i][1], f"{stages[i][0]}.")
         return stages
 
     def parameter_stages(self) -> dict[str, int]:
@@ -91,8 +102,9 @@ class PatchClassifier(nn.Module):
 
 def make_head(kind: str, features: int) -> nn.Module:
     if kind == "seed":  # the original recipe's head
-        return nn.Sequential(nn.Dropout(0.5), nn.Linear(features, 128), nn.ReLU(inplace=True),
-                             nn.Dropout(0.3), nn.Linear(128, 2))
+        return nn.Sequential(
+            nn.Dropout(0.5), nn.Linear(features, 128), nn.ReLU(inplace=True), nn.Dropout(0.3), nn.Linear(128, 2)
+        )
     return nn.Linear(features, 2)
 
 
@@ -111,15 +123,17 @@ def imagenet_state_dict(arch: str, mirror: str | None = None) -> dict[str, torch
     url = imagenet_weights(arch).url
     url = url if mirror is None else f"{mirror.rstrip('/')}/{url.rsplit('/', 1)[1]}"
     try:
-        return torch.hub.load_state_dict_from_url(url, progress=False, check_hash=True,
-                                                  map_location="cpu", weights_only=True)
+        return torch.hub.load_state_dict_from_url(
+            url, progress=False, check_hash=True, map_location="cpu", weights_only=True
+        )
     except Exception as e:  # URLError, timeouts, hash mismatch: all mean "not available here"
         cache = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[1]
         raise UserError(
             f"cannot get ImageNet weights for {arch} from {url} ({e}). On a machine with network run "
             f"`python -m cancernet fetch-weights --arch {arch}` and copy {cache.name} to {cache} "
             f"here (or set TORCH_HOME to a shared folder that holds hub/checkpoints/{cache.name}); "
-            "or set model.pretrained to a state-dict path, or model.pretrained=none") from None
+            "or set model.pretrained to a state-dict path, or model.pretrained=none"
+        ) from None
 
 
 def _load_backbone_weights(net: nn.Module, cfg: ModelConfig, head: str, image_size: int) -> None:
@@ -144,8 +158,10 @@ def _load_backbone_weights(net: nn.Module, cfg: ModelConfig, head: str, image_si
         hint = ""
         if "pos_embedding" in " ".join(mismatched):
             hint = f" (these weights were trained at another image size; data.image_size={image_size} differs)"
-        raise UserError(f"model.pretrained={cfg.pretrained} does not fit {cfg.arch}{hint}: "
-                        f"mismatched {mismatched[:2]}, missing {missing[:2]}, unexpected {unexpected[:2]}")
+        raise UserError(
+            f"model.pretrained={cfg.pretrained} does not fit {cfg.arch}{hint}: "
+            f"mismatched {mismatched[:2]}, missing {missing[:2]}, unexpected {unexpected[:2]}"
+        )
     net.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
 
 
@@ -197,8 +213,10 @@ def _probe(model: nn.Module, arch: str, image_size: int) -> None:
         with torch.no_grad():
             out = model(torch.zeros(1, 3, image_size, image_size))
     except (RuntimeError, ValueError, AssertionError, IndexError) as e:
-        raise UserError(f"model.arch={arch} cannot take data.image_size={image_size} inputs "
-                        f"({str(e).splitlines()[0]}); use a larger data.image_size") from None
+        raise UserError(
+            f"model.arch={arch} cannot take data.image_size={image_size} inputs "
+            f"({str(e).splitlines()[0]}); use a larger data.image_size"
+        ) from None
     finally:
         model.train(was_training)
     if not isinstance(out, torch.Tensor) or out.shape != (1, 2):

@@ -1,4 +1,5 @@
 """How the device computes: train.amp=auto (the fastest correct precision) and train.deterministic."""
+
 from __future__ import annotations
 
 import dataclasses

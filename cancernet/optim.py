@@ -1,4 +1,5 @@
 """Parameter groups, optimizer, and the learning-rate schedule (a function of samples seen)."""
+
 from __future__ import annotations
 
 import logging
@@ -27,10 +28,15 @@ def param_groups(model: PatchClassifier, cfg: OptimConfig) -> list[dict]:
         if not p.requires_grad:
             continue
         stage, decayed = stage_of[name], p.ndim > 1 or cfg.decay_norm_bias
-        group = groups.setdefault((stage, decayed), {
-            "params": [], "name": f"{'head' if stage == n_stages else f'stage{stage}'}/{'decay' if decayed else 'no_decay'}",
-            "weight_decay": cfg.weight_decay if decayed else 0.0,
-            "lr_scale": cfg.head_lr_mult if stage == n_stages else cfg.layer_decay ** (n_stages - stage)})
+        group = groups.setdefault(
+            (stage, decayed),
+            {
+                "params": [],
+                "name": f"{'head' if stage == n_stages else f'stage{stage}'}/{'decay' if decayed else 'no_decay'}",
+                "weight_decay": cfg.weight_decay if decayed else 0.0,
+                "lr_scale": cfg.head_lr_mult if stage == n_stages else cfg.layer_decay ** (n_stages - stage),
+            },
+        )
         group["params"].append(p)
     return [groups[k] for k in sorted(groups)]
 
@@ -58,8 +64,9 @@ def describe_groups(optimizer: torch.optim.Optimizer, base_lr: float) -> str:
         row = rows.setdefault((base_lr * g["lr_scale"], g["weight_decay"]), [[], 0])
         row[0].append(g["name"])
         row[1] += sum(p.numel() for p in g["params"])
-    return "; ".join(f"lr {lr:.3g} wd {wd:g}: {n:,} params in {','.join(names)}"
-                     for (lr, wd), (names, n) in rows.items())
+    return "; ".join(
+        f"lr {lr:.3g} wd {wd:g}: {n:,} params in {','.join(names)}" for (lr, wd), (names, n) in rows.items()
+    )
 
 
 class OptimizerState:
@@ -87,8 +94,14 @@ class LrSchedule:
     placed where the run has got to.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, cfg: OptimConfig, base_lr: float,
-                 total_samples: int, warmup_samples: int):
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        cfg: OptimConfig,
+        base_lr: float,
+        total_samples: int,
+        warmup_samples: int,
+    ):
         self.optimizer, self.name, self.base_lr = optimizer, cfg.schedule, base_lr
         self.total, self.warmup = max(total_samples, 1), warmup_samples
         self.position, self.last_factor = 0, self.factor(0)
@@ -119,8 +132,13 @@ class LrSchedule:
         return self.base_lr * self.last_factor
 
     def state_dict(self) -> dict:
-        return {"schedule": self.name, "position": self.position, "total_samples": self.total,
-                "warmup_samples": self.warmup, "base_lr": self.base_lr}
+        return {
+            "schedule": self.name,
+            "position": self.position,
+            "total_samples": self.total,
+            "warmup_samples": self.warmup,
+            "base_lr": self.base_lr,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Where the last step was; the curve itself (total, warm-up, base lr) follows this run's config."""

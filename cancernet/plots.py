@@ -1,14 +1,11 @@
 """Figures from saved predictions and summary.csv; each function returns a matplotlib Figure."""
-from __future__ import annotations
 
-from collections.abc import Callable
+from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from sklearn import metrics as skm
-
-from .data.patch import LABEL_SIDE, LABEL_START
 
 CLASS_NAMES = ("normal (0)", "tumour (1)")
 COLOURS = ("#1f77b4", "#d62728")  # blue = normal, red = tumour, everywhere
@@ -23,6 +20,7 @@ def _axes(ncols: int = 1, width: float = 5.5, height: float = 4.2):
 
 def _epoch_axis(ax) -> None:
     from matplotlib.ticker import MaxNLocator
+
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
@@ -67,11 +65,24 @@ def confusion_matrix(labels, probs, threshold: float) -> Figure:
     image = ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
     for i in range(2):
         for j in range(2):
-            ax.text(j, i, f"{cm[i, j]:,}\n{100 * rows[i, j]:.1f}%", ha="center", va="center",
-                    fontsize=13, color="white" if rows[i, j] > 0.5 else "black")
-    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=CLASS_NAMES, yticklabels=CLASS_NAMES,
-           xlabel="predicted", ylabel="true",
-           title=f"Confusion matrix (threshold {threshold:.3f}; row %)")
+            ax.text(
+                j,
+                i,
+                f"{cm[i, j]:,}\n{100 * rows[i, j]:.1f}%",
+                ha="center",
+                va="center",
+                fontsize=13,
+                color="white" if rows[i, j] > 0.5 else "black",
+            )
+    ax.set(
+        xticks=[0, 1],
+        yticks=[0, 1],
+        xticklabels=CLASS_NAMES,
+        yticklabels=CLASS_NAMES,
+        xlabel="predicted",
+        ylabel="true",
+        title=f"Confusion matrix (threshold {threshold:.3f}; row %)",
+    )
     fig.colorbar(image, ax=ax, label="fraction of true class")
     return fig
 
@@ -84,10 +95,16 @@ def roc(labels, probs, threshold: float | None = None) -> Figure:
     if threshold is not None:
         pred = np.asarray(probs) >= threshold
         labels = np.asarray(labels)
-        ax.plot(pred[labels == 0].mean(), pred[labels == 1].mean(), "ko",
-                label=f"operating point (t = {threshold:.3f})")
-    ax.set(title="ROC curve", xlabel="false positive rate (1 - specificity)",
-           ylabel="true positive rate (sensitivity)", xlim=(-0.01, 1.01), ylim=(-0.01, 1.01))
+        ax.plot(
+            pred[labels == 0].mean(), pred[labels == 1].mean(), "ko", label=f"operating point (t = {threshold:.3f})"
+        )
+    ax.set(
+        title="ROC curve",
+        xlabel="false positive rate (1 - specificity)",
+        ylabel="true positive rate (sensitivity)",
+        xlim=(-0.01, 1.01),
+        ylim=(-0.01, 1.01),
+    )
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
     return fig
@@ -99,8 +116,13 @@ def precision_recall(labels, probs) -> Figure:
     fig, (ax,) = _axes(width=5, height=4.6)
     ax.step(recall, precision, where="post", color="C3", label=f"PR (AP = {ap:.4f})")
     ax.axhline(np.mean(labels), ls=":", color="gray", label=f"prevalence ({np.mean(labels):.3f})")
-    ax.set(title="Precision-recall curve", xlabel="recall (sensitivity)", ylabel="precision",
-           xlim=(-0.01, 1.01), ylim=(-0.01, 1.01))
+    ax.set(
+        title="Precision-recall curve",
+        xlabel="recall (sensitivity)",
+        ylabel="precision",
+        xlim=(-0.01, 1.01),
+        ylim=(-0.01, 1.01),
+    )
     ax.legend(loc="lower left")
     ax.grid(alpha=0.3)
     return fig
@@ -111,11 +133,20 @@ def prediction_distribution(labels, probs, threshold: float) -> Figure:
     fig, (ax,) = _axes(width=6)
     bins = np.linspace(0, 1, 41)
     for cls in (0, 1):
-        ax.hist(probs[labels == cls], bins=bins, alpha=0.6, color=COLOURS[cls],
-                label=f"true {CLASS_NAMES[cls]} (n={int((labels == cls).sum()):,})")
+        ax.hist(
+            probs[labels == cls],
+            bins=bins,
+            alpha=0.6,
+            color=COLOURS[cls],
+            label=f"true {CLASS_NAMES[cls]} (n={int((labels == cls).sum()):,})",
+        )
     ax.axvline(threshold, color="black", ls="--", label=f"threshold {threshold:.3f}")
-    ax.set(title="Predicted tumour probability by true class", xlabel="P(tumour)",
-           ylabel="patches (log scale)", yscale="log")
+    ax.set(
+        title="Predicted tumour probability by true class",
+        xlabel="P(tumour)",
+        ylabel="patches (log scale)",
+        yscale="log",
+    )
     ax.legend(loc="upper center", framealpha=0.9)
     return fig
 
@@ -128,6 +159,7 @@ def reliability(labels, probs, raw_probs=None, bins: int = 15, few: int = 10) ->
     """
     from .metrics import expected_calibration_error
     from .metrics import reliability as reliability_table
+
     fig, (ax, count_ax) = _axes(2, width=5.2)
     ax.plot([0, 1], [0, 1], ":", color="gray", label="perfect calibration")
     curves = [("after temperature" if raw_probs is not None else "model", probs, "C3")]
@@ -138,40 +170,36 @@ def reliability(labels, probs, raw_probs=None, bins: int = 15, few: int = 10) ->
         solid, sparse = table[table["count"] >= few], table[(table["count"] > 0) & (table["count"] < few)]
         ece = expected_calibration_error(labels, p, bins)
         size = 12 + 200 * table["count"] / max(table["count"].max(), 1)
-        ax.plot(solid["mean_prob"], solid["fraction_positive"], "-", color=colour, alpha=0.7,
-                label=f"{name} (ECE {ece:.3f})")
+        ax.plot(
+            solid["mean_prob"],
+            solid["fraction_positive"],
+            "-",
+            color=colour,
+            alpha=0.7,
+            label=f"{name} (ECE {ece:.3f})",
+        )
         ax.scatter(solid["mean_prob"], solid["fraction_positive"], s=size[solid.index], color=colour, zorder=3)
-        ax.scatter(sparse["mean_prob"], sparse["fraction_positive"], s=size[sparse.index], facecolors="none",
-                   edgecolors=colour, zorder=3)
+        ax.scatter(
+            sparse["mean_prob"],
+            sparse["fraction_positive"],
+            s=size[sparse.index],
+            facecolors="none",
+            edgecolors=colour,
+            zorder=3,
+        )
     ax.scatter([], [], s=20, facecolors="none", edgecolors="gray", label=f"bin of < {few} patches")
-    ax.set(title=f"Reliability ({bins} equal-width bins; area ~ patches)", xlabel="mean predicted P(tumour) in bin",
-           ylabel="fraction of tumour patches in bin", xlim=(0, 1), ylim=(-0.02, 1.02))
+    ax.set(
+        title=f"Reliability ({bins} equal-width bins; area ~ patches)",
+        xlabel="mean predicted P(tumour) in bin",
+        ylabel="fraction of tumour patches in bin",
+        xlim=(0, 1),
+        ylim=(-0.02, 1.02),
+    )
     ax.legend(loc="upper left", fontsize=8)
     ax.grid(alpha=0.3)
     table = reliability_table(labels, probs, bins)
     count_ax.bar(table["lo"] + 0.5 / bins, table["count"], width=0.9 / bins, color="C3")
     count_ax.set(title="Patches per bin", xlabel="predicted P(tumour)", ylabel="patches")
-    return fig
-
-
-def augmentation_grid(originals: np.ndarray, views: list[np.ndarray], description: str,
-                      view_box: tuple[float, float] = (LABEL_START, LABEL_SIDE)) -> Figure:
-    """Each row: a training patch, then what the augmentation makes of it in successive epochs.
-
-    view_box: (start, side) of the labelled centre in the views' pixels (they may be resized or cropped).
-    """
-    rows, cols = len(originals), 1 + len(views)
-    fig = Figure(figsize=(cols * 1.5, rows * 1.55), layout="constrained")
-    axes = np.atleast_2d(fig.subplots(rows, cols))
-    for r in range(rows):
-        for c in range(cols):
-            ax = axes[r, c]
-            ax.imshow(originals[r] if c == 0 else views[c - 1][r])
-            ax.add_patch(_centre_box() if c == 0 else _centre_box(*view_box))
-            ax.set(xticks=[], yticks=[])
-            if r == 0:
-                ax.set_title("original" if c == 0 else f"epoch {c}", fontsize=8)
-    fig.suptitle(f"Training augmentation: {description}", fontsize=9)
     return fig
 
 
@@ -187,82 +215,29 @@ def label_distribution(table: pd.DataFrame) -> Figure:
         values = [totals[cls], *counts[cls]]
         bars = bar_ax.bar(x + (cls - 0.5) * 0.38, values, 0.38, color=COLOURS[cls], label=CLASS_NAMES[cls])
         bar_ax.bar_label(bars, labels=[f"{v:,}" for v in values], fontsize=8)
-    bar_ax.set(xticks=x, xticklabels=["all", *splits], ylabel="patches",
-               title="Labels per split (share of tumour below)")
+    bar_ax.set(
+        xticks=x, xticklabels=["all", *splits], ylabel="patches", title="Labels per split (share of tumour below)"
+    )
     rates = [table["label"].mean(), *(table[table["split"] == s]["label"].mean() for s in splits)]
     for xi, rate in zip(x, rates):
-        bar_ax.annotate(f"{100 * rate:.1f}%", (xi, 0), xytext=(0, -28), textcoords="offset points",
-                        ha="center", fontsize=8, color=COLOURS[1])
+        bar_ax.annotate(
+            f"{100 * rate:.1f}%",
+            (xi, 0),
+            xytext=(0, -28),
+            textcoords="offset points",
+            ha="center",
+            fontsize=8,
+            color=COLOURS[1],
+        )
     bar_ax.legend()
-    pie_ax.pie(totals, labels=[f"{n}\n{c:,}" for n, c in zip(CLASS_NAMES, totals)], colors=COLOURS,
-               autopct="%1.1f%%", startangle=90, textprops={"fontsize": 9},
-               wedgeprops={"edgecolor": "white"})
+    pie_ax.pie(
+        totals,
+        labels=[f"{n}\n{c:,}" for n, c in zip(CLASS_NAMES, totals)],
+        colors=COLOURS,
+        autopct="%1.1f%%",
+        startangle=90,
+        textprops={"fontsize": 9},
+        wedgeprops={"edgecolor": "white"},
+    )
     pie_ax.set_title(f"All labelled patches (n={len(table):,})")
-    return fig
-
-
-def sample_grid(predictions: pd.DataFrame, load_image: Callable[[str], np.ndarray],
-                threshold: float, split: str = "test", n: int = 24, seed: int = 0) -> Figure:
-    """Patches with true label and P(tumour); misclassified ones framed in red with a cross.
-
-    Half the panels show misclassified patches when there are that many.
-    """
-    wrong = predictions[(predictions["prob"] >= threshold) != (predictions["label"] == 1)]
-    right = predictions.drop(wrong.index)
-    n_wrong = min(len(wrong), n // 2)
-    pick = pd.concat([wrong.sample(n_wrong, random_state=seed),
-                      right.sample(min(len(right), n - n_wrong), random_state=seed)])
-    cols = 8
-    rows = max(1, int(np.ceil(len(pick) / cols)))
-    fig = Figure(figsize=(cols * 1.6, rows * 1.9), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
-    for ax in axes:
-        ax.axis("off")
-    for ax, row in zip(axes, pick.itertuples()):
-        ax.imshow(load_image(row.id))
-        ax.add_patch(_centre_box())
-        mistake = (row.prob >= threshold) != (row.label == 1)
-        ax.set_title(f"true {row.label} · p={row.prob:.2f}{' ✗' if mistake else ''}", fontsize=8,
-                     color="red" if mistake else "black")
-        if mistake:
-            ax.axis("on")
-            ax.set(xticks=[], yticks=[])
-            for spine in ax.spines.values():
-                spine.set(color="red", linewidth=3)
-    fig.suptitle(f"{split.capitalize()} patches: true label, predicted P(tumour); dashed box = the labelled centre "
-                 f"32x32; red = misclassified at threshold {threshold:.3f}", fontsize=10)
-    return fig
-
-
-def _centre_box(start: float = LABEL_START, side: float = LABEL_SIDE):
-    """The labelled centre 32x32 (in a 96 px patch; other values for resized or cropped views)."""
-    from matplotlib.patches import Rectangle
-    return Rectangle((start - 0.5, start - 0.5), side, side, fill=False, ls="--", lw=0.8, ec="white")
-
-
-def gradcam_grid(picked: pd.DataFrame, images: np.ndarray, cams: np.ndarray, threshold: float) -> Figure:
-    """Patches beside their Grad-CAM maps for P(tumour): does the model look at the centre?"""
-    from matplotlib import colormaps
-    cols = 4
-    rows = int(np.ceil(len(picked) / cols))
-    scale = max(float(np.percentile(cams, 99.5)), 1e-12)  # one scale for all: weak evidence stays faint
-    fig = Figure(figsize=(cols * 2 * 1.5, rows * 1.75), layout="constrained")
-    axes = np.atleast_2d(fig.subplots(rows, cols * 2))
-    for ax in axes.ravel():
-        ax.axis("off")
-    for k, row in enumerate(picked.itertuples()):
-        image_ax, cam_ax = axes[k // cols, 2 * (k % cols)], axes[k // cols, 2 * (k % cols) + 1]
-        image_ax.imshow(images[k])
-        image_ax.add_patch(_centre_box())
-        cam_ax.imshow(images[k])
-        heat = np.clip(cams[k] / scale, 0, 1)
-        overlay = colormaps["inferno"](heat)
-        overlay[..., 3] = 0.75 * heat  # no evidence = transparent
-        cam_ax.imshow(overlay)
-        cam_ax.add_patch(_centre_box())
-        wrong = (row.prob >= threshold) != (row.label == 1)
-        image_ax.set_title(f"{row.kind}: true {row.label}", fontsize=8, color="red" if wrong else "black")
-        cam_ax.set_title(f"Grad-CAM, p={row.prob:.2f}", fontsize=8)
-    fig.suptitle("Where the model sees tumour: Grad-CAM of the class-1 logit (one colour scale for all\n"
-                 "patches; bright = strong evidence); dashed box = the labelled centre 32x32", fontsize=9)
     return fig

@@ -2,6 +2,7 @@
 
 Nothing here talks to other ranks; callers gather predictions first.
 """
+
 from __future__ import annotations
 
 import html
@@ -15,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import plots
+from . import grids, plots
 from .atomic import atomic_path, write_text
 from .config import Config
 from .data.formats import reader
@@ -28,8 +29,14 @@ log = logging.getLogger(__name__)
 
 def predictions_frame(ids: list[str], result: dict[str, np.ndarray]) -> pd.DataFrame:
     """id, label (true), prob (class 1), log_odds, one row per evaluated image."""
-    return pd.DataFrame({"id": [ids[i] for i in result["index"]], "label": result["label"],
-                         "prob": result["prob"], "log_odds": result["log_odds"]})
+    return pd.DataFrame(
+        {
+            "id": [ids[i] for i in result["index"]],
+            "label": result["label"],
+            "prob": result["prob"],
+            "log_odds": result["log_odds"],
+        }
+    )
 
 
 def write_predictions(path, frame: pd.DataFrame, threshold: float) -> None:
@@ -37,26 +44,50 @@ def write_predictions(path, frame: pd.DataFrame, threshold: float) -> None:
     write_text(path, frame.to_csv(index=False, float_format="%.8g"))
 
 
-def compute_metrics(evaluated: pd.DataFrame, point: dict, bootstrap: int = 1000, seed: int = 0,
-                    groups: pd.Series | None = None, brief: bool = False) -> dict:
+def compute_metrics(
+    evaluated: pd.DataFrame,
+    point: dict,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    groups: pd.Series | None = None,
+    brief: bool = False,
+) -> dict:
     """Metrics of `evaluated` at 0.5 and at the operating point (chosen on validation), with 95% bootstrap
     CIs (`<metric>_ci`), and slide-level AUCs when groups (id -> group) are given."""
     labels, probs = evaluated["label"].to_numpy(), evaluated["prob"].to_numpy()
     threshold = point["threshold"]
-    out = {**binary_report(labels, probs, 0.5), "at_0.5": at_threshold(labels, probs, 0.5),
-           "at_val_threshold": at_threshold(labels, probs, threshold), "val_threshold": {"value": threshold, **point}}
+    out = {
+        **binary_report(labels, probs, 0.5),
+        "at_0.5": at_threshold(labels, probs, 0.5),
+        "at_val_threshold": at_threshold(labels, probs, threshold),
+        "val_threshold": {"value": threshold, **point},
+    }
     if bootstrap:
         cis = bootstrap_cis(labels, probs, {"at_0.5": 0.5, "at_val_threshold": threshold}, bootstrap, seed)
-        out.update(roc_auc_ci=cis["roc_auc"], average_precision_ci=cis["average_precision"],
-                   accuracy_ci=cis["at_0.5/accuracy"], bootstrap={"resamples": bootstrap, "seed": seed, "level": 0.95})
+        out.update(
+            roc_auc_ci=cis["roc_auc"],
+            average_precision_ci=cis["average_precision"],
+            accuracy_ci=cis["at_0.5/accuracy"],
+            bootstrap={"resamples": bootstrap, "seed": seed, "level": 0.95},
+        )
         for key in ("at_0.5", "at_val_threshold"):
             out[key].update({f"{m}_ci": cis[f"{key}/{m}"] for m in ("accuracy", "sensitivity", "specificity")})
     if groups is not None:
-        out["groups"] = group_metrics(evaluated.assign(group=groups.reindex(evaluated["id"]).to_numpy()),
-                                      bootstrap, seed)
+        out["groups"] = group_metrics(
+            evaluated.assign(group=groups.reindex(evaluated["id"]).to_numpy()), bootstrap, seed
+        )
     if brief:
-        keep = ("n", "accuracy", "roc_auc", "roc_auc_ci", "average_precision", "average_precision_ci",
-                "at_val_threshold", "val_threshold", "groups")
+        keep = (
+            "n",
+            "accuracy",
+            "roc_auc",
+            "roc_auc_ci",
+            "average_precision",
+            "average_precision_ci",
+            "at_val_threshold",
+            "val_threshold",
+            "groups",
+        )
         out = {k: v for k, v in out.items() if k in keep}
     return out
 
@@ -68,7 +99,9 @@ def group_metrics(frame: pd.DataFrame, bootstrap: int, seed: int) -> dict:
     for how in ("max", "mean"):
         out[f"roc_auc_{how}"] = roc_auc(scores["label"].to_numpy(), scores[f"prob_{how}"].to_numpy())
         if bootstrap and scores["label"].nunique() == 2:
-            out[f"roc_auc_{how}_ci"] = bootstrap_cis(scores["label"], scores[f"prob_{how}"], {}, bootstrap, seed)["roc_auc"]
+            out[f"roc_auc_{how}_ci"] = bootstrap_cis(scores["label"], scores[f"prob_{how}"], {}, bootstrap, seed)[
+                "roc_auc"
+            ]
     return out
 
 
@@ -105,10 +138,11 @@ FIGURES: dict[str, Callable] = {
     "roc": lambda r, t: plots.roc(*_labels_probs(r), t),
     "precision_recall": lambda r, t: plots.precision_recall(*_labels_probs(r)),
     "prediction_distribution": lambda r, t: plots.prediction_distribution(*_labels_probs(r), t),
-    "reliability": lambda r, t: plots.reliability(*_labels_probs(r), None if r.raw_evaluated is None
-                                                  else r.raw_evaluated["prob"].to_numpy()),
+    "reliability": lambda r, t: plots.reliability(
+        *_labels_probs(r), None if r.raw_evaluated is None else r.raw_evaluated["prob"].to_numpy()
+    ),
     "label_distribution": lambda r, t: plots.label_distribution(r.table),
-    "sample_grid": lambda r, t: plots.sample_grid(r.evaluated, r.load_image, t, r.split),
+    "sample_grid": lambda r, t: grids.sample_grid(r.evaluated, r.load_image, t, r.split),
     "augmentation": lambda r, t: augmentation_figure(r.cfg, r.table, r.load_image),
     "gradcam": lambda r, t: gradcam_figure(r.cfg, r.model, r.evaluated, r.load_image, t) if r.model else None,
 }
@@ -129,16 +163,24 @@ def gradcam_figure(cfg: Config, model, evaluated: pd.DataFrame, load_image, thre
         log.warning("no Grad-CAM figure: %s", e)
         return None
     cams = torch.nn.functional.interpolate(cams[:, None], size=images.shape[1:3], mode="bilinear")[:, 0]
-    return plots.gradcam_grid(picked, images, cams.cpu().numpy(), threshold)
+    return grids.gradcam_grid(picked, images, cams.cpu().numpy(), threshold)
 
 
 def most_confident(evaluated: pd.DataFrame, threshold: float, per_kind: int) -> pd.DataFrame:
     """Up to per_kind TP, FN, FP, TN: the highest P(tumour) of the positive calls, the lowest of the negative."""
     pred = evaluated["prob"] >= threshold
-    kinds = {"TP": pred & (evaluated["label"] == 1), "FN": ~pred & (evaluated["label"] == 1),
-             "FP": pred & (evaluated["label"] == 0), "TN": ~pred & (evaluated["label"] == 0)}
-    return pd.concat([evaluated[mask].assign(kind=kind).sort_values("prob", ascending=kind in ("FN", "TN"))
-                      .head(per_kind) for kind, mask in kinds.items()])
+    kinds = {
+        "TP": pred & (evaluated["label"] == 1),
+        "FN": ~pred & (evaluated["label"] == 1),
+        "FP": pred & (evaluated["label"] == 0),
+        "TN": ~pred & (evaluated["label"] == 0),
+    }
+    return pd.concat(
+        [
+            evaluated[mask].assign(kind=kind).sort_values("prob", ascending=kind in ("FN", "TN")).head(per_kind)
+            for kind, mask in kinds.items()
+        ]
+    )
 
 
 def augmentation_figure(cfg: Config, table: pd.DataFrame, load_image, n: int = 6, views: int = 5):
@@ -150,10 +192,14 @@ def augmentation_figure(cfg: Config, table: pd.DataFrame, load_image, n: int = 6
     augment = Augment(cfg.data, cfg.train.seed)
     index = torch.arange(len(train))
     mean, std = torch.tensor(cfg.data.mean).view(1, 3, 1, 1), torch.tensor(cfg.data.std).view(1, 3, 1, 1)
-    shown = [((augment(images, index, epoch) * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255)
-             .round().astype(np.uint8) for epoch in range(views)]
+    shown = [
+        ((augment(images, index, epoch) * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255)
+        .round()
+        .astype(np.uint8)
+        for epoch in range(views)
+    ]
     box = label_box(cfg.data.crop, cfg.data.image_size)  # where the labelled centre lands in the views
-    return plots.augmentation_grid(images.permute(0, 2, 3, 1).numpy(), shown, describe_augmentation(cfg), box)
+    return grids.augmentation_grid(images.permute(0, 2, 3, 1).numpy(), shown, describe_augmentation(cfg), box)
 
 
 def describe_augmentation(cfg: Config) -> str:
@@ -196,10 +242,12 @@ def _ci(metrics: dict, key: str) -> str:
 def headline(metrics: dict) -> str:
     """'AUC 0.931 [0.920, 0.942], ...': the log line and the report page's first line."""
     point = metrics["at_val_threshold"]
-    text = (f"AUC {metrics['roc_auc']:.3f}{_ci(metrics, 'roc_auc')}, AP {metrics['average_precision']:.3f}"
-            f"{_ci(metrics, 'average_precision')}, accuracy {metrics['accuracy']:.3f}{_ci(metrics, 'accuracy')} at 0.5; "
-            f"at the val-chosen threshold {point['threshold']:.3f}: sensitivity {point['sensitivity']:.3f}"
-            f"{_ci(point, 'sensitivity')}, specificity {point['specificity']:.3f}{_ci(point, 'specificity')}")
+    text = (
+        f"AUC {metrics['roc_auc']:.3f}{_ci(metrics, 'roc_auc')}, AP {metrics['average_precision']:.3f}"
+        f"{_ci(metrics, 'average_precision')}, accuracy {metrics['accuracy']:.3f}{_ci(metrics, 'accuracy')} at 0.5; "
+        f"at the val-chosen threshold {point['threshold']:.3f}: sensitivity {point['sensitivity']:.3f}"
+        f"{_ci(point, 'sensitivity')}, specificity {point['specificity']:.3f}{_ci(point, 'specificity')}"
+    )
     if "brier" in metrics:
         text += f"; Brier {metrics['brier']:.4f}, ECE {metrics['ece']:.4f} (T = {metrics['temperature']:.3f})"
     if "groups" in metrics:
@@ -218,29 +266,44 @@ def _row(name: str, value) -> str:
 def index_html(metrics: dict, images: list[str]) -> str:
     """One offline page: what was evaluated, the headline with CIs, both operating points, every figure."""
     facts = metrics.get("run", {})
-    about = [("split evaluated", f"{metrics['split']} (n = {metrics['n']:,})"),
-             ("data", f"{facts.get('data_root')} ({facts.get('data_format')}); images per split "
-                      f"{facts.get('images')}"),
-             ("model", f"{facts.get('arch')} (pretrained: {facts.get('pretrained')}), {facts.get('image_size')} px"),
-             ("training", f"{facts.get('epochs')} epochs; best epoch {facts.get('best_epoch', facts.get('checkpoint_epoch'))}; "
-                          f"{(facts.get('train_s') or 0) / 60:.1f} min training; world size {facts.get('world_size')}"),
-             ("git commit", facts.get("git_commit")), ("checkpoint", metrics.get("checkpoint"))]
-    rows = [("ROC AUC" + _ci(metrics, "roc_auc"), metrics["roc_auc"]),
-            ("average precision" + _ci(metrics, "average_precision"), metrics["average_precision"]),
-            ("accuracy (t = 0.5)" + _ci(metrics, "accuracy"), metrics["accuracy"])]
+    about = [
+        ("split evaluated", f"{metrics['split']} (n = {metrics['n']:,})"),
+        ("data", f"{facts.get('data_root')} ({facts.get('data_format')}); images per split {facts.get('images')}"),
+        ("model", f"{facts.get('arch')} (pretrained: {facts.get('pretrained')}), {facts.get('image_size')} px"),
+        (
+            "training",
+            f"{facts.get('epochs')} epochs; best epoch {facts.get('best_epoch', facts.get('checkpoint_epoch'))}; "
+            f"{(facts.get('train_s') or 0) / 60:.1f} min training; world size {facts.get('world_size')}",
+        ),
+        ("git commit", facts.get("git_commit")),
+        ("checkpoint", metrics.get("checkpoint")),
+    ]
+    rows = [
+        ("ROC AUC" + _ci(metrics, "roc_auc"), metrics["roc_auc"]),
+        ("average precision" + _ci(metrics, "average_precision"), metrics["average_precision"]),
+        ("accuracy (t = 0.5)" + _ci(metrics, "accuracy"), metrics["accuracy"]),
+    ]
     for key, name in (("at_0.5", "t = 0.5"), ("at_val_threshold", "t chosen on val")):
         point = metrics[key]
-        rows += [(f"sensitivity, {name} ({point['threshold']:.4f})" + _ci(point, "sensitivity"), point["sensitivity"]),
-                 (f"specificity, {name}" + _ci(point, "specificity"), point["specificity"])]
+        rows += [
+            (f"sensitivity, {name} ({point['threshold']:.4f})" + _ci(point, "sensitivity"), point["sensitivity"]),
+            (f"specificity, {name}" + _ci(point, "specificity"), point["specificity"]),
+        ]
     if "brier" in metrics:
-        rows += [("Brier score", metrics["brier"]), ("ECE (15 bins)", metrics["ece"]),
-                 ("temperature (fitted on val)", metrics["temperature"])]
+        rows += [
+            ("Brier score", metrics["brier"]),
+            ("ECE (15 bins)", metrics["ece"]),
+            ("temperature (fitted on val)", metrics["temperature"]),
+        ]
     if "groups" in metrics:
         g = metrics["groups"]
-        rows += [(f"slide-level ROC AUC, max ({g['n_groups']} slides)" + _ci(g, "roc_auc_max"), g["roc_auc_max"]),
-                 ("slide-level ROC AUC, mean" + _ci(g, "roc_auc_mean"), g["roc_auc_mean"])]
-    figures = "".join(f'<figure><img src="{name}" alt="{name}"><figcaption>{name}</figcaption></figure>'
-                      for name in images)
+        rows += [
+            (f"slide-level ROC AUC, max ({g['n_groups']} slides)" + _ci(g, "roc_auc_max"), g["roc_auc_max"]),
+            ("slide-level ROC AUC, mean" + _ci(g, "roc_auc_mean"), g["roc_auc_mean"]),
+        ]
+    figures = "".join(
+        f'<figure><img src="{name}" alt="{name}"><figcaption>{name}</figcaption></figure>' for name in images
+    )
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>cancernet report</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1400px}}table{{border-collapse:collapse;margin-bottom:1em}}
 th,td{{border:1px solid #ccc;padding:4px 10px;text-align:left}}figure{{display:inline-block;margin:8px}}

@@ -1,4 +1,5 @@
 """RunDir: every path of a run directory (train.out_dir), and the readers of its files, in one place."""
+
 from __future__ import annotations
 
 import shutil
@@ -78,6 +79,7 @@ class RunDir:
         """The run's config.yaml with key=value overrides (a cancernet.config.Config)."""
         from .config import load_config
         from .errors import UserError
+
         if not self.config.is_file():
             raise UserError(f"{self.root} is not a run directory (no config.yaml)")
         return load_config(self.config, overrides)

@@ -1,4 +1,5 @@
 """Wires config, data, model, engine, checkpoints and tracking into one training run."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,19 +35,30 @@ def prepare_run_dir(cfg: Config, dist: DistInfo, run: RunDir):
     resume_from = checkpoint.resume_path(cfg.train.resume, run.last)
     if resume_from is None and run.holds_a_run():
         if cfg.train.resume == "none" and not cfg.train.overwrite:
-            raise UserError(f"train.out_dir {run.root} already holds a run: continue it with train.resume=auto, "
-                            "choose a new train.out_dir, or replace it with train.overwrite=true")
+            raise UserError(
+                f"train.out_dir {run.root} already holds a run: continue it with train.resume=auto, "
+                "choose a new train.out_dir, or replace it with train.overwrite=true"
+            )
         barrier(dist)  # every rank has looked before rank 0 removes anything
         if dist.is_main:
-            log.warning("%s: replacing the run files there (%s)", run.root, "train.overwrite=true"
-                        if cfg.train.resume == "none" else "an earlier start that never wrote a checkpoint")
+            log.warning(
+                "%s: replacing the run files there (%s)",
+                run.root,
+                "train.overwrite=true"
+                if cfg.train.resume == "none"
+                else "an earlier start that never wrote a checkpoint",
+            )
             run.clear()
     barrier(dist)
     return resume_from
 
 
-def run(cfg: Config, dist: DistInfo, stop: StopFlag | None = None,
-        on_epoch_end: Callable[[Training, dict], None] | None = None) -> str:
+def run(
+    cfg: Config,
+    dist: DistInfo,
+    stop: StopFlag | None = None,
+    on_epoch_end: Callable[[Training, dict], None] | None = None,
+) -> str:
     """Train, validate each epoch, test the best checkpoint. Returns 'done' or 'stopped'.
 
     stop: set it (USR1/TERM do, from the start: a stop during set-up ends the run at its first
@@ -57,8 +69,11 @@ def run(cfg: Config, dist: DistInfo, stop: StopFlag | None = None,
         cfg = numerics.resolve(cfg, dist.device)  # train.amp=auto -> what this device gets
         run_dir = RunDir(cfg.train.out_dir)
         resume_from = prepare_run_dir(cfg, dist, run_dir)
-        saved_splits = (pd.read_csv(run_dir.splits, dtype={"id": str})
-                        if resume_from is not None and run_dir.splits.is_file() else None)
+        saved_splits = (
+            pd.read_csv(run_dir.splits, dtype={"id": str})
+            if resume_from is not None and run_dir.splits.is_file()
+            else None
+        )
         t = build(cfg, dist, run_dir, saved_splits)
         if resume_from is not None:
             restore(t, resume_from)
@@ -83,9 +98,13 @@ def run(cfg: Config, dist: DistInfo, stop: StopFlag | None = None,
             start = time.perf_counter()
             evaluate_run(t, tracker, {"best_epoch": t.state.best_epoch, "train_s": t.state.train_s})
             if budget is not None:
-                log.info("time budget %s: training, validation and checkpoints took %.0f s; the final test "
-                         "evaluation and report (not counted) %.0f s", cfg.train.time_budget, budget.used_s(),
-                         time.perf_counter() - start)
+                log.info(
+                    "time budget %s: training, validation and checkpoints took %.0f s; the final test "
+                    "evaluation and report (not counted) %.0f s",
+                    cfg.train.time_budget,
+                    budget.used_s(),
+                    time.perf_counter() - start,
+                )
             if cfg.wandb.log_model:
                 tracker.log_model(run_dir.best, {"best_val_auc": t.state.best_auc, "epoch": t.state.best_epoch})
             return "done"
@@ -101,16 +120,37 @@ def write_config(t: Training, meta: dict) -> None:
         write_text(t.run.config, resolved_yaml(t.cfg, t.dist.world_size, extra or None))
 
 
-def train_epoch(t: Training, epoch: int, stop: StopFlag, tracker: NullTracker, budget: TimeBudget | None = None,
-                on_epoch_end: Callable[[Training, dict], None] | None = None) -> bool:
+def train_epoch(
+    t: Training,
+    epoch: int,
+    stop: StopFlag,
+    tracker: NullTracker,
+    budget: TimeBudget | None = None,
+    on_epoch_end: Callable[[Training, dict], None] | None = None,
+) -> bool:
     """Train (and validate) one epoch, checkpoint on rank 0. False when the run must stop now."""
     cfg, dist = t.cfg, t.dist
-    mid = MidEpoch(t.state.mid_epoch["samples"], EpochTotals(**t.state.mid_epoch["totals"])) if t.state.mid_epoch else None
+    mid = (
+        MidEpoch(t.state.mid_epoch["samples"], EpochTotals(**t.state.mid_epoch["totals"]))
+        if t.state.mid_epoch
+        else None
+    )
     train = t.loaders["train"]
     set_epoch(train, epoch, mid.samples if mid else 0, t.epoch_end(epoch))
     bar = progress_bar(cfg, dist, len(train.loader), f"epoch {epoch + 1}")
-    stats = train_one_epoch(t.parts, train.loader, train.augment, cfg, dist, epoch, position=t.state.position,
-                            start=mid, stop=stop, progress=bar, on_sync=budget.sync(epoch) if budget else None)
+    stats = train_one_epoch(
+        t.parts,
+        train.loader,
+        train.augment,
+        cfg,
+        dist,
+        epoch,
+        position=t.state.position,
+        start=mid,
+        stop=stop,
+        progress=bar,
+        on_sync=budget.sync(epoch) if budget else None,
+    )
     if bar is not None:
         bar.close()
     t.state.position, t.state.train_s = stats.position, t.state.train_s + stats.seconds
@@ -119,8 +159,11 @@ def train_epoch(t: Training, epoch: int, stop: StopFlag, tracker: NullTracker, b
         t.state.mid_epoch = {"samples": stats.stopped_at, "totals": dataclasses.asdict(stats.totals)}
         save_checkpoints(t, best=False)
         t.writer.wait()
-        log.warning("stopped in epoch %d after %d samples; checkpoint saved, a resume continues there",
-                    epoch + 1, stats.stopped_at)
+        log.warning(
+            "stopped in epoch %d after %d samples; checkpoint saved, a resume continues there",
+            epoch + 1,
+            stats.stopped_at,
+        )
         return False
     validate = (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == t.epochs
     row = validate_epoch(t, epoch, stats) if validate else epoch_row(epoch, stats, None, t, 0.0)
@@ -135,10 +178,23 @@ def train_epoch(t: Training, epoch: int, stop: StopFlag, tracker: NullTracker, b
     if dist.is_main:
         write_summary(t.run, t.state.history)
         tracker.log_epoch(dataclasses.asdict(row))
-        log.info("epoch %d/%d train_loss %.4f train_acc %.4f val_loss %.4f val_acc %.4f val_auc %.4f%s lr %.3g "
-                 "%.0f img/s %.1fs (val %.1fs, checkpoint %.2fs)", epoch + 1, t.epochs, row.train_loss,
-                 row.train_acc, row.val_loss, row.val_acc, row.val_auc, " (best)" if is_best else "", row.lr,
-                 row.images_per_s, row.epoch_s, row.val_s, row.ckpt_s)
+        log.info(
+            "epoch %d/%d train_loss %.4f train_acc %.4f val_loss %.4f val_acc %.4f val_auc %.4f%s lr %.3g "
+            "%.0f img/s %.1fs (val %.1fs, checkpoint %.2fs)",
+            epoch + 1,
+            t.epochs,
+            row.train_loss,
+            row.train_acc,
+            row.val_loss,
+            row.val_acc,
+            row.val_auc,
+            " (best)" if is_best else "",
+            row.lr,
+            row.images_per_s,
+            row.epoch_s,
+            row.val_s,
+            row.ckpt_s,
+        )
     if on_epoch_end is not None:
         on_epoch_end(t, t.state.history[-1])
     if _any_rank(stop.requested, dist):
@@ -162,8 +218,11 @@ def save_checkpoints(t: Training, best: bool, row: EpochRow | None = None) -> fl
     """
     start = time.perf_counter()
     rng = checkpoint.gather_rng(t.dist)  # a collective: every rank takes part
-    copies = (t.writer.copy({t.run.last: t.resume_state(rng), **({t.run.best: t.best_state()} if best else {})})
-              if t.dist.is_main else {})
+    copies = (
+        t.writer.copy({t.run.last: t.resume_state(rng), **({t.run.best: t.best_state()} if best else {})})
+        if t.dist.is_main
+        else {}
+    )
     seconds = time.perf_counter() - start if t.dist.is_main else 0.0
     if row is not None:
         row.ckpt_s = seconds
@@ -177,12 +236,19 @@ def save_checkpoints(t: Training, best: bool, row: EpochRow | None = None) -> fl
 def epoch_row(epoch: int, stats: EpochStats, val: dict | None, t: Training, val_s: float) -> EpochRow:
     nan = float("nan")
     return EpochRow(
-        epoch=epoch + 1, train_loss=stats.totals.train_loss, train_acc=stats.totals.train_acc,
+        epoch=epoch + 1,
+        train_loss=stats.totals.train_loss,
+        train_acc=stats.totals.train_acc,
         val_loss=float(val["loss"].mean()) if val else nan,
         val_acc=float(((val["prob"] >= 0.5) == val["label"]).mean()) if val else nan,
-        val_auc=roc_auc(val["label"], val["prob"]) if val else nan, lr=t.parts.schedule.lr,
-        samples_seen=stats.position, epoch_s=stats.seconds, images_per_s=stats.images / max(stats.seconds, 1e-9),
-        val_s=val_s, ckpt_s=nan)
+        val_auc=roc_auc(val["label"], val["prob"]) if val else nan,
+        lr=t.parts.schedule.lr,
+        samples_seen=stats.position,
+        epoch_s=stats.seconds,
+        images_per_s=stats.images / max(stats.seconds, 1e-9),
+        val_s=val_s,
+        ckpt_s=nan,
+    )
 
 
 def _any_rank(flag: bool, dist: DistInfo) -> bool:

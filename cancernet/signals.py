@@ -8,6 +8,7 @@ and the trainer would crash with "DataLoader worker ... is killed by signal" ins
 checkpointing. Workers still exit when their loader shuts them down (end of iteration, or the
 trainer exiting) or when their parent dies (PyTorch's watchdog), and SIGKILL still ends them.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,9 +30,11 @@ class StopFlag:
 @contextlib.contextmanager
 def stop_on_signals(stop: StopFlag):
     """While inside, USR1 and TERM only set the flag; the previous handlers come back on exit."""
+
     def handler(signum, frame):
         log.warning("received signal %d: stopping at the next sync point", signum)
         stop.requested = True
+
     previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
     try:
         yield stop

@@ -5,6 +5,7 @@ mode, then to the no-op tracker, with one warning. An online start gives up afte
 wandb.init_timeout seconds (a compute node with an API key but no network would otherwise stall),
 and the failed attempt is torn down first so that offline mode can take the same run id.
 """
+
 from __future__ import annotations
 
 import logging
@@ -45,15 +46,19 @@ class WandbTracker(NullTracker):
 
     def log_images(self, paths: dict[str, Path]) -> None:
         import wandb
-        self._guard("image upload", lambda: self.run.log(
-            {f"report/{name}": wandb.Image(str(p)) for name, p in paths.items()}))
+
+        self._guard(
+            "image upload", lambda: self.run.log({f"report/{name}": wandb.Image(str(p)) for name, p in paths.items()})
+        )
 
     def log_model(self, path: Path, metadata: dict) -> None:
         import wandb
+
         def upload():
             artifact = wandb.Artifact(f"model-{self.run.id}", type="model", metadata=metadata)
             artifact.add_file(str(path))
             self.run.log_artifact(artifact, aliases=["best", "latest"])
+
         self._guard("model artifact", upload)
 
     def log_summary(self, values: dict) -> None:
@@ -81,16 +86,33 @@ def start_tracker(cfg: Config, dist: DistInfo, run_dir: Path, run_id: str | None
     run_id = run_id or secrets.token_hex(4)  # ours, so a resume can reuse it
     for attempt in dict.fromkeys([mode, "offline"]):  # online first if asked, then offline
         try:
-            run = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.wandb.name,
-                             tags=cfg.wandb.tags, config=cfg.to_dict(), id=run_id, resume="allow",
-                             dir=os.environ.get("WANDB_DIR", str(run_dir)), mode=attempt, reinit="create_new",
-                             settings=wandb.Settings(init_timeout=cfg.wandb.init_timeout, silent=True))
-            log.info("W&B run %s (%s)%s", run.id, attempt, "; sync later with `wandb sync " + str(
-                Path(run.dir).parent) + "`" if attempt == "offline" else "")
+            run = wandb.init(
+                project=cfg.wandb.project,
+                entity=cfg.wandb.entity,
+                name=cfg.wandb.name,
+                tags=cfg.wandb.tags,
+                config=cfg.to_dict(),
+                id=run_id,
+                resume="allow",
+                dir=os.environ.get("WANDB_DIR", str(run_dir)),
+                mode=attempt,
+                reinit="create_new",
+                settings=wandb.Settings(init_timeout=cfg.wandb.init_timeout, silent=True),
+            )
+            log.info(
+                "W&B run %s (%s)%s",
+                run.id,
+                attempt,
+                "; sync later with `wandb sync " + str(Path(run.dir).parent) + "`" if attempt == "offline" else "",
+            )
             return WandbTracker(run)
         except Exception as e:
-            log.warning("W&B could not start in %s mode (%s: %s)", attempt, type(e).__name__,
-                        str(e).splitlines()[0] if str(e) else "")
+            log.warning(
+                "W&B could not start in %s mode (%s: %s)",
+                attempt,
+                type(e).__name__,
+                str(e).splitlines()[0] if str(e) else "",
+            )
             try:  # the failed attempt's service still holds the run id
                 wandb.teardown()
             except Exception:

@@ -1,5 +1,6 @@
 """What one training run trains with: its state, how it is built from the config, and how it is
 restored from a checkpoint (the schedule and hyperparameters follow the current config)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -99,18 +100,28 @@ class Training:
     def stateful(self) -> dict[str, checkpoint.Stateful]:
         """The parts a resume restores, by their checkpoint keys (the model first)."""
         p = self.parts
-        parts = {checkpoint.MODEL: self.model_without_ddp, checkpoint.OPTIMIZER: OptimizerState(p.optimizer),
-                 checkpoint.SCHEDULER: p.schedule, checkpoint.SCALER: ScalerState(p.scaler)}
+        parts = {
+            checkpoint.MODEL: self.model_without_ddp,
+            checkpoint.OPTIMIZER: OptimizerState(p.optimizer),
+            checkpoint.SCHEDULER: p.schedule,
+            checkpoint.SCALER: ScalerState(p.scaler),
+        }
         return parts | ({checkpoint.EMA: p.ema} if p.ema is not None else {})
 
     def resume_state(self, rng: list) -> dict:
-        return checkpoint.training_state(self.stateful(), dataclasses.asdict(self.state), rng, self.cfg.to_dict(),
-                                         self.dist.world_size)
+        return checkpoint.training_state(
+            self.stateful(), dataclasses.asdict(self.state), rng, self.cfg.to_dict(), self.dist.world_size
+        )
 
     def best_state(self) -> dict:
-        return checkpoint.weights_state(self.eval_model.state_dict(), self.cfg.to_dict(), self.state.epoch,
-                                        "ema" if self.parts.ema is not None else "model", best_auc=self.state.best_auc,
-                                        best_val_loss=self.state.best_val_loss)
+        return checkpoint.weights_state(
+            self.eval_model.state_dict(),
+            self.cfg.to_dict(),
+            self.state.epoch,
+            "ema" if self.parts.ema is not None else "model",
+            best_auc=self.state.best_auc,
+            best_val_loss=self.state.best_val_loss,
+        )
 
 
 class ScalerState:
@@ -127,16 +138,19 @@ class ScalerState:
             self.scaler.load_state_dict(state)
 
 
-def wrap_for_training(model: torch.nn.Module, cfg: ModelConfig, dist: DistInfo, ddp: bool | None = None
-                      ) -> torch.nn.Module:
+def wrap_for_training(
+    model: torch.nn.Module, cfg: ModelConfig, dist: DistInfo, ddp: bool | None = None
+) -> torch.nn.Module:
     """What the loop calls: DDP (several ranks) and torch.compile in the order model.compile_scope
     asks. `model`: compile the bare model, then wrap it; DDP's gradient hooks then fire only after
     the whole compiled backward, so the all-reduce cannot overlap it. `ddp`: compile the wrapper;
     Dynamo splits the graph at DDP's bucket boundaries so that it can. Checkpoints always use the
     bare model (clean keys). ddp: wrap even a single process (benchmarks); default: when distributed."""
     use_ddp = dist.is_distributed if ddp is None else ddp
+
     def wrap(m: torch.nn.Module) -> torch.nn.Module:
         return DDP(m, device_ids=[dist.device] if dist.device.type == "cuda" else None) if use_ddp else m
+
     if not cfg.compile:
         return wrap(model)
     return torch.compile(wrap(model)) if cfg.compile_scope == "ddp" else wrap(torch.compile(model))
@@ -169,11 +183,19 @@ def build(cfg: Config, dist: DistInfo, run: RunDir, saved_splits: pd.DataFrame |
     global_batch = sampler.global_batch * cfg.train.grad_accum
     base_lr = effective_lr(cfg.optim, global_batch)
     per_epoch = sampler.samples_per_epoch()
-    schedule = LrSchedule(optimizer, cfg.optim, base_lr, per_epoch * cfg.train.epochs,
-                          int(cfg.optim.warmup_epochs * per_epoch))
-    log.info("optimizer %s, global batch %d, lr %.3g%s; %s", cfg.optim.name, global_batch, base_lr,
-             f" (optim.lr {cfg.optim.lr:g} scaled linearly from batch {cfg.optim.base_batch})"
-             if cfg.optim.lr_scale == "linear" else "", describe_groups(optimizer, base_lr))
+    schedule = LrSchedule(
+        optimizer, cfg.optim, base_lr, per_epoch * cfg.train.epochs, int(cfg.optim.warmup_epochs * per_epoch)
+    )
+    log.info(
+        "optimizer %s, global batch %d, lr %.3g%s; %s",
+        cfg.optim.name,
+        global_batch,
+        base_lr,
+        f" (optim.lr {cfg.optim.lr:g} scaled linearly from batch {cfg.optim.base_batch})"
+        if cfg.optim.lr_scale == "linear"
+        else "",
+        describe_groups(optimizer, base_lr),
+    )
     scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.train.amp == "fp16")
     parts = StepParts(model, optimizer, schedule, scaler, ema)
     return Training(cfg, dist, run, table, loaders, model_without_ddp, parts)
@@ -185,12 +207,16 @@ def restore(t: Training, path) -> None:
     ckpt = checkpoint.Checkpoint.load(path)
     checkpoint.check_resumable(ckpt.config_dict, t.cfg.to_dict(), path)
     if not ckpt.is_resumable:
-        raise UserError(f"checkpoint {path} holds weights only (a best.pt); resume from last.pt, "
-                        "or start a new run from these weights with model.pretrained")
+        raise UserError(
+            f"checkpoint {path} holds weights only (a best.pt); resume from last.pt, "
+            "or start a new run from these weights with model.pretrained"
+        )
     names = [f.name for f in dataclasses.fields(RunState)]
     if any(name not in ckpt.state for name in ("position", "mid_epoch")):
-        raise CheckpointError(f"checkpoint {path} was written by an older cancernet and cannot be resumed "
-                              "(evaluate, predict and export still read it); start a new train.out_dir")
+        raise CheckpointError(
+            f"checkpoint {path} was written by an older cancernet and cannot be resumed "
+            "(evaluate, predict and export still read it); start a new train.out_dir"
+        )
     missing = ckpt.restore(t.stateful())
     if checkpoint.EMA in missing:  # EMA turned on at this resume: it starts from the loaded weights
         t.parts.ema = ModelEma(t.model_without_ddp, t.cfg.train.ema_decay)
@@ -203,14 +229,24 @@ def restore(t: Training, path) -> None:
         if t.cfg.train.time_budget:  # the length stays what the budget fixed; the schedule follows it
             t.parts.schedule.total = t.state.budget_plan["samples"]
         else:
-            log.warning("train.time_budget is off now: the run's length is train.epochs=%d again, not the %.2f "
-                        "epochs its budget fixed", t.cfg.train.epochs, t.state.budget_plan["epochs"])
+            log.warning(
+                "train.time_budget is off now: the run's length is train.epochs=%d again, not the %.2f "
+                "epochs its budget fixed",
+                t.cfg.train.epochs,
+                t.state.budget_plan["epochs"],
+            )
             t.state.budget_plan = None
     changes = checkpoint.changed_settings(ckpt.config_dict, t.cfg.to_dict())
     if ckpt.get(checkpoint.WORLD_SIZE, t.dist.world_size) != t.dist.world_size:
         changes.append(f"world size: {ckpt.get(checkpoint.WORLD_SIZE)} -> {t.dist.world_size}")
     mid, schedule = t.state.mid_epoch, t.parts.schedule
-    log.info("resumed from %s after epoch %d%s: sample %d of %d, lr %.3g%s", path, t.state.epoch,
-             f" (+{mid['samples']} samples into epoch {t.state.epoch + 1})" if mid else "", t.state.position,
-             schedule.total, schedule.base_lr * schedule.factor(t.state.position),
-             f"; schedule rebuilt for what changed: {', '.join(changes)}" if changes else "")
+    log.info(
+        "resumed from %s after epoch %d%s: sample %d of %d, lr %.3g%s",
+        path,
+        t.state.epoch,
+        f" (+{mid['samples']} samples into epoch {t.state.epoch + 1})" if mid else "",
+        t.state.position,
+        schedule.total,
+        schedule.base_lr * schedule.factor(t.state.position),
+        f"; schedule rebuilt for what changed: {', '.join(changes)}" if changes else "",
+    )

@@ -23,8 +23,7 @@ def synth_root(tmp_path_factory) -> Path:
 
 
 def make_cfg(root, out, *overrides):
-    return load_config(CONFIGS / "cpu_test.yaml",
-                       [f"data.root={root}", f"train.out_dir={out}", *overrides])
+    return load_config(CONFIGS / "cpu_test.yaml", [f"data.root={root}", f"train.out_dir={out}", *overrides])
 
 
 def train(root, out, *overrides) -> str:
@@ -38,6 +37,7 @@ def train(root, out, *overrides) -> str:
 def cuda():
     """Skip without a CUDA device, unless CANCERNET_REQUIRE_CUDA=1 (the GPU check): then fail."""
     import torch
+
     if not torch.cuda.is_available():
         if os.environ.get("CANCERNET_REQUIRE_CUDA") == "1":
             pytest.fail("CANCERNET_REQUIRE_CUDA=1 but torch sees no CUDA device")
@@ -50,6 +50,7 @@ def assert_same_run(a: Path, b: Path, epochs=(1, 2, 3, 4)) -> None:
     """Runs a and b have the same summary (to 1e-4) and the same final weights and EMA (to 1e-5)."""
     import pandas as pd
     import torch
+
     sa, sb = pd.read_csv(a / "summary.csv"), pd.read_csv(b / "summary.csv")
     assert sa["epoch"].tolist() == sb["epoch"].tolist() == list(epochs)
     for col in ("train_loss", "train_acc", "val_loss", "val_auc", "lr", "samples_seen"):
@@ -61,8 +62,15 @@ def assert_same_run(a: Path, b: Path, epochs=(1, 2, 3, 4)) -> None:
 
 # dropout (seed head), EMA and accumulation windows (the last one of each epoch short) all take
 # part, so a resume that loses RNG, EMA or window state cannot match the uninterrupted run
-RESUME_COMMON = ("data.limit=240", "train.seed=3", "train.epochs=4", "train.sync_every=1", "model.head=seed",
-                 "train.ema_decay=0.9", "train.grad_accum=2")
+RESUME_COMMON = (
+    "data.limit=240",
+    "train.seed=3",
+    "train.epochs=4",
+    "train.sync_every=1",
+    "model.head=seed",
+    "train.ema_decay=0.9",
+    "train.grad_accum=2",
+)
 
 
 class StopAfterSyncs:
@@ -85,10 +93,13 @@ class StopAfterSyncs:
 def train_stopping(root, out, after_epochs=None, after_syncs=None, overrides=RESUME_COMMON) -> str:
     """Train until a stop request after some epochs (run's epoch-end hook) or looks at the request."""
     from cancernet.signals import StopFlag
+
     stop = StopAfterSyncs(after_syncs) if after_syncs else StopFlag()
+
     def stop_after(t, row):
         if after_epochs is not None and row["epoch"] >= after_epochs:
             stop.requested = True
+
     with session("cpu") as dist:
         return run(make_cfg(root, out, *overrides), dist, stop, stop_after)
 
@@ -103,6 +114,7 @@ def copy_dataset(src: Path, dest: Path, n: int | None = None) -> Path:
     import shutil
 
     import pandas as pd
+
     labels = pd.read_csv(src / "train_labels.csv", dtype={"id": str})
     labels = labels.head(n) if n else labels
     (dest / "train").mkdir(parents=True)
@@ -117,6 +129,7 @@ def packed_root(synth_root, tmp_path_factory) -> Path:
     """synth_root's images, also packed (data.format=packed)."""
     from cancernet.config import DataConfig
     from cancernet.data.formats import prepare
+
     root = copy_dataset(synth_root, tmp_path_factory.mktemp("packed_root"))
     prepare(DataConfig(root=str(root)), workers=2)
     return root

@@ -3,6 +3,7 @@
 Needs root and Debian's slurm-wlm + munge (.ci/run installs them). Also usable by hand:
     python tests/slurm_cluster.py /tmp/slurm-dev     # starts one, prints SLURM_CONF, Ctrl-C stops
 """
+
 from __future__ import annotations
 
 import os
@@ -91,8 +92,11 @@ class Cluster:
             subprocess.run(["munged", "--force"], check=True)
         for daemon, args in (("slurmctld", ["-D", "-c", "-i"]), ("slurmd", ["-D"])):
             log = open(self.base / f"{daemon}.stdout", "w")
-            self.procs.append(subprocess.Popen([daemon, "-f", str(self.conf), *args], env=self.env,
-                                               stdout=log, stderr=subprocess.STDOUT))
+            self.procs.append(
+                subprocess.Popen(
+                    [daemon, "-f", str(self.conf), *args], env=self.env, stdout=log, stderr=subprocess.STDOUT
+                )
+            )
         deadline = time.time() + timeout
         while time.time() < deadline:
             out = subprocess.run(["sinfo", "-h", "-o", "%T"], env=self.env, capture_output=True, text=True)
@@ -114,16 +118,21 @@ class Cluster:
         self.procs.clear()
 
     def run(self, *cmd: str, **kwargs) -> subprocess.CompletedProcess:
-        return subprocess.run(list(cmd), env={**self.env, **kwargs.pop("env", {})},
-                              capture_output=True, text=True, **kwargs)
+        return subprocess.run(
+            list(cmd), env={**self.env, **kwargs.pop("env", {})}, capture_output=True, text=True, **kwargs
+        )
 
     def job(self, job_id: str) -> dict[str, str]:
         """scontrol show job, parsed into a dict (JobState, Restarts, ExitCode, ...)."""
         out = self.run("scontrol", "show", "job", "-o", job_id).stdout
         return dict(field.split("=", 1) for field in out.split() if "=" in field)
 
-    def wait(self, job_id: str, timeout: float, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT",
-                                                         "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED")) -> dict:
+    def wait(
+        self,
+        job_id: str,
+        timeout: float,
+        states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED"),
+    ) -> dict:
         deadline = time.time() + timeout
         while time.time() < deadline:
             info = self.job(job_id)

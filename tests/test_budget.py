@@ -1,4 +1,5 @@
 """train.time_budget: the run's length fixed by the time it may take."""
+
 import math
 
 import pandas as pd
@@ -31,11 +32,14 @@ def test_plan_length_counts_every_validation_and_cuts_the_last_epoch_to_whole_st
 def test_a_time_budget_fixes_the_length_the_schedule_ends_with_it_and_a_resume_keeps_it(synth_root, tmp_path, caplog):
     from cancernet.runner import run
     from cancernet.signals import StopFlag
+
     out, budget = tmp_path / "run", 15.0
     common = ("train.time_budget=15s", "train.epochs=100", "train.seed=2")
     stop = StopFlag()
+
     def stop_after_epoch_3(t, row):
         stop.requested = stop.requested or row["epoch"] == 3
+
     with session("cpu") as dist:
         assert run(make_cfg(synth_root, out, *common), dist, stop, stop_after_epoch_3) == "stopped"
     plan = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["budget_plan"]

@@ -24,8 +24,19 @@ def test_checkpoint_loads_weights_only_with_clean_keys(uninterrupted):
     ckpt_dir = uninterrupted / "checkpoints"
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["best.pt", "last.pt"]  # no temp files left
     state = torch.load(ckpt_dir / "last.pt", weights_only=True)
-    assert {"model", "optimizer", "scheduler", "scaler", "epoch", "best_auc", "rng", "config", "wandb_id",
-            "ema", "position"} <= set(state)
+    assert {
+        "model",
+        "optimizer",
+        "scheduler",
+        "scaler",
+        "epoch",
+        "best_auc",
+        "rng",
+        "config",
+        "wandb_id",
+        "ema",
+        "position",
+    } <= set(state)
     assert state["epoch"] == 4 and state["config"]["model"]["arch"] == "resnet18"
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in state["model"])
 
@@ -33,10 +44,12 @@ def test_checkpoint_loads_weights_only_with_clean_keys(uninterrupted):
 def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
     checkpoint.save(path, {"epoch": 1})
+
     def broken(obj, f):
         with open(f, "wb") as fh:
             fh.write(b"partial")
         raise OSError("disk full")
+
     monkeypatch.setattr(torch, "save", broken)
     with pytest.raises(OSError):
         checkpoint.save(path, {"epoch": 2})
@@ -142,11 +155,14 @@ def test_best_pt_holds_the_best_epoch_and_only_what_inference_needs(uninterrupte
 @pytest.mark.slow
 def test_every_epoch_trains_the_images_in_a_new_order(synth_root, tmp_path, monkeypatch):
     from cancernet.data.augment import Augment
+
     seen = []
     real = Augment.forward
+
     def spy(self, images, index, epoch):
         seen.append(index.tolist())  # the training images, in the order the loop trains them
         return real(self, images, index, epoch)
+
     monkeypatch.setattr(Augment, "forward", spy)
     train(synth_root, tmp_path / "run", "data.limit=120", "train.epochs=2", "train.batch_size=16")
     per_epoch = len(seen) // 2
@@ -155,18 +171,25 @@ def test_every_epoch_trains_the_images_in_a_new_order(synth_root, tmp_path, monk
     assert len(set(first)) == len(first)
 
 
-@pytest.mark.parametrize("scripted, best", [
-    ([(0.9, 0.5), (0.8, 0.4)], 1),  # a worse AUC later: best.pt keeps epoch 1
-    ([(1.0, 0.3), (1.0, 0.5)], 1),  # tied AUC: the lower validation loss wins
-    ([(0.9, 0.5), (0.9, 0.4)], 2)])
+@pytest.mark.parametrize(
+    "scripted, best",
+    [
+        ([(0.9, 0.5), (0.8, 0.4)], 1),  # a worse AUC later: best.pt keeps epoch 1
+        ([(1.0, 0.3), (1.0, 0.5)], 1),  # tied AUC: the lower validation loss wins
+        ([(0.9, 0.5), (0.9, 0.4)], 2),
+    ],
+)
 @pytest.mark.slow
 def test_best_pt_is_the_best_validated_epoch_not_the_last(synth_root, tmp_path, monkeypatch, scripted, best):
     from cancernet import runner
+
     real, rows = runner.epoch_row, iter(scripted)
+
     def scripted_row(*args, **kwargs):
         row = real(*args, **kwargs)
         row.val_auc, row.val_loss = next(rows)
         return row
+
     monkeypatch.setattr(runner, "epoch_row", scripted_row)
     out = tmp_path / "run"
     train(synth_root, out, "data.limit=100", "train.epochs=2")
@@ -187,12 +210,18 @@ def test_extending_a_finished_run_follows_the_new_schedule(synth_root, tmp_path,
     assert "train.epochs: 2 -> 4" in caplog.text
 
 
-@pytest.mark.parametrize("override, key", [("model.freeze_backbone=true", "model.freeze_backbone"),
-                                           ("optim.name=sgd", "optim.name"),
-                                           ("model.arch=resnet34", "model.arch")])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("model.freeze_backbone=true", "model.freeze_backbone"),
+        ("optim.name=sgd", "optim.name"),
+        ("model.arch=resnet34", "model.arch"),
+    ],
+)
 @pytest.mark.slow
 def test_resume_that_would_change_the_model_or_optimizer_is_refused_before_training(
-        synth_root, tmp_path, uninterrupted, override, key):
+    synth_root, tmp_path, uninterrupted, override, key
+):
     out = tmp_path / "run"
     shutil.copytree(uninterrupted, out)
     before = (out / "checkpoints" / "last.pt").read_bytes()
@@ -221,8 +250,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(synth_root, tm
     before = (out / "checkpoints" / "last.pt").read_bytes()
     # extended with a learning rate that blows the weights up: the loss is inf/NaN within a few steps
     with pytest.raises(engine.NonFiniteLossError, match="epoch 2"):
-        train(synth_root, out, "data.limit=150", "train.epochs=2", "optim.lr=1e35",
-              "train.sync_every=1")
+        train(synth_root, out, "data.limit=150", "train.epochs=2", "optim.lr=1e35", "train.sync_every=1")
     assert (out / "checkpoints" / "last.pt").read_bytes() == before
     assert len(pd.read_csv(out / "summary.csv")) == 1
 
@@ -250,9 +278,22 @@ runpy.run_path("train_ddp.py", run_name="__main__")
 def test_a_kill_during_a_background_checkpoint_write_leaves_a_loadable_last_pt(synth_root, tmp_path):
     out = tmp_path / "run"
     (tmp_path / "slow_save.py").write_text(SLOW_SAVE)
-    proc = subprocess.Popen([sys.executable, str(tmp_path / "slow_save.py"), "--config", "configs/cpu_test.yaml",
-                             f"data.root={synth_root}", "data.limit=120", "train.epochs=3", f"train.out_dir={out}"],
-                            cwd=ROOT, env=python_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(tmp_path / "slow_save.py"),
+            "--config",
+            "configs/cpu_test.yaml",
+            f"data.root={synth_root}",
+            "data.limit=120",
+            "train.epochs=3",
+            f"train.out_dir={out}",
+        ],
+        cwd=ROOT,
+        env=python_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 120
     while not any(p.read_bytes() == b"half a checkpoint" for p in (out / "checkpoints").glob(".last.*.tmp.pt")):
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-2000:]

@@ -29,6 +29,7 @@ def test_every_setting_a_shipped_config_changes_is_exercised_by_some_test():
     """A guard: each key a shipped recipe sets away from its default is set by some test too (so
     that a test can fail when that setting silently stops working)."""
     from cancernet.config import Config
+
     defaults = Config().to_dict()
     tests = "".join(p.read_text() for p in (ROOT / "tests").glob("*.py"))
     missing = set()
@@ -45,42 +46,57 @@ def test_every_setting_a_shipped_config_changes_is_exercised_by_some_test():
 
 def test_seed_config_is_the_original_recipe():
     cfg = load_config(CONFIGS / "seed_frozen.yaml")
-    assert (cfg.model.arch, cfg.model.pretrained, cfg.model.freeze_backbone, cfg.model.head) == \
-        ("resnet34", "imagenet", True, "seed")
+    assert (cfg.model.arch, cfg.model.pretrained, cfg.model.freeze_backbone, cfg.model.head) == (
+        "resnet34",
+        "imagenet",
+        True,
+        "seed",
+    )
     assert (cfg.optim.name, cfg.optim.lr, cfg.train.batch_size, cfg.train.epochs) == ("adam", 3e-4, 32, 10)
     assert (cfg.data.image_size, cfg.data.augment) == (224, "seed")
 
 
 def test_overrides_are_yaml_scalars_and_later_ones_win():
-    cfg = load_config(CONFIGS / "cpu_test.yaml",
-                      ["train.epochs=7", "optim.lr=1e-2", "data.limit=null", "train.epochs=9",
-                       "model.freeze_backbone=true", "train.clip_grad=1"])
+    cfg = load_config(
+        CONFIGS / "cpu_test.yaml",
+        [
+            "train.epochs=7",
+            "optim.lr=1e-2",
+            "data.limit=null",
+            "train.epochs=9",
+            "model.freeze_backbone=true",
+            "train.clip_grad=1",
+        ],
+    )
     assert cfg.train.epochs == 9 and cfg.optim.lr == 0.01 and cfg.data.limit is None
     assert cfg.model.freeze_backbone is True and cfg.train.clip_grad == 1.0
 
 
-@pytest.mark.parametrize("override, key", [
-    ("train.epoch=3", "train.epoch"),
-    ("trian.epochs=3", "trian"),
-    ("train.epochs=three", "train.epochs"),
-    ("train.epochs=1.5", "train.epochs"),
-    ("model.freeze_backbone=maybe", "model.freeze_backbone"),
-    ("train.amp=fp8", "train.amp"),
-    ("model.arch=vgg17", "model.arch"),
-    ("data.mean=0.5", "data.mean"),
-    ("train.grad_accum=0", "train.grad_accum"),
-    ("train.sync_every=0", "train.sync_every"),
-    ("data.limit=0", "data.limit"),
-    ("data.test_fraction=0", "data.test_fraction"),
-    ("data.val_fraction=0", "data.val_fraction"),
-    ("data.val_fraction=0.9", "data.val_fraction"),
-    ("train.ema_decay=1.0", "train.ema_decay"),
-    ("optim.label_smoothing=-0.1", "optim.label_smoothing"),
-    ("train.time_budget=5d", "train.time_budget"),
-    ("train.time_budget=0", "train.time_budget"),
-    ("train.time_budget=fast", "train.time_budget"),
-    ("model.compile_scope=outer", "model.compile_scope"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.epoch=3", "train.epoch"),
+        ("trian.epochs=3", "trian"),
+        ("train.epochs=three", "train.epochs"),
+        ("train.epochs=1.5", "train.epochs"),
+        ("model.freeze_backbone=maybe", "model.freeze_backbone"),
+        ("train.amp=fp8", "train.amp"),
+        ("model.arch=vgg17", "model.arch"),
+        ("data.mean=0.5", "data.mean"),
+        ("train.grad_accum=0", "train.grad_accum"),
+        ("train.sync_every=0", "train.sync_every"),
+        ("data.limit=0", "data.limit"),
+        ("data.test_fraction=0", "data.test_fraction"),
+        ("data.val_fraction=0", "data.val_fraction"),
+        ("data.val_fraction=0.9", "data.val_fraction"),
+        ("train.ema_decay=1.0", "train.ema_decay"),
+        ("optim.label_smoothing=-0.1", "optim.label_smoothing"),
+        ("train.time_budget=5d", "train.time_budget"),
+        ("train.time_budget=0", "train.time_budget"),
+        ("train.time_budget=fast", "train.time_budget"),
+        ("model.compile_scope=outer", "model.compile_scope"),
+    ],
+)
 def test_bad_override_names_the_key(override, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):
         load_config(CONFIGS / "cpu_test.yaml", [override])
@@ -122,8 +138,13 @@ def test_resolved_config_round_trips_with_provenance(tmp_path):
 
 
 def test_cli_reports_a_bad_key_in_one_line_and_exits_nonzero():
-    out = subprocess.run([sys.executable, "train_ddp.py", "--config", "configs/cpu_test.yaml",
-                          "train.epohcs=2"], cwd=ROOT, capture_output=True, text=True, env=python_env())
+    out = subprocess.run(
+        [sys.executable, "train_ddp.py", "--config", "configs/cpu_test.yaml", "train.epohcs=2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=python_env(),
+    )
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [out.stderr.strip()]  # one line, no traceback
     assert "train.epohcs" in out.stderr
@@ -132,5 +153,6 @@ def test_cli_reports_a_bad_key_in_one_line_and_exits_nonzero():
 @pytest.mark.parametrize("value, seconds", [("90s", 90), ("14m", 840), ("4h", 14400), ("1h30m", 5400), ("600", 600)])
 def test_a_time_budget_reads_as_a_duration(value, seconds):
     from cancernet.config import parse_duration
+
     cfg = load_config(CONFIGS / "cpu_test.yaml", [f"train.time_budget={value}"])
     assert parse_duration(cfg.train.time_budget) == seconds

@@ -44,8 +44,10 @@ def test_synthetic_label_lives_in_the_centre():
     Some positives hold one faint tumour nucleus (the hard cases), so the rule holds for most.
     """
     rng = np.random.default_rng(0)
+
     def dark(img):
         return (img.sum(-1) < 330).any()
+
     pos = [render_patch(rng, 1) for _ in range(100)]
     outside = [render_patch(rng, 0, outside_tumour=True) for _ in range(100)]
     normal = [render_patch(rng, 0) for _ in range(100)]
@@ -59,16 +61,19 @@ def test_missing_root_names_it(tmp_path):
         read_labels(tmp_path / "nowhere")
 
 
-@pytest.mark.parametrize("csv, message", [
-    ("id,label\naaa,0\naaa,1\n", "duplicate id 'aaa'"),
-    ("id,label\naaa,0\n,1\n", "row 3 has an empty id"),
-    ("id,label\naaa,0\nbbb,2\n", "'bbb' has label"),
-    ("id,label\naaa,0\nbbb,\n", "'bbb' has label"),
-    ("id,target\naaa,0\n", "missing column"),
-    ("id,label\naaa,0\n../../etc/passwd,1\n", "row 3 has id '../../etc/passwd'.*plain file name"),
-    ("id,label\n/abs/path,0\n", "row 2 has id '/abs/path'"),
-    ("id,label\n..,0\n", "row 2 has id '..'"),
-])
+@pytest.mark.parametrize(
+    "csv, message",
+    [
+        ("id,label\naaa,0\naaa,1\n", "duplicate id 'aaa'"),
+        ("id,label\naaa,0\n,1\n", "row 3 has an empty id"),
+        ("id,label\naaa,0\nbbb,2\n", "'bbb' has label"),
+        ("id,label\naaa,0\nbbb,\n", "'bbb' has label"),
+        ("id,target\naaa,0\n", "missing column"),
+        ("id,label\naaa,0\n../../etc/passwd,1\n", "row 3 has id '../../etc/passwd'.*plain file name"),
+        ("id,label\n/abs/path,0\n", "row 2 has id '/abs/path'"),
+        ("id,label\n..,0\n", "row 2 has id '..'"),
+    ],
+)
 def test_bad_labels_csv(tmp_path, csv, message):
     (tmp_path / "train_labels.csv").write_text(csv)
     with pytest.raises(DataError, match=message):
@@ -89,8 +94,10 @@ def _damage(root, kind):
     return first, path
 
 
-@pytest.mark.parametrize("kind, reason", [("missing", "missing"), ("truncated", "cannot be decoded"),
-                                          ("size", "64x64"), ("mode", "mode is L")])
+@pytest.mark.parametrize(
+    "kind, reason",
+    [("missing", "missing"), ("truncated", "cannot be decoded"), ("size", "64x64"), ("mode", "mode is L")],
+)
 @pytest.mark.slow
 def test_bad_image_fails_naming_it(root, tmp_path, kind, reason):
     _, path = _damage(root, kind)
@@ -112,6 +119,7 @@ def test_bad_image_skip_lists_it(root, tmp_path):
 
 def test_read_patch_returns_exactly_the_pixels_written(tmp_path):
     from PIL import Image
+
     pixels = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(tmp_path / "p.tif", format="TIFF")
     arr = read_patch(tmp_path / "p.tif")
@@ -144,8 +152,10 @@ def test_groups_never_span_two_splits():
 
 
 def test_limit_takes_the_first_rows(synth_root):
-    assert read_labels(synth_root, limit=25)["id"].tolist() == \
-        pd.read_csv(synth_root / "train_labels.csv", dtype={"id": str})["id"][:25].tolist()
+    assert (
+        read_labels(synth_root, limit=25)["id"].tolist()
+        == pd.read_csv(synth_root / "train_labels.csv", dtype={"id": str})["id"][:25].tolist()
+    )
 
 
 def _batch(n=6):
@@ -179,7 +189,11 @@ def test_augment_is_seeded_per_image_and_evaluation_is_deterministic():
     e = Preprocess.from_config(cfg)(x)
     assert e.shape == (6, 3, 64, 64)
     mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
-    assert torch.allclose(e.mean((0, 2, 3)), ((x.float() / 255 - mean) / torch.tensor(cfg.std).view(1, 3, 1, 1)).mean((0, 2, 3)), atol=0.02)
+    assert torch.allclose(
+        e.mean((0, 2, 3)),
+        ((x.float() / 255 - mean) / torch.tensor(cfg.std).view(1, 3, 1, 1)).mean((0, 2, 3)),
+        atol=0.02,
+    )
 
 
 def test_colour_jitter_changes_colour_not_geometry():
@@ -193,8 +207,16 @@ def test_colour_jitter_changes_colour_not_geometry():
 
 
 def test_hed_stain_augmentation_recolours_each_pixel_in_place():
-    cfg = DataConfig(augment="none", jitter=0.0, hue=0.0, stain="hed", stain_sigma=0.2, stain_bias=0.02,
-                     mean=[0, 0, 0], std=[1, 1, 1])
+    cfg = DataConfig(
+        augment="none",
+        jitter=0.0,
+        hue=0.0,
+        stain="hed",
+        stain_sigma=0.2,
+        stain_bias=0.02,
+        mean=[0, 0, 0],
+        std=[1, 1, 1],
+    )
     x = _batch()
     y = _augment(cfg, x, epoch=3)
     assert 0 <= y.min() and y.max() <= 1 and not torch.allclose(x.float() / 255, y, atol=0.01)
@@ -206,8 +228,9 @@ def test_hed_stain_augmentation_recolours_each_pixel_in_place():
     for a, b in zip(x.float().mean(1), y.mean(1)):  # structure kept
         assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] > 0.9
     # no change at all when the stain scales are 1 and the shifts 0
-    identity = DataConfig(augment="none", jitter=0.0, hue=0.0, stain="hed", stain_sigma=0.0, stain_bias=0.0,
-                          mean=[0, 0, 0], std=[1, 1, 1])
+    identity = DataConfig(
+        augment="none", jitter=0.0, hue=0.0, stain="hed", stain_sigma=0.0, stain_bias=0.0, mean=[0, 0, 0], std=[1, 1, 1]
+    )
     assert torch.allclose(_augment(identity, x), x.float() / 255, atol=1e-4)
 
 
@@ -216,11 +239,13 @@ def test_folder_and_packed_paths_augment_an_image_identically(packed_root):
     from cancernet.distributed import DistInfo
 
     from conftest import make_cfg
+
     table = read_labels(packed_root).assign(split="train").head(64)
     batches = {}
     for fmt in ("folder", "packed"):
-        cfg = make_cfg(packed_root, "unused", f"data.format={fmt}", "data.stain=hed", "data.image_size=48",
-                       "train.batch_size=16")
+        cfg = make_cfg(
+            packed_root, "unused", f"data.format={fmt}", "data.stain=hed", "data.image_size=48", "train.batch_size=16"
+        )
         split = make_loader(cfg, DistInfo(), table, train=True)
         set_epoch(split, 2)
         images, labels, index = to_device(next(iter(split.loader)), torch.device("cpu"))
@@ -231,6 +256,7 @@ def test_folder_and_packed_paths_augment_an_image_identically(packed_root):
 
 def test_seed_augment_rotates_by_its_drawn_angle_flips_by_its_draw_and_resizes():
     from cancernet.data.augment import FLIP, ROTATE, _rotate_resize, sample_uniforms
+
     x = _batch().float() / 255
     # the resampling itself: a quarter turn is rot90 (counter-clockwise on screen), a flip is a mirror
     turned = _rotate_resize(x, torch.full((6,), 90.0), torch.zeros(6, dtype=torch.bool), 96)
@@ -254,8 +280,9 @@ def test_centre_crop_keeps_the_labelled_centre_at_full_resolution():
     nhwc = Preprocess.from_config(cfg, nhwc=True)(x.permute(0, 2, 3, 1).contiguous())  # export's layout
     assert torch.equal(nhwc, x[:, :, 16:80, 16:80].float() / 255)
     # a dihedral view of the whole patch, cropped, is the same view of the crop: the centre stays the centre
-    aug = Augment(DataConfig(image_size=64, crop=64, augment="dihedral", jitter=0.0, hue=0.0,
-                             mean=[0, 0, 0], std=[1, 1, 1]), 0)(x, torch.arange(6), 0)
+    aug = Augment(
+        DataConfig(image_size=64, crop=64, augment="dihedral", jitter=0.0, hue=0.0, mean=[0, 0, 0], std=[1, 1, 1]), 0
+    )(x, torch.arange(6), 0)
     for a, b in zip(aug, x[:, :, 16:80, 16:80]):
         assert torch.equal((a * 255).round().to(torch.uint8).flatten().sort().values, b.flatten().sort().values)
 
@@ -265,6 +292,7 @@ def test_evaluation_batches_have_eval_batch_size(synth_root):
     from cancernet.distributed import DistInfo
 
     from conftest import make_cfg
+
     cfg = make_cfg(synth_root, "unused", "train.eval_batch_size=7", "train.batch_size=5")
     part = read_labels(synth_root).head(20)
     loader = make_loader(cfg, DistInfo(), part, train=False).loader

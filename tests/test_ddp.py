@@ -1,5 +1,6 @@
 """A real 2-process torchrun run with gloo (sharded training, exact gathered evaluation), then
 resumed by a single process with more epochs (another world size)."""
+
 import json
 import math
 import shutil
@@ -26,12 +27,27 @@ def ddp_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth1000")
     write_dataset(root, n_train=1000, n_test=20, seed=7, workers=2)
     out = tmp_path_factory.mktemp("ddp_run")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "train_ddp.py", "--config", "configs/cpu_test.yaml", f"data.root={root}", *COMMON, "train.epochs=2",
-           # the global batch is 2 x 32: the lr doubles (the single-process extension below keeps 1 x 32)
-           "optim.lr_scale=linear", "optim.base_batch=32",
-           # a progress bar on rank 0 only, with step log lines due: the ranks must still agree on sync points
-           "train.progress=on", "train.log_every=3", "train.sync_every=50", f"train.out_dir={out}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "train_ddp.py",
+        "--config",
+        "configs/cpu_test.yaml",
+        f"data.root={root}",
+        *COMMON,
+        "train.epochs=2",
+        # the global batch is 2 x 32: the lr doubles (the single-process extension below keeps 1 x 32)
+        "optim.lr_scale=linear",
+        "optim.base_batch=32",
+        # a progress bar on rank 0 only, with step log lines due: the ranks must still agree on sync points
+        "train.progress=on",
+        "train.log_every=3",
+        "train.sync_every=50",
+        f"train.out_dir={out}",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=python_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     stage1 = tmp_path_factory.mktemp("stage1")  # the 2-process run's files, before the resume changes them
@@ -68,10 +84,25 @@ def test_two_process_validation_scores_one_model_on_every_shard(ddp_run, tmp_pat
     evaluation of last.pt."""
     from cancernet.__main__ import main
     from cancernet.console import main_guard
+
     run = tmp_path / "copy"
     shutil.copytree(ddp_run.stage1, run)
-    monkeypatch.setattr(sys, "argv", ["cancernet", "evaluate", "--run", str(run), "--split", "val",
-                                      "--checkpoint", "last", f"data.root={ddp_run.root}", "report.bootstrap=0"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "cancernet",
+            "evaluate",
+            "--run",
+            str(run),
+            "--split",
+            "val",
+            "--checkpoint",
+            "last",
+            f"data.root={ddp_run.root}",
+            "report.bootstrap=0",
+        ],
+    )
     assert main_guard(main) == 0, capsys.readouterr().err
     val = pd.read_csv(run / "predictions" / "val.csv")  # last.pt holds no temperature: raw probabilities
     p = val["prob"].clip(1e-12, 1 - 1e-12)
@@ -102,6 +133,7 @@ def test_two_process_run_learns(ddp_run):
 
 def test_a_single_process_extends_the_two_process_run_on_the_same_lr_curve(ddp_run, caplog):
     import logging
+
     with caplog.at_level(logging.INFO):
         assert train(ddp_run.root, ddp_run.out, *COMMON, "train.epochs=3") == "done"
     assert "world size: 2 -> 1" in caplog.text and "train.epochs: 2 -> 3" in caplog.text

@@ -1,4 +1,5 @@
 """The collective helpers on 2 real gloo processes (spawned, a few seconds)."""
+
 import pytest
 import torch
 import torch.distributed as tdist
@@ -23,9 +24,14 @@ def _worker(rank: int, world: int, init_file: str, ckpt: str, results) -> None:
         # stale, here: the file does not exist for it); every rank then scores with its weights
         model = torch.nn.Linear(3, 2)
         shared = checkpoint.load_on_main(ckpt if rank == 0 else ckpt + ".missing", model, dist)
-        results[rank] = {"gathered": gathered.tolist(), "running_mean": bn.running_mean.tolist(),
-                         "objects": gather_objects({"rank": rank}, dist), "weight": model.weight.tolist(),
-                         "temperature": shared.temperature(), "has_optimizer": "optimizer" in shared.state}
+        results[rank] = {
+            "gathered": gathered.tolist(),
+            "running_mean": bn.running_mean.tolist(),
+            "objects": gather_objects({"rank": rank}, dist),
+            "weight": model.weight.tolist(),
+            "temperature": shared.temperature(),
+            "has_optimizer": "optimizer" in shared.state,
+        }
     finally:
         tdist.destroy_process_group()
 

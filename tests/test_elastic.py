@@ -1,4 +1,5 @@
 """torchrun --max-restarts: a worker killed with SIGKILL is replaced and the run resumes from last.pt."""
+
 import subprocess
 import sys
 import time
@@ -15,10 +16,26 @@ def test_killed_worker_is_restarted_and_the_run_completes(synth_root, tmp_path):
     out = tmp_path / "run"
     log = open(tmp_path / "torchrun.log", "w")
     torchrun = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "--max-restarts=1", "train_ddp.py", "--config", "configs/cpu_test.yaml",
-         f"data.root={synth_root}", "data.limit=300", "train.epochs=3", f"train.out_dir={out}"],
-        cwd=ROOT, env=python_env(), stdout=log, stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "--max-restarts=1",
+            "train_ddp.py",
+            "--config",
+            "configs/cpu_test.yaml",
+            f"data.root={synth_root}",
+            "data.limit=300",
+            "train.epochs=3",
+            f"train.out_dir={out}",
+        ],
+        cwd=ROOT,
+        env=python_env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.time() + 180
     # the checkpoint is written in the background: wait for the file, not just the summary row
     while not (out / "checkpoints" / "last.pt").is_file():

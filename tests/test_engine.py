@@ -1,5 +1,6 @@
 """The training loop's pieces, on tiny models and batches (fast): accumulation, no host-device
 syncs inside a step, mixed precision, samplers, the LR schedule, EMA."""
+
 import math
 
 import numpy as np
@@ -37,7 +38,7 @@ def _batches(sizes, seed=0):
     labels = torch.randint(0, 2, (n,), generator=g)
     out, start = [], 0
     for size in sizes:
-        out.append((images[start:start + size], labels[start:start + size], torch.arange(start, start + size)))
+        out.append((images[start : start + size], labels[start : start + size], torch.arange(start, start + size)))
         start += size
     return out
 
@@ -118,8 +119,18 @@ def _packed_training(packed_root, tmp_path, *overrides):
     from cancernet.training import build
 
     from conftest import make_cfg
-    cfg = make_cfg(packed_root, tmp_path, "data.format=packed", "train.sync_every=3", "data.image_size=16",
-                   "data.stain=hed", "train.ema_decay=0.9", "train.clip_grad=1.0", *overrides)
+
+    cfg = make_cfg(
+        packed_root,
+        tmp_path,
+        "data.format=packed",
+        "train.sync_every=3",
+        "data.image_size=16",
+        "data.stain=hed",
+        "train.ema_decay=0.9",
+        "train.clip_grad=1.0",
+        *overrides,
+    )
     return cfg, build(cfg, DistInfo(), RunDir(tmp_path))
 
 
@@ -141,10 +152,12 @@ def test_a_training_step_never_waits_for_the_device_between_sync_points(packed_r
 def test_the_sync_recorder_catches_a_nonzero_or_item_in_the_step(packed_root, tmp_path):
     cfg, t = _packed_training(packed_root, tmp_path, "train.sync_every=100")
     train = t.loaders["train"]
+
     def syncing_augment(images, index, epoch):  # what the step did before: index a batch with nonzero()
         (index > 3).nonzero()
         float(images.float().mean())
         return train.augment(images, index, epoch)
+
     batches = list(train.loader)
     recorder = SyncRecorder()
     with recorder, recorder.dispatch:
@@ -172,12 +185,13 @@ def test_bf16_autocast_on_cpu_learns():
     torch.manual_seed(0)
     labels = torch.randint(0, 2, (256,))
     images = (torch.randint(0, 128, (256, 3, 8, 8)) + 128 * labels.view(-1, 1, 1, 1)).to(torch.uint8)  # 1: bright
-    batches = [(images[i:i + 32], labels[i:i + 32], torch.arange(i, i + 32)) for i in range(0, 256, 32)]
+    batches = [(images[i : i + 32], labels[i : i + 32], torch.arange(i, i + 32)) for i in range(0, 256, 32)]
     model = Tiny()
     parts = _parts(model, lr=0.5)
     cfg = Config(train=TrainConfig(amp="bf16", log_every=0))
-    losses = [train_one_epoch(parts, batches, _to_unit, cfg, DistInfo(), e, position=0).totals.train_loss
-              for e in range(15)]
+    losses = [
+        train_one_epoch(parts, batches, _to_unit, cfg, DistInfo(), e, position=0).totals.train_loss for e in range(15)
+    ]
     assert losses[-1] < 0.6 * losses[0], losses
 
 
@@ -210,11 +224,11 @@ def test_epoch_sampler_reshuffles_every_epoch_and_ranks_split_each_global_batch(
 def test_a_mid_epoch_resume_with_another_world_size_continues_at_the_right_sample():
     order = torch.randperm(100, generator=torch.Generator().manual_seed(7 + 3)).tolist()
     before = [EpochSampler(100, r, 2, 4, seed=7) for r in range(2)]  # 2 ranks x 4: 8 samples per step
-    seen = [i for s in before for i in _epoch(s, 3)[:3 * 4]]  # stopped after 3 steps = 24 samples
+    seen = [i for s in before for i in _epoch(s, 3)[: 3 * 4]]  # stopped after 3 steps = 24 samples
     after = EpochSampler(100, 0, 1, 6, seed=7)  # resumed by one process with batch 6
     rest = _epoch(after, 3, offset=24)
     assert sorted(seen) == sorted(order[:24])
-    assert rest == order[24:24 + (100 - 24) // 6 * 6]  # the same order, from sample 24 on
+    assert rest == order[24 : 24 + (100 - 24) // 6 * 6]  # the same order, from sample 24 on
     assert not set(seen) & set(rest)
 
 
@@ -229,6 +243,7 @@ def test_lr_schedule_is_a_function_of_samples_seen():
     def schedule(name, total, warmup=0):
         group = {"params": [nn.Parameter(torch.zeros(1))], "lr_scale": 0.5}
         return LrSchedule(torch.optim.SGD([group], lr=1.0), OptimConfig(schedule=name), 2.0, total, warmup)
+
     cosine = schedule("cosine", 1000, warmup=100)
     assert cosine.factor(0, 10) == pytest.approx(0.1)  # warm-up counts the step's own samples
     assert cosine.factor(100) == pytest.approx(1.0)
@@ -314,6 +329,7 @@ def test_preprocess_hands_the_model_the_memory_format_it_was_built_for(channels_
     """uint8 batches come NHWC-strided (the pack stores HWC rows); an NCHW model must get a
     contiguous NCHW input, or cuDNN converts its weights at every call."""
     from cancernet.data.augment import Preprocess
+
     nhwc_strided = torch.randint(0, 256, (4, 96, 96, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
     for size in (96, 64):  # with and without the resize
         out = Preprocess(size, [0.5] * 3, [0.2] * 3, channels_last=channels_last)(nhwc_strided)
@@ -324,6 +340,7 @@ def test_preprocess_hands_the_model_the_memory_format_it_was_built_for(channels_
 def test_label_smoothing_is_applied_to_the_training_loss():
     """optim.label_smoothing reaches the loss the loop optimises (lr 0: the loss of fixed weights)."""
     from cancernet.config import OptimConfig as Optim
+
     batches = _batches([16, 16])
     model = Tiny()
     images = torch.cat([b[0] for b in batches]).float() / 255
@@ -340,6 +357,7 @@ def test_label_smoothing_is_applied_to_the_training_loss():
 def test_tta_averages_the_probability_over_exactly_the_eight_dihedral_views():
     """Each view made here independently (numpy's rot90 and fliplr); the model is not invariant."""
     from cancernet.engine import predict_scores
+
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 6 * 6, 2)).eval()
     x = torch.randn(5, 3, 6, 6)

@@ -1,6 +1,7 @@
 """CUDA-only behaviour, run by benchmarks/gpu_check.sh on a GPU machine. Without CUDA these skip,
 unless CANCERNET_REQUIRE_CUDA=1 (the GPU check sets it): then they fail. Each asserts that its
 work ran on the GPU."""
+
 import json
 import warnings
 
@@ -17,8 +18,18 @@ MODEL_BYTES = 40 * 2**20  # resnet18's weights alone are 45 MB: less at the peak
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_cuda_packed_training_with_amp(cuda, packed_root, tmp_path, amp):
     out = tmp_path / amp
-    train(packed_root, out, "data.format=packed", f"train.amp={amp}", "train.device=cuda", "train.epochs=3",
-          "data.image_size=64", "model.channels_last=true", "data.num_workers=2", "train.ema_decay=0.99")
+    train(
+        packed_root,
+        out,
+        "data.format=packed",
+        f"train.amp={amp}",
+        "train.device=cuda",
+        "train.epochs=3",
+        "data.image_size=64",
+        "model.channels_last=true",
+        "data.num_workers=2",
+        "train.ema_decay=0.99",
+    )
     assert torch.cuda.max_memory_allocated() > MODEL_BYTES  # trained on the GPU, not on the CPU
     metrics = json.loads((out / "report" / "metrics.json").read_text())
     assert metrics["roc_auc"] > 0.9
@@ -30,8 +41,16 @@ def test_cuda_packed_training_with_amp(cuda, packed_root, tmp_path, amp):
 
 def test_auto_precision_on_this_gpu_is_recorded(cuda, packed_root, tmp_path):
     from cancernet.numerics import resolve_amp
-    train(packed_root, tmp_path, "data.format=packed", "train.amp=auto", "train.device=cuda", "train.epochs=1",
-          "data.limit=200")
+
+    train(
+        packed_root,
+        tmp_path,
+        "data.format=packed",
+        "train.amp=auto",
+        "train.device=cuda",
+        "train.epochs=1",
+        "data.limit=200",
+    )
     expected = resolve_amp("auto", cuda)[0]
     assert expected == ("bf16" if torch.cuda.get_device_capability(cuda) >= (8, 0) else "fp16")
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["amp"] == expected
@@ -39,13 +58,24 @@ def test_auto_precision_on_this_gpu_is_recorded(cuda, packed_root, tmp_path):
 
 def test_deterministic_gpu_runs_give_the_same_weights_bit_for_bit(cuda, packed_root, tmp_path):
     from cancernet import numerics
+
     weights = []
     try:
         for name in ("a", "b"):
-            train(packed_root, tmp_path / name, "data.format=packed", "train.device=cuda", "train.amp=bf16",
-                  "train.deterministic=true", "train.epochs=2", "data.image_size=64", "model.channels_last=true")
-            weights.append(torch.load(tmp_path / name / "checkpoints" / "last.pt", weights_only=True,
-                                      map_location="cpu")["model"])
+            train(
+                packed_root,
+                tmp_path / name,
+                "data.format=packed",
+                "train.device=cuda",
+                "train.amp=bf16",
+                "train.deterministic=true",
+                "train.epochs=2",
+                "data.image_size=64",
+                "model.channels_last=true",
+            )
+            weights.append(
+                torch.load(tmp_path / name / "checkpoints" / "last.pt", weights_only=True, map_location="cpu")["model"]
+            )
     finally:
         numerics.configure(False, cuda)
     assert torch.cuda.max_memory_allocated() > MODEL_BYTES
@@ -59,9 +89,19 @@ def test_no_host_device_sync_inside_a_training_step(cuda, packed_root, tmp_path,
     from cancernet.engine import train_one_epoch
     from cancernet.rundir import RunDir
     from cancernet.training import build
-    cfg = make_cfg(packed_root, tmp_path, "data.format=packed", "train.device=cuda", f"train.amp={amp}",
-                   "train.sync_every=4", "data.stain=hed", "train.ema_decay=0.99", "train.clip_grad=1.0",
-                   "model.channels_last=true")
+
+    cfg = make_cfg(
+        packed_root,
+        tmp_path,
+        "data.format=packed",
+        "train.device=cuda",
+        f"train.amp={amp}",
+        "train.sync_every=4",
+        "data.stain=hed",
+        "train.ema_decay=0.99",
+        "train.clip_grad=1.0",
+        "model.channels_last=true",
+    )
     t = build(cfg, DistInfo(device=cuda), RunDir(tmp_path))
     assert next(t.model_without_ddp.parameters()).is_cuda
     train = t.loaders["train"]
@@ -98,10 +138,12 @@ class _Tagger:
 
 def test_compiled_model_keeps_clean_checkpoint_keys(cuda, synth_root, tmp_path):
     import torch._dynamo
+
     torch._dynamo.utils.counters.clear()
     out = tmp_path / "compiled"
-    train(synth_root, out, "train.device=cuda", "train.amp=bf16", "model.compile=true", "train.epochs=1",
-          "data.limit=200")
+    train(
+        synth_root, out, "train.device=cuda", "train.amp=bf16", "model.compile=true", "train.epochs=1", "data.limit=200"
+    )
     assert torch.cuda.max_memory_allocated() > MODEL_BYTES
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # it really was compiled
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=True, map_location="cpu")
@@ -111,6 +153,7 @@ def test_compiled_model_keeps_clean_checkpoint_keys(cuda, synth_root, tmp_path):
 def test_checkpoint_copies_from_the_gpu_land_before_training_goes_on(cuda):
     """The copies to pinned memory do not block; copy() must still return them complete."""
     from cancernet.checkpoint import CheckpointWriter
+
     weight = torch.randn(4096, 4096, device="cuda")
     expected = weight.cpu()
     writer = CheckpointWriter()

@@ -18,8 +18,9 @@ from conftest import ROOT, python_env, train
 
 def cli(*args, launcher=(sys.executable,)):
     """The command in a new process (what torchrun and users run)."""
-    return subprocess.run([*launcher, "-m", "cancernet", *args], cwd=ROOT, env=python_env(),
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [*launcher, "-m", "cancernet", *args], cwd=ROOT, env=python_env(), capture_output=True, text=True, timeout=600
+    )
 
 
 def run_cli(capsys, monkeypatch, *args) -> tuple[int, str]:
@@ -51,9 +52,23 @@ def test_submission_follows_the_ids_file_order(synth_root, ckpt, tmp_path, capsy
     chosen = _some_ids(synth_root)
     chosen[["id"]].assign(label=0).to_csv(tmp_path / "ids.csv", index=False)
     out = tmp_path / "submission.csv"
-    code, err = run_cli(capsys, monkeypatch, "predict", "--checkpoint", str(ckpt), "--images",
-                        str(synth_root / "train"), "--ids", str(tmp_path / "ids.csv"), "--out", str(out),
-                        "--device", "cpu", "--num-workers", "0")
+    code, err = run_cli(
+        capsys,
+        monkeypatch,
+        "predict",
+        "--checkpoint",
+        str(ckpt),
+        "--images",
+        str(synth_root / "train"),
+        "--ids",
+        str(tmp_path / "ids.csv"),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--num-workers",
+        "0",
+    )
     assert code == 0, err
     sub = pd.read_csv(out, dtype={"id": str})
     assert list(sub.columns) == ["id", "label"]
@@ -66,14 +81,44 @@ def test_each_probability_belongs_to_the_image_named_beside_it(synth_root, ckpt,
     """Shuffled ids, batches of 8 with 2 loader workers: each row equals that image predicted alone."""
     chosen = _some_ids(synth_root, 20, seed=5).sample(frac=1.0, random_state=1)
     chosen[["id"]].to_csv(tmp_path / "ids.csv", index=False)
-    code, err = run_cli(capsys, monkeypatch, "predict", "--checkpoint", str(ckpt), "--images",
-                        str(synth_root / "train"), "--ids", str(tmp_path / "ids.csv"), "--out", str(tmp_path / "s.csv"),
-                        "--device", "cpu", "--num-workers", "2", "--batch-size", "8", "--amp", "off")
+    code, err = run_cli(
+        capsys,
+        monkeypatch,
+        "predict",
+        "--checkpoint",
+        str(ckpt),
+        "--images",
+        str(synth_root / "train"),
+        "--ids",
+        str(tmp_path / "ids.csv"),
+        "--out",
+        str(tmp_path / "s.csv"),
+        "--device",
+        "cpu",
+        "--num-workers",
+        "2",
+        "--batch-size",
+        "8",
+        "--amp",
+        "off",
+    )
     assert code == 0, err
     sub = pd.read_csv(tmp_path / "s.csv", dtype={"id": str})
     model, cfg, saved = load_model(ckpt, torch.device("cpu"))
-    alone = [predict_folder(model, cfg, DistInfo(), [synth_root / "train" / f"{i}.tif"], 1, 0, tta=False, amp="off",
-                            temperature=saved.temperature())[0] for i in sub["id"]]
+    alone = [
+        predict_folder(
+            model,
+            cfg,
+            DistInfo(),
+            [synth_root / "train" / f"{i}.tif"],
+            1,
+            0,
+            tta=False,
+            amp="off",
+            temperature=saved.temperature(),
+        )[0]
+        for i in sub["id"]
+    ]
     assert sub["id"].tolist() == chosen["id"].tolist()
     assert np.allclose(sub["label"].to_numpy(), alone, atol=1e-6)
     assert np.std(alone) > 1e-3  # the images do get different probabilities
@@ -82,14 +127,28 @@ def test_each_probability_belongs_to_the_image_named_beside_it(synth_root, ckpt,
 @pytest.mark.slow
 def test_predict_a_whole_folder_of_png_and_tif(synth_root, ckpt, tmp_path, capsys, monkeypatch):
     from PIL import Image
+
     folder = tmp_path / "mixed"
     folder.mkdir()
     chosen = _some_ids(synth_root, 6)["id"].tolist()
     for k, i in enumerate(chosen):
         Image.fromarray(read_patch(synth_root / "train" / f"{i}.tif")).save(folder / f"{i}.{'png' if k % 2 else 'tif'}")
     out = tmp_path / "sub.csv"
-    code, err = run_cli(capsys, monkeypatch, "predict", "--checkpoint", str(ckpt), "--images", str(folder),
-                        "--out", str(out), "--device", "cpu", "--num-workers", "0")
+    code, err = run_cli(
+        capsys,
+        monkeypatch,
+        "predict",
+        "--checkpoint",
+        str(ckpt),
+        "--images",
+        str(folder),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--num-workers",
+        "0",
+    )
     assert code == 0, err
     assert sorted(pd.read_csv(out, dtype={"id": str})["id"]) == sorted(chosen)
 
@@ -98,12 +157,25 @@ def test_predict_a_whole_folder_of_png_and_tif(synth_root, ckpt, tmp_path, capsy
 def test_torchrun_predict_matches_single_process(synth_root, ckpt, tmp_path, capsys, monkeypatch):
     chosen = _some_ids(synth_root, 50, seed=1)
     chosen[["id"]].to_csv(tmp_path / "ids.csv", index=False)
-    common = ("predict", "--checkpoint", str(ckpt), "--images", str(synth_root / "train"), "--ids",
-              str(tmp_path / "ids.csv"), "--device", "cpu")
+    common = (
+        "predict",
+        "--checkpoint",
+        str(ckpt),
+        "--images",
+        str(synth_root / "train"),
+        "--ids",
+        str(tmp_path / "ids.csv"),
+        "--device",
+        "cpu",
+    )
     code, err = run_cli(capsys, monkeypatch, *common, "--out", str(tmp_path / "single.csv"), "--num-workers", "0")
     assert code == 0, err
-    proc = cli(*common, "--out", str(tmp_path / "ddp.csv"),
-               launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
+    proc = cli(
+        *common,
+        "--out",
+        str(tmp_path / "ddp.csv"),
+        launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     single, ddp = (pd.read_csv(tmp_path / f"{k}.csv", dtype={"id": str}) for k in ("single", "ddp"))
     assert ddp["id"].tolist() == single["id"].tolist() == chosen["id"].tolist()
@@ -112,7 +184,8 @@ def test_torchrun_predict_matches_single_process(synth_root, ckpt, tmp_path, cap
 
 @pytest.mark.slow
 def test_operating_points_are_chosen_and_applied_on_predictions_made_the_same_way(
-        synth_root, run_dir, ckpt, tmp_path, capsys, monkeypatch):
+    synth_root, run_dir, ckpt, tmp_path, capsys, monkeypatch
+):
     code, err = run_cli(capsys, monkeypatch, "evaluate", "--run", str(run_dir), "--tta", "--target-sensitivity", "0.95")
     assert code == 0, err
     metrics = json.loads((run_dir / "report" / "metrics.json").read_text())
@@ -121,11 +194,18 @@ def test_operating_points_are_chosen_and_applied_on_predictions_made_the_same_wa
     assert chosen["chosen_on"] == "val" and chosen["val"]["sensitivity"] >= 0.95
     state = torch.load(ckpt, weights_only=True)
     point, tta_point, temperature = state["operating_point"], state["operating_point_tta"], state["temperature"]
-    assert point == {"threshold": chosen["val"]["threshold"], "method": "target_sensitivity", "target": 0.95,
-                     "chosen_on": "val", "tta": False, "temperature": temperature}
+    assert point == {
+        "threshold": chosen["val"]["threshold"],
+        "method": "target_sensitivity",
+        "target": 0.95,
+        "chosen_on": "val",
+        "tta": False,
+        "temperature": temperature,
+    }
     assert tta_point["tta"] and tta_point["method"] == "target_sensitivity"
     # each point is chosen on validation predictions made the way it will be applied
     from cancernet.metrics import threshold_for_sensitivity
+
     for name, used in (("val.csv", point), ("val_tta.csv", tta_point)):
         val = pd.read_csv(run_dir / "predictions" / name)
         assert used["threshold"] == pytest.approx(threshold_for_sensitivity(val["label"], val["prob"], 0.95), abs=1e-6)
@@ -135,25 +215,51 @@ def test_operating_points_are_chosen_and_applied_on_predictions_made_the_same_wa
     # predict labels with the point that matches how it predicts
     ids = _some_ids(synth_root, 30, seed=2)
     ids[["id"]].to_csv(tmp_path / "ids.csv", index=False)
-    base = ("predict", "--checkpoint", str(ckpt), "--images", str(synth_root / "train"), "--ids",
-            str(tmp_path / "ids.csv"), "--device", "cpu", "--num-workers", "0")
+    base = (
+        "predict",
+        "--checkpoint",
+        str(ckpt),
+        "--images",
+        str(synth_root / "train"),
+        "--ids",
+        str(tmp_path / "ids.csv"),
+        "--device",
+        "cpu",
+        "--num-workers",
+        "0",
+    )
     for tta, used in ((False, point), (True, tta_point)):
         extra = ("--tta",) if tta else ()
         assert run_cli(capsys, monkeypatch, *base, *extra, "--out", str(tmp_path / "p.csv"))[0] == 0
-        assert run_cli(capsys, monkeypatch, *base, *extra, "--out", str(tmp_path / "l.csv"),
-                       "--threshold-from-checkpoint")[0] == 0
+        assert (
+            run_cli(
+                capsys, monkeypatch, *base, *extra, "--out", str(tmp_path / "l.csv"), "--threshold-from-checkpoint"
+            )[0]
+            == 0
+        )
         probs, labels = pd.read_csv(tmp_path / "p.csv"), pd.read_csv(tmp_path / "l.csv")
         assert set(labels["label"]) <= {0, 1}
         assert (labels["label"] == (probs["label"] >= used["threshold"] - 1e-6).astype(int)).all()
     # a point chosen on calibrated plain predictions is refused for uncalibrated ones ...
-    code, err = run_cli(capsys, monkeypatch, *base, "--out", str(tmp_path / "x.csv"), "--threshold-from-checkpoint",
-                        "--no-calibration")
+    code, err = run_cli(
+        capsys, monkeypatch, *base, "--out", str(tmp_path / "x.csv"), "--threshold-from-checkpoint", "--no-calibration"
+    )
     assert code == 2 and "temperature" in err
     # ... and a checkpoint with only a plain point cannot label TTA predictions
     plain_only = tmp_path / "plain_only.pt"
     torch.save({k: v for k, v in state.items() if k != "operating_point_tta"}, plain_only)
-    code, err = run_cli(capsys, monkeypatch, "predict", "--checkpoint", str(plain_only), *base[3:],
-                        "--out", str(tmp_path / "y.csv"), "--tta", "--threshold-from-checkpoint")
+    code, err = run_cli(
+        capsys,
+        monkeypatch,
+        "predict",
+        "--checkpoint",
+        str(plain_only),
+        *base[3:],
+        "--out",
+        str(tmp_path / "y.csv"),
+        "--tta",
+        "--threshold-from-checkpoint",
+    )
     assert code == 2 and "TTA" in err and "evaluate --run RUN --tta" in err
     assert not (tmp_path / "x.csv").exists() and not (tmp_path / "y.csv").exists()
 
@@ -167,8 +273,9 @@ def test_export_gives_the_checkpoints_outputs(synth_root, ckpt, tmp_path):
     ids = _some_ids(synth_root, 12, seed=3)["id"].tolist()
     paths = [synth_root / "train" / f"{i}.tif" for i in ids]
     model, cfg, saved = load_model(ckpt, torch.device("cpu"))
-    expected = predict_folder(model, cfg, DistInfo(), paths, 8, 0, tta=False, amp="off",
-                              temperature=saved.temperature())
+    expected = predict_folder(
+        model, cfg, DistInfo(), paths, 8, 0, tta=False, amp="off", temperature=saved.temperature()
+    )
     scripted = torch.jit.load(str(tmp_path / "export" / "model.ts"))
     program = torch.export.load(str(tmp_path / "export" / "model.pt2")).module()
     batch = torch.from_numpy(np.stack([read_patch(p) for p in paths]))  # uint8 NHWC
@@ -185,8 +292,19 @@ def test_export_gives_the_checkpoints_outputs(synth_root, ckpt, tmp_path):
 def test_missing_image_is_a_clear_error_and_nothing_is_written(synth_root, ckpt, tmp_path, capsys, monkeypatch):
     pd.DataFrame({"id": ["f" * 40]}).to_csv(tmp_path / "ids.csv", index=False)
     out = tmp_path / "sub.csv"
-    code, err = run_cli(capsys, monkeypatch, "predict", "--checkpoint", str(ckpt), "--images",
-                        str(synth_root / "train"), "--ids", str(tmp_path / "ids.csv"), "--out", str(out))
+    code, err = run_cli(
+        capsys,
+        monkeypatch,
+        "predict",
+        "--checkpoint",
+        str(ckpt),
+        "--images",
+        str(synth_root / "train"),
+        "--ids",
+        str(tmp_path / "ids.csv"),
+        "--out",
+        str(out),
+    )
     assert code == 2 and "f" * 40 in err and "not found" in err
     assert not out.exists()
 
@@ -194,8 +312,19 @@ def test_missing_image_is_a_clear_error_and_nothing_is_written(synth_root, ckpt,
 @pytest.mark.slow
 def test_an_id_that_would_leave_the_image_folder_is_refused(synth_root, ckpt, tmp_path, capsys, monkeypatch):
     pd.DataFrame({"id": ["../secret"]}).to_csv(tmp_path / "ids.csv", index=False)
-    code, err = run_cli(capsys, monkeypatch, "predict", "--checkpoint", str(ckpt), "--images",
-                        str(synth_root / "train"), "--ids", str(tmp_path / "ids.csv"), "--out", str(tmp_path / "s.csv"))
+    code, err = run_cli(
+        capsys,
+        monkeypatch,
+        "predict",
+        "--checkpoint",
+        str(ckpt),
+        "--images",
+        str(synth_root / "train"),
+        "--ids",
+        str(tmp_path / "ids.csv"),
+        "--out",
+        str(tmp_path / "s.csv"),
+    )
     assert code == 2 and "row 2 has id '../secret'" in err
 
 
@@ -204,8 +333,19 @@ def test_unreadable_image_is_a_clear_error(synth_root, ckpt, tmp_path, capsys, m
     folder = tmp_path / "imgs"
     folder.mkdir()
     (folder / "broken.tif").write_bytes(b"II*\x00garbage")
-    code, err = run_cli(capsys, monkeypatch, "predict", "--checkpoint", str(ckpt), "--images", str(folder),
-                        "--out", str(tmp_path / "s.csv"), "--num-workers", "0")
+    code, err = run_cli(
+        capsys,
+        monkeypatch,
+        "predict",
+        "--checkpoint",
+        str(ckpt),
+        "--images",
+        str(folder),
+        "--out",
+        str(tmp_path / "s.csv"),
+        "--num-workers",
+        "0",
+    )
     assert code == 2 and "broken.tif" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "s.csv").exists()
 
@@ -213,8 +353,17 @@ def test_unreadable_image_is_a_clear_error(synth_root, ckpt, tmp_path, capsys, m
 def test_corrupt_checkpoint_is_a_clear_error(synth_root, tmp_path, capsys, monkeypatch):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"\x00" * 100)
-    code, err = run_cli(capsys, monkeypatch, "predict", "--checkpoint", str(bad), "--images",
-                        str(synth_root / "train"), "--out", str(tmp_path / "s.csv"))
+    code, err = run_cli(
+        capsys,
+        monkeypatch,
+        "predict",
+        "--checkpoint",
+        str(bad),
+        "--images",
+        str(synth_root / "train"),
+        "--out",
+        str(tmp_path / "s.csv"),
+    )
     assert code == 2 and str(bad) in err and "corrupt" in err
 
 

@@ -38,9 +38,11 @@ def test_auc_is_nan_with_one_class():
 def test_youden_threshold_maximises_j(scores):
     labels, probs = scores
     t = youden_threshold(labels, probs)
+
     def j(th):
         pred = probs >= th
         return pred[labels == 1].mean() - pred[labels == 0].mean()
+
     assert all(j(t) >= j(th) - 1e-12 for th in np.linspace(0, 1, 101))
 
 

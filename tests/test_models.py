@@ -49,12 +49,22 @@ def test_unknown_arch_names_the_key_and_suggests_close_names():
 FAMILIES = ["resnet18", "densenet121", "efficientnet_b0", "convnext_tiny", "mobilenet_v3_small"]
 
 
-@pytest.mark.parametrize("arch, head", [("resnet18", "fc"), ("densenet121", "classifier"),
-                                        ("efficientnet_b0", "classifier.1"), ("convnext_tiny", "classifier.2"),
-                                        ("mobilenet_v3_small", "classifier.3"), ("vit_b_16", "heads.head")])
+@pytest.mark.parametrize(
+    "arch, head",
+    [
+        ("resnet18", "fc"),
+        ("densenet121", "classifier"),
+        ("efficientnet_b0", "classifier.1"),
+        ("convnext_tiny", "classifier.2"),
+        ("mobilenet_v3_small", "classifier.3"),
+        ("vit_b_16", "heads.head"),
+    ],
+)
 def test_the_final_classifier_layer_of_each_family_becomes_the_head(arch, head):
-    model = build_model(ModelConfig(arch=arch, pretrained="none", head="seed", freeze_backbone=True,
-                                    channels_last=False), 64 if arch != "vit_b_16" else 32)
+    model = build_model(
+        ModelConfig(arch=arch, pretrained="none", head="seed", freeze_backbone=True, channels_last=False),
+        64 if arch != "vit_b_16" else 32,
+    )
     assert model.head_name == head and model.head[-1].out_features == 2
     trainable = {name for name, p in model.net.named_parameters() if p.requires_grad}
     assert trainable and all(name.startswith(f"{head}.") for name in trainable)  # freezing leaves only the head
@@ -69,7 +79,7 @@ def test_parameter_groups_get_the_learning_rates_asked_for():
     by_name = {g["name"]: g for g in groups}
     assert by_name["head/decay"]["lr_scale"] == 10.0
     assert by_name["stage5/decay"]["lr_scale"] == 0.5  # layer4: the last of 6 stages
-    assert by_name["stage0/decay"]["lr_scale"] == 0.5 ** 6  # conv1
+    assert by_name["stage0/decay"]["lr_scale"] == 0.5**6  # conv1
     assert by_name["stage1/no_decay"]["weight_decay"] == 0.0  # bn1: no decay on norm weights/biases
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
     decayed = param_groups(model, OptimConfig(decay_norm_bias=True))
@@ -83,22 +93,31 @@ def test_each_family_trains_resumes_predicts_and_exports(arch, synth_root, tmp_p
     from cancernet.inference import Exported, export, load_model, predict_folder
 
     from conftest import train
+
     out = tmp_path / "run"
-    common = (f"model.arch={arch}", "data.limit=96", "data.image_size=32", "train.batch_size=16",
-              "optim.layer_decay=0.8", "optim.head_lr_mult=5")
+    common = (
+        f"model.arch={arch}",
+        "data.limit=96",
+        "data.image_size=32",
+        "train.batch_size=16",
+        "optim.layer_decay=0.8",
+        "optim.head_lr_mult=5",
+    )
     train(synth_root, out, *common, "train.epochs=1")
     train(synth_root, out, *common, "train.epochs=2")  # resumes: same groups, moments carried over
     last = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert last["epoch"] == 2 and len(last["history"]) == 2
-    assert len(last["optimizer"]["param_groups"]) == len(param_groups(
-        build_model(ModelConfig(arch=arch, pretrained="none"), 32), OptimConfig()))
+    assert len(last["optimizer"]["param_groups"]) == len(
+        param_groups(build_model(ModelConfig(arch=arch, pretrained="none"), 32), OptimConfig())
+    )
     ckpt = out / "checkpoints" / "best.pt"
     info = export(ckpt, tmp_path / "export")
     model, cfg, state = load_model(ckpt, torch.device("cpu"))
     ids = pd.read_csv(synth_root / "train_labels.csv", dtype={"id": str})["id"][:6]
     paths = [synth_root / "train" / f"{i}.tif" for i in ids]
-    expected = predict_folder(model, cfg, DistInfo(), paths, 6, 0, tta=False, amp="off",
-                              temperature=info["temperature"])
+    expected = predict_folder(
+        model, cfg, DistInfo(), paths, 6, 0, tta=False, amp="off", temperature=info["temperature"]
+    )
     batch = torch.from_numpy(np.stack([models_read(p) for p in paths]))
     program = torch.export.load(str(tmp_path / "export" / "model.pt2")).module()
     with torch.no_grad():
@@ -108,6 +127,7 @@ def test_each_family_trains_resumes_predicts_and_exports(arch, synth_root, tmp_p
 
 def models_read(path):
     from cancernet.data.kaggle import read_patch
+
     return read_patch(path)
 
 
@@ -125,6 +145,7 @@ def test_fixed_size_models_get_the_image_size_or_a_clear_error(tmp_path):
 
 def test_gradcam_finds_the_last_convolutional_stage_or_says_it_cannot():
     from cancernet.gradcam import GradCamUnavailable, gradcam
+
     for arch in ("resnet18", "densenet121", "convnext_tiny"):
         model = build_model(ModelConfig(arch=arch, pretrained="none", channels_last=False), 64)
         cams = gradcam(model, torch.randn(2, 3, 64, 64))
@@ -178,8 +199,11 @@ def weights_server(tmp_path):
 def test_imagenet_download_goes_through_the_hub_cache(weights_server, tmp_path, monkeypatch):
     base, name, state = weights_server
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    monkeypatch.setattr(models, "imagenet_weights",
-                        lambda arch: types.SimpleNamespace(url=f"https://download.pytorch.org/models/{name}"))
+    monkeypatch.setattr(
+        models,
+        "imagenet_weights",
+        lambda arch: types.SimpleNamespace(url=f"https://download.pytorch.org/models/{name}"),
+    )
     model = build_model(ModelConfig(arch="densenet121", pretrained="imagenet", weights_url=base), 64)
     assert torch.equal(model.net.features.conv0.weight, state["features.conv0.weight"])
     assert (tmp_path / "torch_home" / "hub" / "checkpoints" / name).is_file()  # cached for next time

@@ -1,4 +1,5 @@
 """train.amp=auto picks the fastest correct precision for the device; train.deterministic."""
+
 import pytest
 import torch
 
@@ -8,12 +9,16 @@ from cancernet.numerics import cpu_flags, resolve_amp
 CPU = torch.device("cpu")
 
 
-@pytest.mark.parametrize("flags, expected", [
-    ({"avx2", "avx512f", "avx512_bf16"}, "bf16"),  # AVX512-BF16 (e.g. Zen 4, Cooper Lake)
-    ({"avx2", "amx_bf16", "amx_tile"}, "bf16"),  # AMX (Sapphire Rapids)
-    ({"avx2", "avx512f", "avx512_vnni"}, "off"),  # AVX-512 without bf16: emulated, much slower
-    ({"avx2"}, "off"),
-    (set(), "off")])
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        ({"avx2", "avx512f", "avx512_bf16"}, "bf16"),  # AVX512-BF16 (e.g. Zen 4, Cooper Lake)
+        ({"avx2", "amx_bf16", "amx_tile"}, "bf16"),  # AMX (Sapphire Rapids)
+        ({"avx2", "avx512f", "avx512_vnni"}, "off"),  # AVX-512 without bf16: emulated, much slower
+        ({"avx2"}, "off"),
+        (set(), "off"),
+    ],
+)
 def test_auto_on_a_cpu_uses_bf16_only_where_the_cpu_computes_it_natively(flags, expected):
     amp, why = resolve_amp("auto", CPU, flags)
     assert amp == expected and why
@@ -33,7 +38,9 @@ def test_an_explicit_precision_is_kept_on_any_machine():
 
 def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
     info = tmp_path / "cpuinfo"
-    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 avx512_bf16\n\nprocessor\t: 1\n")
+    info.write_text(
+        "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 avx512_bf16\n\nprocessor\t: 1\n"
+    )
     assert cpu_flags(info) == {"fpu", "sse2", "avx2", "avx512_bf16"}
     assert cpu_flags(tmp_path / "missing") == set()
 
@@ -56,13 +63,26 @@ def test_a_run_records_the_precision_auto_chose_and_trains_with_the_deterministi
     from cancernet.runner import run
 
     from conftest import make_cfg, session
+
     seen = {}
+
     def look(t, row):
         seen.update(amp=t.cfg.train.amp, deterministic=torch.are_deterministic_algorithms_enabled())
+
     try:
         with session("cpu") as dist:
-            run(make_cfg(synth_root, tmp_path, "train.amp=auto", "train.deterministic=true", "data.limit=100",
-                         "train.epochs=1"), dist, on_epoch_end=look)
+            run(
+                make_cfg(
+                    synth_root,
+                    tmp_path,
+                    "train.amp=auto",
+                    "train.deterministic=true",
+                    "data.limit=100",
+                    "train.epochs=1",
+                ),
+                dist,
+                on_epoch_end=look,
+            )
     finally:
         numerics.configure(False, CPU)
     expected = resolve_amp("auto", CPU)[0]  # bf16 or off, depending on this machine

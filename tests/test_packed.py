@@ -94,6 +94,7 @@ def test_packed_training_learns_as_well_as_folder(packed_root, tmp_path):
 @pytest.mark.slow
 def test_packed_mid_epoch_resume_is_exact(packed_root, tmp_path):
     from conftest import RESUME_COMMON, assert_same_run, train_stopping
+
     common = (*RESUME_COMMON, "data.format=packed")
     train(packed_root, tmp_path / "full", *common)
     assert train_stopping(packed_root, tmp_path / "resumed", after_syncs=5, overrides=common) == "stopped"
@@ -103,11 +104,31 @@ def test_packed_mid_epoch_resume_is_exact(packed_root, tmp_path):
 
 @pytest.mark.slow
 def test_bench_prints_one_json_line_per_measurement(packed_root):
-    proc = subprocess.run([sys.executable, "-m", "cancernet", "bench", "data", "--config",
-                           "configs/cpu_test.yaml", f"data.root={packed_root}", "--steps", "3"],
-                          cwd=ROOT, env=python_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cancernet",
+            "bench",
+            "data",
+            "--config",
+            "configs/cpu_test.yaml",
+            f"data.root={packed_root}",
+            "--steps",
+            "3",
+        ],
+        cwd=ROOT,
+        env=python_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [(r["path"], r["augmented"]) for r in rows] == [
-        ("folder", False), ("folder", True), ("packed", False), ("packed", True)]
+        ("folder", False),
+        ("folder", True),
+        ("packed", False),
+        ("packed", True),
+    ]
     assert all(r["images_per_s"] > 0 and r["images"] == 96 for r in rows)

@@ -1,4 +1,5 @@
 """PatchCamelyon's HDF5 release layout: synth, prepare, train, evaluate; bad releases."""
+
 import gzip
 import json
 
@@ -46,8 +47,12 @@ def test_prepare_packs_every_split_with_its_slide(release):
     table = PCAM.table(cfg, pack)
     assert table["split"].value_counts().to_dict() == {"train": 300, "val": 80, "test": 80}
     for split, ours in (("train", "train"), ("valid", "val"), ("test", "test")):
-        with gzip.open(release / f"{STEM}_{split}_x.h5.gz") as g, h5py.File(g) as fx, \
-                gzip.open(release / f"{STEM}_{split}_y.h5.gz") as gy, h5py.File(gy) as fy:
+        with (
+            gzip.open(release / f"{STEM}_{split}_x.h5.gz") as g,
+            h5py.File(g) as fx,
+            gzip.open(release / f"{STEM}_{split}_y.h5.gz") as gy,
+            h5py.File(gy) as fy,
+        ):
             for row in (0, 7, len(fy["y"]) - 1):
                 image_id = f"{ours}_{row:06d}"
                 assert np.array_equal(pack.read_by_id(image_id), fx["x"][row])
@@ -103,15 +108,18 @@ def _rewrite(path, name, data):
         f.create_dataset(name, data=data)
 
 
-@pytest.mark.parametrize("damage, message", [
-    ("missing", "split_valid_y.h5 \\(or .h5.gz\\) is missing"),
-    ("shape", "split_train_x.h5: dataset 'x' is uint8 \\(20, 64, 64, 3\\)"),
-    ("dtype", "split_train_x.h5: dataset 'x' is float32"),
-    ("length", "split_test_x.h5 holds 10 patches but camelyonpatch_level_2_split_test_y.h5 9 labels"),
-    ("label", "split_train_y.h5: row 3 has label 2"),
-    ("meta", "split_valid_meta.csv: 9 rows"),
-    ("truncated", "split_train_x.h5.gz: cannot be read .*truncated"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("missing", "split_valid_y.h5 \\(or .h5.gz\\) is missing"),
+        ("shape", "split_train_x.h5: dataset 'x' is uint8 \\(20, 64, 64, 3\\)"),
+        ("dtype", "split_train_x.h5: dataset 'x' is float32"),
+        ("length", "split_test_x.h5 holds 10 patches but camelyonpatch_level_2_split_test_y.h5 9 labels"),
+        ("label", "split_train_y.h5: row 3 has label 2"),
+        ("meta", "split_valid_meta.csv: 9 rows"),
+        ("truncated", "split_train_x.h5.gz: cannot be read .*truncated"),
+    ],
+)
 def test_a_bad_release_gives_one_clear_error_naming_the_file(tmp_path, damage, message):
     root = _small_release(tmp_path / "release")
     if damage == "missing":

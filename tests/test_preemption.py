@@ -3,6 +3,7 @@ preemption does: it signals every process, and the batch script or srun forwards
 torchrun passes it to each trainer's whole process group, loader workers included. Every rank must
 stop at the next sync point, last.pt must hold the position inside the epoch, and the resumed run
 must end equal to an uninterrupted one."""
+
 import signal
 import subprocess
 import sys
@@ -16,27 +17,55 @@ from conftest import ROOT, assert_same_run, python_env
 
 pytestmark = pytest.mark.slow
 # 280 training patches, 2 ranks x batch 4: 34 steps per epoch, each a sync point and a log line
-COMMON = ("data.format=packed", "data.num_workers=2", "train.batch_size=4", "train.epochs=2", "train.seed=5",
-          "train.sync_every=1", "train.log_every=1", "data.image_size=32", "train.ema_decay=0.9")
+COMMON = (
+    "data.format=packed",
+    "data.num_workers=2",
+    "train.batch_size=4",
+    "train.epochs=2",
+    "train.seed=5",
+    "train.sync_every=1",
+    "train.log_every=1",
+    "data.image_size=32",
+    "train.ema_decay=0.9",
+)
 
 
 def torchrun(root, out, log, *overrides) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "cancernet.launch", "--standalone", "--nproc_per_node=2", "train_ddp.py",
-         "--config", "configs/cpu_test.yaml", f"data.root={root}", f"train.out_dir={out}", *COMMON, *overrides],
-        cwd=ROOT, env=python_env(), stdout=log, stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            "-m",
+            "cancernet.launch",
+            "--standalone",
+            "--nproc_per_node=2",
+            "train_ddp.py",
+            "--config",
+            "configs/cpu_test.yaml",
+            f"data.root={root}",
+            f"train.out_dir={out}",
+            *COMMON,
+            *overrides,
+        ],
+        cwd=ROOT,
+        env=python_env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(packed_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
     with open(out / "torchrun.log", "w") as log:
-        assert torchrun(packed_root, out / "run", log).wait(timeout=300) == 0, (out / "torchrun.log").read_text()[-3000:]
+        assert torchrun(packed_root, out / "run", log).wait(timeout=300) == 0, (out / "torchrun.log").read_text()[
+            -3000:
+        ]
     return out / "run"
 
 
 def test_term_to_torchrun_mid_epoch_with_loader_workers_stops_cleanly_and_resumes_exactly(
-        packed_root, tmp_path, uninterrupted):
+    packed_root, tmp_path, uninterrupted
+):
     out, log_path = tmp_path / "run", tmp_path / "torchrun.log"
     with open(log_path, "w") as log:
         proc = torchrun(packed_root, out, log)

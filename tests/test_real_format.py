@@ -1,4 +1,5 @@
 """Genuine PCam/Kaggle patches (tests/fixtures/pcam_real, CC0): every reader gets their exact pixels."""
+
 import shutil
 from pathlib import Path
 
@@ -52,10 +53,22 @@ def test_train_and_predict_read_real_patches(real_root, tmp_path):
     from cancernet.inference import load_model, predict_folder
 
     from conftest import train
+
     out = tmp_path / "run"
     # 20 patches: a smoke run of the real format end to end, not an accuracy measurement
-    assert train(real_root, out, "data.format=packed", "train.epochs=1", "train.batch_size=8",
-                 "data.val_fraction=0.3", "data.test_fraction=0.3", "data.image_size=48") == "done"
+    assert (
+        train(
+            real_root,
+            out,
+            "data.format=packed",
+            "train.epochs=1",
+            "train.batch_size=8",
+            "data.val_fraction=0.3",
+            "data.test_fraction=0.3",
+            "data.image_size=48",
+        )
+        == "done"
+    )
     model, cfg, _ = load_model(out / "checkpoints" / "best.pt", torch.device("cpu"))
     paths = [real_root / "train" / f"{i}.tif" for i in _ids()]
     probs = predict_folder(model, cfg, DistInfo(), paths, 8, 0, tta=False, amp="off")

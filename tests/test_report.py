@@ -59,16 +59,19 @@ def test_the_threshold_and_the_temperature_are_chosen_on_validation_not_on_test(
     val, test = (pd.read_csv(run_dir / "predictions" / f"{s}.csv") for s in ("val", "test"))
     # the saved probabilities are after the temperature T: their log-odds x T are the raw ones
     t = metrics["temperature"]
-    raw = {name: t * np.log(f["prob"].clip(1e-12, 1 - 1e-12) / (1 - f["prob"].clip(1e-12, 1 - 1e-12)))
-           for name, f in (("val", val), ("test", test))}
+    raw = {
+        name: t * np.log(f["prob"].clip(1e-12, 1 - 1e-12) / (1 - f["prob"].clip(1e-12, 1 - 1e-12)))
+        for name, f in (("val", val), ("test", test))
+    }
     assert fit_temperature(val["label"].to_numpy(), raw["val"].to_numpy()) == pytest.approx(t, rel=2e-3)
     assert fit_temperature(test["label"].to_numpy(), raw["test"].to_numpy()) != pytest.approx(t, rel=2e-2)
     chosen = metrics["val_threshold"]
     assert chosen["chosen_on"] == "val"
     # Youden's J cut of the saved validation predictions, as written to 8 significant digits
     assert chosen["value"] == pytest.approx(youden_threshold(val["label"].to_numpy(), val["prob"].to_numpy()), abs=1e-6)
-    assert chosen["value"] != pytest.approx(youden_threshold(test["label"].to_numpy(), test["prob"].to_numpy()),
-                                            abs=1e-6)
+    assert chosen["value"] != pytest.approx(
+        youden_threshold(test["label"].to_numpy(), test["prob"].to_numpy()), abs=1e-6
+    )
 
 
 def test_bootstrap_cis_match_a_slow_reference_and_contain_the_estimate():
@@ -115,8 +118,13 @@ def test_calibration_measures_match_their_definitions():
 
 
 def test_group_auc_equals_scikit_learn_on_hand_built_groups():
-    frame = pd.DataFrame({"group": ["a", "a", "b", "b", "c", "d", "d"], "label": [0, 1, 0, 0, 1, 0, 0],
-                          "prob": [0.2, 0.7, 0.3, 0.6, 0.4, 0.1, 0.5]})
+    frame = pd.DataFrame(
+        {
+            "group": ["a", "a", "b", "b", "c", "d", "d"],
+            "label": [0, 1, 0, 0, 1, 0, 0],
+            "prob": [0.2, 0.7, 0.3, 0.6, 0.4, 0.1, 0.5],
+        }
+    )
     scores = group_scores(frame).set_index("group")
     assert scores["label"].to_dict() == {"a": 1, "b": 0, "c": 1, "d": 0}
     assert scores["prob_max"].to_dict() == {"a": 0.7, "b": 0.6, "c": 0.4, "d": 0.5}
@@ -128,8 +136,9 @@ def test_group_auc_equals_scikit_learn_on_hand_built_groups():
 
 def test_the_report_shows_the_most_confident_of_each_kind():
     rng = np.random.default_rng(0)
-    frame = pd.DataFrame({"id": [str(i) for i in range(200)], "label": rng.integers(0, 2, 200),
-                          "prob": rng.uniform(0, 1, 200)})
+    frame = pd.DataFrame(
+        {"id": [str(i) for i in range(200)], "label": rng.integers(0, 2, 200), "prob": rng.uniform(0, 1, 200)}
+    )
     picked = most_confident(frame, threshold=0.5, per_kind=4)
     for kind, label, positive in (("TP", 1, True), ("FP", 0, True), ("FN", 1, False), ("TN", 0, False)):
         shown = picked[picked["kind"] == kind]["prob"]
@@ -140,7 +149,8 @@ def test_the_report_shows_the_most_confident_of_each_kind():
 
 def test_sample_grid_names_the_split_it_shows(synth_root):
     from cancernet.data.kaggle import image_path, read_patch
-    from cancernet.plots import sample_grid
+    from cancernet.grids import sample_grid
+
     ids = pd.read_csv(synth_root / "train_labels.csv", dtype={"id": str}).head(8)
     frame = ids.assign(prob=np.linspace(0, 1, 8))
     figure = sample_grid(frame, lambda i: read_patch(image_path(synth_root, i)), 0.5, split="val", n=8)
@@ -175,9 +185,26 @@ def test_predictions_have_the_val_threshold_labels(run_dir):
 @pytest.mark.slow
 def test_evaluate_command_rewrites_the_report(run_dir):
     (run_dir / "report" / "metrics.json").unlink()
-    proc = subprocess.run([sys.executable, "-m", "cancernet", "evaluate", "--run", str(run_dir),
-                           "--split", "val", "--checkpoint", "last", "--calibrate"], cwd=ROOT, env=python_env(),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cancernet",
+            "evaluate",
+            "--run",
+            str(run_dir),
+            "--split",
+            "val",
+            "--checkpoint",
+            "last",
+            "--calibrate",
+        ],
+        cwd=ROOT,
+        env=python_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     metrics = json.loads((run_dir / "report" / "metrics.json").read_text())
     val = pd.read_csv(run_dir / "predictions" / "val.csv")
@@ -191,6 +218,7 @@ def test_evaluate_command_rewrites_the_report(run_dir):
 def test_evaluate_command_on_a_non_run_is_a_clear_error(tmp_path, capsys, monkeypatch):
     from cancernet.__main__ import main
     from cancernet.console import main_guard
+
     monkeypatch.setattr(sys, "argv", ["cancernet", "evaluate", "--run", str(tmp_path)])
     assert main_guard(main) == 2 and "not a run directory" in capsys.readouterr().err
 
@@ -206,6 +234,7 @@ def test_gradcam_heat_lies_in_the_labelled_centre_of_synthetic_tumours(run_dir, 
     from cancernet.data.kaggle import image_path, read_patch
     from cancernet.gradcam import gradcam
     from cancernet.inference import load_model
+
     model, cfg, _ = load_model(run_dir / "checkpoints" / "best.pt", torch.device("cpu"))
     test = pd.read_csv(run_dir / "predictions" / "test.csv", dtype={"id": str})
     positives = test[(test["label"] == 1) & (test["prob"] > 0.5)]["id"].head(16)
@@ -219,12 +248,15 @@ def test_gradcam_heat_lies_in_the_labelled_centre_of_synthetic_tumours(run_dir, 
 
 
 def test_gradcam_figure_title_fits_inside_the_figure():
-    from cancernet import plots
+    from cancernet import grids
+
     rng = np.random.default_rng(0)
-    picked = pd.DataFrame({"kind": ["TP", "FN", "FP", "TN"] * 4, "label": [1, 1, 0, 0] * 4,
-                           "prob": rng.uniform(0, 1, 16)})
-    fig = plots.gradcam_grid(picked, rng.integers(0, 256, (16, 96, 96, 3), dtype=np.uint8),
-                             rng.uniform(0, 1, (16, 96, 96)), 0.5)
+    picked = pd.DataFrame(
+        {"kind": ["TP", "FN", "FP", "TN"] * 4, "label": [1, 1, 0, 0] * 4, "prob": rng.uniform(0, 1, 16)}
+    )
+    fig = grids.gradcam_grid(
+        picked, rng.integers(0, 256, (16, 96, 96, 3), dtype=np.uint8), rng.uniform(0, 1, (16, 96, 96)), 0.5
+    )
     fig.canvas.draw()
     box = fig._suptitle.get_window_extent()
     assert box.x0 >= 0 and box.x1 <= fig.bbox.width and box.y1 <= fig.bbox.height
@@ -232,6 +264,7 @@ def test_gradcam_figure_title_fits_inside_the_figure():
 
 def test_reliability_diagram_shows_how_many_patches_each_point_stands_for():
     from cancernet import plots
+
     rng = np.random.default_rng(0)
     # one bin of 400 patches, one of 40, one of 2
     probs = np.concatenate([rng.uniform(0, 0.06, 400), rng.uniform(0.94, 1, 40), [0.5, 0.52]])

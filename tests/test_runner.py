@@ -1,6 +1,7 @@
 """One training run's flow with the settings the shipped recipes use that change what it does:
 slide groups through the real split path, uneven split fractions, validation every N epochs, LR
 warm-up (runner.py, training.py)."""
+
 import json
 import math
 
@@ -18,9 +19,18 @@ def test_groups_fractions_eval_every_and_warmup_shape_the_run(synth_root, tmp_pa
     groups = labels.assign(group=[f"slide{i // 6:03d}" for i in range(len(labels))])[["id", "group"]]
     groups.to_csv(tmp_path / "groups.csv", index=False)
     out = tmp_path / "run"
-    train(synth_root, out, "data.limit=240", f"data.groups_csv={tmp_path / 'groups.csv'}", "data.val_fraction=0.1",
-          "data.test_fraction=0.25", "train.epochs=3", "train.eval_every=2", "optim.warmup_epochs=3",
-          "optim.schedule=cosine")
+    train(
+        synth_root,
+        out,
+        "data.limit=240",
+        f"data.groups_csv={tmp_path / 'groups.csv'}",
+        "data.val_fraction=0.1",
+        "data.test_fraction=0.25",
+        "train.epochs=3",
+        "train.eval_every=2",
+        "optim.warmup_epochs=3",
+        "optim.schedule=cosine",
+    )
     splits = pd.read_csv(out / "splits.csv", dtype={"id": str}).merge(groups, on="id")
     assert splits.groupby("group")["split"].nunique().max() == 1  # no slide in two splits
     share = splits["split"].value_counts() / len(splits)

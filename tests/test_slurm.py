@@ -3,6 +3,7 @@
 Skipped where Slurm cannot run, unless CANCERNET_REQUIRE_SLURM=1 (set by .ci/run): then a
 missing cluster is a failure.
 """
+
 import os
 import sys
 import time
@@ -31,12 +32,25 @@ def cluster(tmp_path_factory):
 
 def sbatch(cluster, tmp_path, script, *args, sbatch_args=(), nproc=2):
     """Submit from a scratch folder with this checkout's Python first on PATH; returns the job id."""
-    env = {"NPROC_PER_NODE": str(nproc), "CANCERNET_HOME": str(ROOT), "RUN_DIR": str(tmp_path / "run"),
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "WANDB_MODE": "disabled"}
-    out = cluster.run("sbatch", "--parsable", "--gres=none", f"--output={tmp_path}/%j.out", *sbatch_args,
-                      str(ROOT / "slurm" / script), str(ROOT / "configs" / "cpu_test.yaml"), *args,
-                      env=env, cwd=tmp_path)
+    env = {
+        "NPROC_PER_NODE": str(nproc),
+        "CANCERNET_HOME": str(ROOT),
+        "RUN_DIR": str(tmp_path / "run"),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "WANDB_MODE": "disabled",
+    }
+    out = cluster.run(
+        "sbatch",
+        "--parsable",
+        "--gres=none",
+        f"--output={tmp_path}/%j.out",
+        *sbatch_args,
+        str(ROOT / "slurm" / script),
+        str(ROOT / "configs" / "cpu_test.yaml"),
+        *args,
+        env=env,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     return out.stdout.strip().split(";")[0]
 
@@ -46,13 +60,29 @@ def log_of(tmp_path, job_id):
 
 
 def test_train_sbatch_writes_the_full_run_directory(cluster, synth_root, tmp_path):
-    job = sbatch(cluster, tmp_path, "train.sbatch", f"data.root={synth_root}", "data.limit=200", "train.epochs=2",
-                 "report.figures=true")
+    job = sbatch(
+        cluster,
+        tmp_path,
+        "train.sbatch",
+        f"data.root={synth_root}",
+        "data.limit=200",
+        "train.epochs=2",
+        "report.figures=true",
+    )
     info = cluster.wait(job, timeout=300)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log_of(tmp_path, job)[-3000:]
     run = tmp_path / "run"
-    for name in ("config.yaml", "summary.csv", "splits.csv", "checkpoints/last.pt", "checkpoints/best.pt",
-                 "predictions/test.csv", "report/metrics.json", "report/roc.png", "report/index.html"):
+    for name in (
+        "config.yaml",
+        "summary.csv",
+        "splits.csv",
+        "checkpoints/last.pt",
+        "checkpoints/best.pt",
+        "predictions/test.csv",
+        "report/metrics.json",
+        "report/roc.png",
+        "report/index.html",
+    ):
         assert (run / name).is_file(), name
     assert "world_size: 2" in (run / "config.yaml").read_text()
     assert pd.read_csv(run / "summary.csv")["epoch"].tolist() == [1, 2]
@@ -62,13 +92,23 @@ def test_train_sbatch_writes_the_full_run_directory(cluster, synth_root, tmp_pat
 def test_preemption_with_loader_workers_checkpoints_requeues_and_resumes(cluster, synth_root, tmp_path):
     """TERM to every process of the job, loader workers included (what preemption does); the batch
     script forwards it once more. Every rank checkpoints, the job requeues itself and resumes."""
-    job = sbatch(cluster, tmp_path, "train.sbatch", f"data.root={synth_root}", "data.limit=300", "train.epochs=4",
-                 "data.num_workers=2", "train.batch_size=8", "train.sync_every=2")
+    job = sbatch(
+        cluster,
+        tmp_path,
+        "train.sbatch",
+        f"data.root={synth_root}",
+        "data.limit=300",
+        "train.epochs=4",
+        "data.num_workers=2",
+        "train.batch_size=8",
+        "train.sync_every=2",
+    )
     summary = tmp_path / "run" / "summary.csv"
     deadline = time.time() + 240
     while not summary.is_file() or len(pd.read_csv(summary)) < 2:
-        assert time.time() < deadline and cluster.job(job)["JobState"] in ("PENDING", "RUNNING"), \
-            log_of(tmp_path, job)[-3000:]
+        assert time.time() < deadline and cluster.job(job)["JobState"] in ("PENDING", "RUNNING"), log_of(tmp_path, job)[
+            -3000:
+        ]
         time.sleep(0.2)
     assert cluster.run("scancel", "--full", "--signal=TERM", job).returncode == 0
     while int(cluster.job(job).get("Restarts", 0)) < 1:
@@ -88,8 +128,15 @@ def test_preemption_with_loader_workers_checkpoints_requeues_and_resumes(cluster
 
 
 def test_multinode_script_runs_srun_and_torchrun_rendezvous_on_one_node(cluster, synth_root, tmp_path):
-    job = sbatch(cluster, tmp_path, "multinode.sbatch", f"data.root={synth_root}", "data.limit=200",
-                 "train.epochs=1", sbatch_args=("--nodes=1",))
+    job = sbatch(
+        cluster,
+        tmp_path,
+        "multinode.sbatch",
+        f"data.root={synth_root}",
+        "data.limit=200",
+        "train.epochs=1",
+        sbatch_args=("--nodes=1",),
+    )
     info = cluster.wait(job, timeout=300)
     log = log_of(tmp_path, job)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]

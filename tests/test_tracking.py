@@ -29,8 +29,15 @@ def _logs(wandb_dir):
 def test_offline_run_holds_one_val_auc_per_epoch_equal_to_summary(synth_root, tmp_path, offline, monkeypatch):
     out = tmp_path / "run"
     monkeypatch.delenv("WANDB_MODE")  # the config's wandb.mode decides here
-    train(synth_root, out, "train.epochs=2", "data.limit=200", "report.figures=true", "wandb.log_model=true",
-          "wandb.mode=offline")
+    train(
+        synth_root,
+        out,
+        "train.epochs=2",
+        "data.limit=200",
+        "report.figures=true",
+        "wandb.log_model=true",
+        "wandb.mode=offline",
+    )
     (log,) = _logs(offline)
     epochs = [row for row in history(log) if "val_auc" in row]
     summary = pd.read_csv(out / "summary.csv")
@@ -47,8 +54,9 @@ def test_offline_run_holds_one_val_auc_per_epoch_equal_to_summary(synth_root, tm
 
 
 @pytest.mark.slow
-def test_an_offline_node_with_an_api_key_falls_back_to_offline_in_bounded_time(synth_root, tmp_path, offline,
-                                                                               monkeypatch, caplog):
+def test_an_offline_node_with_an_api_key_falls_back_to_offline_in_bounded_time(
+    synth_root, tmp_path, offline, monkeypatch, caplog
+):
     """The usual cluster setup: WANDB_API_KEY set, no network. The online start gives up after
     wandb.init_timeout, and offline mode still gets the same run (a syncable offline-run folder)."""
     monkeypatch.setenv("WANDB_MODE", "online")
@@ -80,8 +88,10 @@ def test_resumed_run_continues_the_same_wandb_run(synth_root, tmp_path, offline)
 @pytest.mark.slow
 def test_training_survives_wandb_failing_to_start(synth_root, tmp_path, offline, monkeypatch, caplog):
     import wandb
+
     def broken_init(*args, **kwargs):
         raise RuntimeError("no network, no login")
+
     monkeypatch.setattr(wandb, "init", broken_init)
     out = tmp_path / "run"
     with caplog.at_level(logging.WARNING):
@@ -93,8 +103,10 @@ def test_training_survives_wandb_failing_to_start(synth_root, tmp_path, offline,
 @pytest.mark.slow
 def test_training_survives_wandb_failing_mid_run(synth_root, tmp_path, offline, monkeypatch):
     import wandb
+
     def broken_log(self, *args, **kwargs):
         raise ConnectionError("lost the connection")
+
     monkeypatch.setattr(wandb.Run, "log", broken_log)
     monkeypatch.setattr(wandb.Run, "log_artifact", broken_log)
     out = tmp_path / "run"
@@ -105,6 +117,7 @@ def test_training_survives_wandb_failing_mid_run(synth_root, tmp_path, offline, 
 
 def test_environment_mode_wins_over_config(monkeypatch):
     from cancernet.config import Config
+
     cfg = Config()
     cfg.wandb.mode = "online"
     monkeypatch.setenv("WANDB_MODE", "disabled")

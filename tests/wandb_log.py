@@ -4,6 +4,7 @@ The file is a LevelDB-style log: a 7-byte header (':W&B', magic, version), then 
 records, each with a 7-byte header (crc32, length, type: 1 full, 2 first, 3 middle, 4 last)
 around serialized wandb_internal_pb2.Record messages.
 """
+
 import json
 import struct
 from pathlib import Path
@@ -22,11 +23,11 @@ def records(path: Path):
         if room < 7:  # block trailer padding
             pos += room
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if length == 0 and kind == 0:
             pos += room
             continue
-        chunk = data[pos + 7:pos + 7 + length]
+        chunk = data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         pending = chunk if kind in (1, 2) else pending + chunk
         if kind in (1, 4):
@@ -40,8 +41,9 @@ def history(path: Path) -> list[dict]:
     rows = []
     for record in records(path):
         if record.WhichOneof("record_type") == "history":
-            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                         for item in record.history.item})
+            rows.append(
+                {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            )
     return rows
 
 
