@@ -46,11 +46,26 @@ def cmd_synth(args) -> int:
 
 
 def cmd_fetch_weights(args) -> int:
+    from .archs import check_arch, is_timm
     from .models import imagenet_state_dict
 
     for arch in args.arch:
-        imagenet_state_dict(arch, args.mirror)
-        log.info("ImageNet weights for %s are in the torch hub cache (TORCH_HOME)", arch)
+        check_arch(arch, "--arch")
+        if is_timm(arch):
+            from . import timm_models
+
+            folder = timm_models.fetch(arch)
+            repo = folder.parents[1]  # .../hub/models--ORG--NAME/snapshots/<revision>
+            log.info(
+                "%s is in the Hugging Face cache: %s. On a cluster without internet copy %s to the same place "
+                "under its HF_HOME (or share HF_HOME), and run with HF_HUB_OFFLINE=1",
+                arch,
+                folder,
+                repo,
+            )
+        else:
+            imagenet_state_dict(arch, args.mirror)
+            log.info("ImageNet weights for %s are in the torch hub cache (TORCH_HOME)", arch)
     return 0
 
 
@@ -275,10 +290,15 @@ def add_bench(sub) -> None:
 def add_fetch_weights(sub) -> None:
     p = sub.add_parser(
         "fetch-weights",
-        help="download ImageNet weights into the torch hub cache "
-        "(run on a machine with network, e.g. a cluster's login node)",
+        help="download pretrained weights (torchvision: the torch hub cache; timm:/hf-hub: the Hugging Face "
+        "cache, with HF_TOKEN for gated models) on a machine with network, e.g. a cluster's login node",
     )
-    p.add_argument("--arch", nargs="+", default=["resnet34"], help="any torchvision classification model name")
+    p.add_argument(
+        "--arch",
+        nargs="+",
+        default=["resnet34"],
+        help="torchvision names, timm:NAME or hf-hub:ORG/NAME (what model.arch takes)",
+    )
     p.add_argument("--mirror", default=None, help="base URL holding the same file names")
     p.set_defaults(func=cmd_fetch_weights)
 

@@ -19,8 +19,9 @@ import torch.nn.functional as F
 
 from . import numerics
 from .config import Config
+from .data.datasets import to_device
 from .data.formats import format_of, open_source_pack
-from .data.loaders import make_loader, set_epoch, to_device
+from .data.loaders import make_loader, set_epoch
 from .distributed import DistInfo, pick_device
 from .engine import autocast, train_one_epoch
 from .models import build_for_weights

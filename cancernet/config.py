@@ -32,7 +32,7 @@ class DataConfig:
     root: str = "data/synthetic"
     format: str = field(default="folder", metadata={"check": "format"})  # data/formats.py: folder | packed | pcam
     packed_dir: str | None = None  # default: <root>/packed
-    image_size: int = bounded(96, 8)
+    image_size: int | None = bounded(96, 8)  # null: the weights' input size
     crop: int | None = bounded(None, 8, 96)  # centre square cut from each patch before the resize; null = whole
     num_workers: int = bounded(4, 0)
     val_fraction: float = bounded(0.15, 0, 1, hi_open=True)
@@ -46,8 +46,8 @@ class DataConfig:
     stain: str = choice("none", "none", "hed")  # HED stain augmentation (Tellez et al. 2019)
     stain_sigma: float = bounded(0.05, 0, 1)  # per-stain scale drawn from U(1 - sigma, 1 + sigma)
     stain_bias: float = bounded(0.01, 0, 1)  # per-stain shift drawn from U(-bias, bias)
-    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    mean: list[float] | None = None  # null: what the weights expect (timm's pretrained config; ImageNet's)
+    std: list[float] | None = None
 
 
 @dataclass
@@ -88,6 +88,8 @@ class TrainConfig:
     clip_grad: float | None = bounded(None, 0)
     amp: str = choice("auto", "auto", "bf16", "fp16", "off")  # on every device; auto: the fastest correct one
     deterministic: bool = False  # repeatable kernels (no cuDNN autotuning), slower on GPUs
+    feature_cache: str = choice("auto", "auto", "on", "off")  # frozen backbone: its features computed once
+    feature_cache_dir: str | None = None  # default: <data.root>/features (shared by all ranks)
     time_budget: str | None = field(default=None, metadata={"check": "duration"})  # e.g. 14m, 4h: fixes the length
     ema_decay: float = bounded(0.0, 0, 1, hi_open=True)  # EMA of the weights; 0 = off
     device: str = choice("auto", "auto", "cpu", "cuda")
@@ -257,7 +259,7 @@ def check(cfg: Config) -> Config:
                 )
         if d.val_fraction + d.test_fraction >= 1:
             raise ConfigError("config keys 'data.val_fraction' + 'data.test_fraction' must sum below 1")
-    if len(d.mean) != 3 or len(d.std) != 3 or min(d.std) <= 0:
+    if d.mean is not None and len(d.mean) != 3 or d.std is not None and (len(d.std) != 3 or min(d.std) <= 0):
         raise ConfigError("config keys 'data.mean'/'data.std' need 3 values each (RGB), std above 0")
     if t.resume not in ("auto", "none") and not Path(t.resume).is_file():
         raise ConfigError(f"config key 'train.resume': {t.resume} is neither auto, none nor a checkpoint file")

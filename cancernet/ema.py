@@ -20,7 +20,12 @@ class ModelEma:
     def __init__(self, model: nn.Module, decay: float):
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay, self.updates = decay, 0
-        pairs = [(e, m) for e, m in zip(self.module.parameters(), model.parameters()) if m.dtype.is_floating_point]
+        # frozen parameters never move: their average is their value (a frozen ViT-L: 300M left out)
+        pairs = [
+            (e, m)
+            for e, m in zip(self.module.parameters(), model.parameters())
+            if m.dtype.is_floating_point and m.requires_grad
+        ]
         self._ema_params, self._params = (list(t) for t in zip(*pairs)) if pairs else ([], [])
         buffers = list(zip(self.module.buffers(), model.buffers()))
         self._ema_buffers, self._buffers = (list(t) for t in zip(*buffers)) if buffers else ([], [])

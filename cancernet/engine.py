@@ -20,7 +20,7 @@ from torch import nn
 
 from .config import Config
 from .data.augment import dihedral_views
-from .data.loaders import to_device
+from .data.datasets import to_device
 from .distributed import DistInfo, all_reduce_sum, gather_rows
 from .ema import ModelEma
 from .errors import NonFiniteLossError

@@ -53,6 +53,7 @@ class Setup:
     model: torch.nn.Module
     table: pd.DataFrame
     loaders: dict
+    score: torch.nn.Module | None = None  # what runs on the loaders' inputs, when not model (stored features)
 
 
 def open_run(run: RunDir, cfg: Config, dist: DistInfo, split: str) -> Setup:
@@ -70,7 +71,8 @@ def open_run(run: RunDir, cfg: Config, dist: DistInfo, split: str) -> Setup:
 def predict_split(setup: Setup, split: str, tta: bool = False, temperature: float = 1.0) -> pd.DataFrame:
     """Predictions of every image of the split, gathered on every rank (a collective)."""
     loader = setup.loaders[split]
-    result = evaluate(setup.model, loader.loader, loader.preprocess, setup.dist, setup.cfg.train.amp, tta, temperature)
+    model = setup.score if setup.score is not None else setup.model
+    result = evaluate(model, loader.loader, loader.preprocess, setup.dist, setup.cfg.train.amp, tta, temperature)
     return report.predictions_frame(loader.ids, result)
 
 
@@ -210,7 +212,8 @@ def evaluate_checkpoint(
 def evaluate_run(t, tracker, extra_facts: dict) -> dict | None:
     """The end of training (t: training.Training): the best checkpoint, loaded into the run's own
     model, on the test split."""
-    setup = Setup(t.cfg, t.dist, t.run, t.model_without_ddp, t.table, t.loaders)
+    score = t.model_without_ddp.head if t.cached else None
+    setup = Setup(t.cfg, t.dist, t.run, t.model_without_ddp, t.table, t.loaders, score)
     return evaluate_checkpoint(
         setup, t.run.best, Request(split="test", calibrate=t.cfg.report.calibrate), tracker, extra_facts
     )

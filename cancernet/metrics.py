@@ -33,14 +33,21 @@ def threshold_for_sensitivity(labels: np.ndarray, probs: np.ndarray, target: flo
     return _between(thresholds, int(np.flatnonzero(tpr >= target)[0]))
 
 
+THRESHOLD_METRICS = ("accuracy", "sensitivity", "specificity", "balanced_accuracy")
+
+
 def at_threshold(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict:
     pred = (probs >= threshold).astype(int)
     tn, fp, fn, tp = skm.confusion_matrix(labels, pred, labels=[0, 1]).ravel()
+    sensitivity = float(tp / (tp + fn)) if tp + fn else float("nan")
+    specificity = float(tn / (tn + fp)) if tn + fp else float("nan")
     return {
         "threshold": float(threshold),
         "accuracy": float((tp + tn) / max(len(labels), 1)),
-        "sensitivity": float(tp / (tp + fn)) if tp + fn else float("nan"),
-        "specificity": float(tn / (tn + fp)) if tn + fp else float("nan"),
+        "sensitivity": sensitivity,
+        "specificity": specificity,
+        # the mean recall of the two classes: what the linear-probing literature (eva) reports
+        "balanced_accuracy": (sensitivity + specificity) / 2,
         "confusion_matrix": [[int(tn), int(fp)], [int(fn), int(tp)]],
     }
 
@@ -171,7 +178,7 @@ def bootstrap_cis(
     rng = np.random.default_rng(seed)
     values: dict[str, list] = {"roc_auc": [], "average_precision": []}
     for name in thresholds:
-        values.update({f"{name}/{m}": [] for m in ("accuracy", "sensitivity", "specificity")})
+        values.update({f"{name}/{m}": [] for m in THRESHOLD_METRICS})
     done = 0
     while done < resamples:
         c = min(chunk, resamples - done)
@@ -204,6 +211,9 @@ def bootstrap_cis(
                 values[f"{name}/accuracy"].append((tp_t + tn_t) / n)
                 values[f"{name}/sensitivity"].append(np.where(n_pos > 0, tp_t / n_pos, np.nan))
                 values[f"{name}/specificity"].append(np.where(n_neg > 0, tn_t / n_neg, np.nan))
+                values[f"{name}/balanced_accuracy"].append(
+                    (values[f"{name}/sensitivity"][-1] + values[f"{name}/specificity"][-1]) / 2
+                )
         done += c
     tail = 100 * (1 - level) / 2
     out = {}

@@ -6,18 +6,20 @@ import dataclasses
 import inspect
 import logging
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
 from torch import nn
 from torchvision import models as tvm
 
-from .archs import check_arch
+from .archs import check_arch, is_timm
 from .config import ModelConfig
 from .errors import UserError
 
 log = logging.getLogger(__name__)
 # builder arguments that keep a model's forward a plain (N, classes) tensor
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 _BUILD_KWARGS = {
     "googlenet": {"aux_logits": False, "init_weights": True},
     "inception_v3": {"aux_logits": False, "init_weights": True},
@@ -136,10 +138,13 @@ def imagenet_state_dict(arch: str, mirror: str | None = None) -> dict[str, torch
         ) from None
 
 
+OWN_WEIGHTS = ("imagenet", "hub")  # model.pretrained: the architecture's own pretrained weights
+
+
 def _load_backbone_weights(net: nn.Module, cfg: ModelConfig, head: str, image_size: int) -> None:
     if cfg.pretrained == "none":
         return
-    if cfg.pretrained == "imagenet":
+    if cfg.pretrained in OWN_WEIGHTS:
         state = imagenet_state_dict(cfg.arch, cfg.weights_url)
     else:
         path = Path(os.path.expanduser(cfg.pretrained))
@@ -176,21 +181,74 @@ def _build_net(arch: str, image_size: int) -> nn.Module:
     return tvm.get_model(arch, weights=None, **kwargs)
 
 
+def _build_timm_net(cfg: ModelConfig, image_size: int) -> nn.Sequential:
+    """backbone (a timm model without its classifier) -> head, the head named "head"."""
+    from . import timm_models
+
+    backbone = timm_models.create(cfg.arch, cfg.pretrained in OWN_WEIGHTS, image_size)
+    if cfg.pretrained not in (*OWN_WEIGHTS, "none"):
+        path = Path(os.path.expanduser(cfg.pretrained))
+        if not path.is_file():
+            raise UserError(f"model.pretrained: {path} does not exist")
+        timm_models.load_file(backbone, path, cfg.arch)
+    return nn.Sequential(OrderedDict(backbone=backbone, head=make_head(cfg.head, backbone.num_features)))
+
+
 def build_model(cfg: ModelConfig, image_size: int) -> PatchClassifier:
     """The classifier for model.arch at data.image_size, with its head and pretrained weights."""
     check_arch(cfg.arch)
-    try:
-        net = _build_net(cfg.arch, image_size)
-    except (ValueError, AssertionError, RuntimeError) as e:
-        raise UserError(f"model.arch={cfg.arch} cannot be built for data.image_size={image_size}: {e}") from None
-    head = head_name(net, cfg.arch)
-    _load_backbone_weights(net, cfg, head, image_size)
-    net.set_submodule(head, make_head(cfg.head, net.get_submodule(head).in_features))
+    if is_timm(cfg.arch):
+        net, head = _build_timm_net(cfg, image_size), "head"
+    else:
+        try:
+            net = _build_net(cfg.arch, image_size)
+        except (ValueError, AssertionError, RuntimeError) as e:
+            raise UserError(f"model.arch={cfg.arch} cannot be built for data.image_size={image_size}: {e}") from None
+        head = head_name(net, cfg.arch)
+        _load_backbone_weights(net, cfg, head, image_size)
+        net.set_submodule(head, make_head(cfg.head, net.get_submodule(head).in_features))
     model = PatchClassifier(net, head, cfg.freeze_backbone)
     _probe(model, cfg.arch, image_size)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def weights_preprocessing(cfg: ModelConfig) -> dict:
+    """The mean, std and input size the architecture's pretrained weights were trained with:
+    timm's pretrained config (the Hub's config.json for hf-hub models), or torchvision's weights'."""
+    if is_timm(cfg.arch):
+        from . import timm_models
+
+        found = timm_models.pretrained_cfg(cfg.arch)
+        return {
+            "mean": [float(v) for v in found.get("mean", IMAGENET_MEAN)],
+            "std": [float(v) for v in found.get("std", IMAGENET_STD)],
+            "image_size": int(found.get("input_size", (3, 224, 224))[-1]),
+            "source": f"timm's pretrained config of {cfg.arch}",
+        }
+    weights = imagenet_weights(cfg.arch)
+    transform = weights.transforms()
+    return {
+        "mean": list(transform.mean),
+        "std": list(transform.std),
+        "image_size": int(transform.crop_size[0]),
+        "source": f"torchvision's {weights}",
+    }
+
+
+def resolve_preprocessing(cfg):
+    """(cfg with data.mean/std/image_size that are null set to what the weights expect, a
+    description of where each value came from). cfg: a cancernet.config.Config."""
+    data = cfg.data
+    unset = [k for k in ("mean", "std", "image_size") if getattr(data, k) is None]
+    if not unset:
+        return cfg, "set in the config"
+    found = weights_preprocessing(cfg.model)
+    data = dataclasses.replace(data, **{k: found[k] for k in unset})
+    why = f"data.{'/'.join(unset)} from {found['source']}"
+    log.info("preprocessing: mean %s, std %s, %d px (%s)", data.mean, data.std, data.image_size, why)
+    return dataclasses.replace(cfg, data=data), why
 
 
 def build_for_weights(cfg) -> PatchClassifier:

@@ -21,7 +21,7 @@ from .atomic import atomic_path, write_text
 from .config import Config
 from .data.formats import reader
 from .data.patch import label_box
-from .metrics import at_threshold, binary_report, bootstrap_cis, group_scores, roc_auc
+from .metrics import THRESHOLD_METRICS, at_threshold, binary_report, bootstrap_cis, group_scores, roc_auc
 from .rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -56,9 +56,11 @@ def compute_metrics(
     CIs (`<metric>_ci`), and slide-level AUCs when groups (id -> group) are given."""
     labels, probs = evaluated["label"].to_numpy(), evaluated["prob"].to_numpy()
     threshold = point["threshold"]
+    at_half = at_threshold(labels, probs, 0.5)
     out = {
         **binary_report(labels, probs, 0.5),
-        "at_0.5": at_threshold(labels, probs, 0.5),
+        "balanced_accuracy": at_half["balanced_accuracy"],
+        "at_0.5": at_half,
         "at_val_threshold": at_threshold(labels, probs, threshold),
         "val_threshold": {"value": threshold, **point},
     }
@@ -68,10 +70,11 @@ def compute_metrics(
             roc_auc_ci=cis["roc_auc"],
             average_precision_ci=cis["average_precision"],
             accuracy_ci=cis["at_0.5/accuracy"],
+            balanced_accuracy_ci=cis["at_0.5/balanced_accuracy"],
             bootstrap={"resamples": bootstrap, "seed": seed, "level": 0.95},
         )
         for key in ("at_0.5", "at_val_threshold"):
-            out[key].update({f"{m}_ci": cis[f"{key}/{m}"] for m in ("accuracy", "sensitivity", "specificity")})
+            out[key].update({f"{m}_ci": cis[f"{key}/{m}"] for m in THRESHOLD_METRICS})
     if groups is not None:
         out["groups"] = group_metrics(
             evaluated.assign(group=groups.reindex(evaluated["id"]).to_numpy()), bootstrap, seed
@@ -80,6 +83,8 @@ def compute_metrics(
         keep = (
             "n",
             "accuracy",
+            "balanced_accuracy",
+            "balanced_accuracy_ci",
             "roc_auc",
             "roc_auc_ci",
             "average_precision",
@@ -191,14 +196,14 @@ def augmentation_figure(cfg: Config, table: pd.DataFrame, load_image, n: int = 6
     images = torch.from_numpy(np.stack([load_image(i) for i in train["id"]])).permute(0, 3, 1, 2)
     augment = Augment(cfg.data, cfg.train.seed)
     index = torch.arange(len(train))
-    mean, std = torch.tensor(cfg.data.mean).view(1, 3, 1, 1), torch.tensor(cfg.data.std).view(1, 3, 1, 1)
+    mean, std = augment.preprocess.mean, augment.preprocess.std
     shown = [
         ((augment(images, index, epoch) * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255)
         .round()
         .astype(np.uint8)
         for epoch in range(views)
     ]
-    box = label_box(cfg.data.crop, cfg.data.image_size)  # where the labelled centre lands in the views
+    box = label_box(cfg.data.crop, augment.preprocess.size)  # where the labelled centre lands in the views
     return grids.augmentation_grid(images.permute(0, 2, 3, 1).numpy(), shown, describe_augmentation(cfg), box)
 
 
@@ -244,7 +249,8 @@ def headline(metrics: dict) -> str:
     point = metrics["at_val_threshold"]
     text = (
         f"AUC {metrics['roc_auc']:.3f}{_ci(metrics, 'roc_auc')}, AP {metrics['average_precision']:.3f}"
-        f"{_ci(metrics, 'average_precision')}, accuracy {metrics['accuracy']:.3f}{_ci(metrics, 'accuracy')} at 0.5; "
+        f"{_ci(metrics, 'average_precision')}, accuracy {metrics['accuracy']:.3f}{_ci(metrics, 'accuracy')}, balanced "
+        f"accuracy {metrics['balanced_accuracy']:.3f}{_ci(metrics, 'balanced_accuracy')} at 0.5; "
         f"at the val-chosen threshold {point['threshold']:.3f}: sensitivity {point['sensitivity']:.3f}"
         f"{_ci(point, 'sensitivity')}, specificity {point['specificity']:.3f}{_ci(point, 'specificity')}"
     )
@@ -282,6 +288,7 @@ def index_html(metrics: dict, images: list[str]) -> str:
         ("ROC AUC" + _ci(metrics, "roc_auc"), metrics["roc_auc"]),
         ("average precision" + _ci(metrics, "average_precision"), metrics["average_precision"]),
         ("accuracy (t = 0.5)" + _ci(metrics, "accuracy"), metrics["accuracy"]),
+        ("balanced accuracy (t = 0.5)" + _ci(metrics, "balanced_accuracy"), metrics["balanced_accuracy"]),
     ]
     for key, name in (("at_0.5", "t = 0.5"), ("at_val_threshold", "t chosen on val")):
         point = metrics[key]

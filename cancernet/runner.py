@@ -22,6 +22,7 @@ from .engine import EpochStats, EpochTotals, MidEpoch, evaluate, train_one_epoch
 from .errors import UserError
 from .evaluation import evaluate_run
 from .metrics import roc_auc
+from .models import resolve_preprocessing
 from .rundir import RunDir
 from .signals import StopFlag, stop_on_signals
 from .tracking import NullTracker, start_tracker
@@ -67,6 +68,7 @@ def run(
     """
     with stop_on_signals(stop or StopFlag()) as stop:
         cfg = numerics.resolve(cfg, dist.device)  # train.amp=auto -> what this device gets
+        cfg, preprocessing = resolve_preprocessing(cfg)  # data.mean/std/image_size null -> the weights'
         run_dir = RunDir(cfg.train.out_dir)
         resume_from = prepare_run_dir(cfg, dist, run_dir)
         saved_splits = (
@@ -77,7 +79,8 @@ def run(
         t = build(cfg, dist, run_dir, saved_splits)
         if resume_from is not None:
             restore(t, resume_from)
-        meta = {"resumed_from": str(resume_from)} if resume_from else {}
+        t.preprocessing = preprocessing
+        meta = {"preprocessing": preprocessing, **({"resumed_from": str(resume_from)} if resume_from else {})}
         write_config(t, meta)  # once the checks passed
         if dist.is_main:
             write_summary(run_dir, t.state.history)  # matches the checkpoint
@@ -205,8 +208,12 @@ def train_epoch(
 
 def validate_epoch(t: Training, epoch: int, stats: EpochStats) -> EpochRow:
     start = time.perf_counter()
+    # The previous checkpoint's write must be over before the validation loader forks its workers:
+    # a child forked while the writer thread is inside torch.save can inherit one of its locks held
+    # and hang for ever (seen with epochs shorter than a write: a probe on stored features).
+    t.writer.wait()
     broadcast_buffers(t.eval_model, t.dist)  # one model on every shard: rank 0's BatchNorm statistics
-    val = evaluate(t.eval_model, t.loaders["val"].loader, t.loaders["val"].preprocess, t.dist, t.cfg.train.amp)
+    val = evaluate(t.scorer, t.loaders["val"].loader, t.loaders["val"].preprocess, t.dist, t.cfg.train.amp)
     return epoch_row(epoch, stats, val, t, time.perf_counter() - start)
 
 

@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from . import checkpoint, numerics
+from . import checkpoint, features, numerics
 from .atomic import write_text
 from .config import Config, ModelConfig
 from .data.augment import sample_seed
@@ -78,6 +78,14 @@ class Training:
     parts: StepParts
     state: RunState = field(default_factory=RunState)
     writer: checkpoint.CheckpointWriter = field(default_factory=checkpoint.CheckpointWriter)
+    preprocessing: str = "set in the config"  # where data.mean/std/image_size came from
+    cached: bool = False  # the loaders give a frozen backbone's stored features (train.feature_cache)
+
+    @property
+    def preprocess_facts(self) -> dict:
+        """What the model's inputs are made with, stored in every checkpoint (predict and export use it)."""
+        d = self.cfg.data
+        return {"mean": d.mean, "std": d.std, "image_size": d.image_size, "crop": d.crop, "source": self.preprocessing}
 
     @property
     def epochs(self) -> int:
@@ -97,6 +105,11 @@ class Training:
         """The weights validation, best.pt and the test report use: the EMA when it is on."""
         return self.parts.ema.module if self.parts.ema is not None else self.model_without_ddp
 
+    @property
+    def scorer(self) -> torch.nn.Module:
+        """What validation runs on the loaders' inputs: eval_model, or its head on stored features."""
+        return self.eval_model.head if self.cached else self.eval_model
+
     def stateful(self) -> dict[str, checkpoint.Stateful]:
         """The parts a resume restores, by their checkpoint keys (the model first)."""
         p = self.parts
@@ -109,9 +122,10 @@ class Training:
         return parts | ({checkpoint.EMA: p.ema} if p.ema is not None else {})
 
     def resume_state(self, rng: list) -> dict:
-        return checkpoint.training_state(
+        state = checkpoint.training_state(
             self.stateful(), dataclasses.asdict(self.state), rng, self.cfg.to_dict(), self.dist.world_size
         )
+        return {**state, checkpoint.PREPROCESS: self.preprocess_facts}
 
     def best_state(self) -> dict:
         return checkpoint.weights_state(
@@ -121,6 +135,7 @@ class Training:
             "ema" if self.parts.ema is not None else "model",
             best_auc=self.state.best_auc,
             best_val_loss=self.state.best_val_loss,
+            **{checkpoint.PREPROCESS: self.preprocess_facts},
         )
 
 
@@ -164,7 +179,6 @@ def build(cfg: Config, dist: DistInfo, run: RunDir, saved_splits: pd.DataFrame |
         write_text(run.splits, table[["id", "split"]].to_csv(index=False))
         if bad:
             write_text(run.bad_images, pd.DataFrame(bad.items(), columns=["id", "reason"]).to_csv(index=False))
-    loaders = {s: make_loader(cfg, dist, table[table["split"] == s], s == "train") for s in ("train", "val", "test")}
     log.info("images: %s", {str(k): int(v) for k, v in table["split"].value_counts().items()})
     model_without_ddp = build_model(cfg.model, cfg.data.image_size)
     if cfg.model.sync_bn and dist.is_distributed:
@@ -174,8 +188,14 @@ def build(cfg: Config, dist: DistInfo, run: RunDir, saved_splits: pd.DataFrame |
     model_without_ddp = model_without_ddp.to(dist.device)
     trainable, total = count_parameters(model_without_ddp)
     log.info("model %s: %d trainable of %d parameters", cfg.model.arch, trainable, total)
+    cached, why = features.decide(cfg)
+    log.info("feature cache %s: %s", "on" if cached else "off", why)
+    store = features.build_store(cfg, dist, model_without_ddp, table) if cached else None
+    splits = ("train", "val", "test")
+    loaders = {s: make_loader(cfg, dist, table[table["split"] == s], s == "train", store) for s in splits}
     ema = ModelEma(model_without_ddp, cfg.train.ema_decay) if cfg.train.ema_decay else None
-    model = wrap_for_training(model_without_ddp, cfg.model, dist)
+    # with stored features the loop trains the head alone; checkpoints still hold the whole model
+    model = wrap_for_training(model_without_ddp.head if cached else model_without_ddp, cfg.model, dist)
     numerics.configure(cfg.train.deterministic, dist.device)
     torch.manual_seed(sample_seed(cfg.train.seed, dist.rank))  # each rank its own dropout masks
     optimizer = build_optimizer(cfg.optim, model_without_ddp, dist.device)
@@ -198,7 +218,7 @@ def build(cfg: Config, dist: DistInfo, run: RunDir, saved_splits: pd.DataFrame |
     )
     scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.train.amp == "fp16")
     parts = StepParts(model, optimizer, schedule, scaler, ema)
-    return Training(cfg, dist, run, table, loaders, model_without_ddp, parts)
+    return Training(cfg, dist, run, table, loaders, model_without_ddp, parts, cached=cached)
 
 
 def restore(t: Training, path) -> None:

@@ -178,7 +178,7 @@ def test_dihedral_augment_keeps_pixels_and_the_centre():
 
 
 def test_augment_is_seeded_per_image_and_evaluation_is_deterministic():
-    cfg = DataConfig(image_size=64)
+    cfg = DataConfig(image_size=64, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
     x = _batch()
     a = _augment(cfg, x, epoch=5)
     assert torch.equal(a, _augment(cfg, x, epoch=5))
@@ -235,7 +235,8 @@ def test_hed_stain_augmentation_recolours_each_pixel_in_place():
 
 
 def test_folder_and_packed_paths_augment_an_image_identically(packed_root):
-    from cancernet.data.loaders import make_loader, set_epoch, to_device
+    from cancernet.data.datasets import to_device
+    from cancernet.data.loaders import make_loader, set_epoch
     from cancernet.distributed import DistInfo
 
     from conftest import make_cfg

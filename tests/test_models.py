@@ -47,6 +47,7 @@ def test_unknown_arch_names_the_key_and_suggests_close_names():
 
 
 FAMILIES = ["resnet18", "densenet121", "efficientnet_b0", "convnext_tiny", "mobilenet_v3_small"]
+TIMM_FAMILIES = ["timm:resnet10t", "timm:vit_tiny_patch16_224"]  # a timm CNN and a ViT (no Grad-CAM)
 
 
 @pytest.mark.parametrize(
@@ -87,7 +88,7 @@ def test_parameter_groups_get_the_learning_rates_asked_for():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", FAMILIES)
+@pytest.mark.parametrize("arch", [*FAMILIES, *TIMM_FAMILIES])
 def test_each_family_trains_resumes_predicts_and_exports(arch, synth_root, tmp_path):
     from cancernet.distributed import DistInfo
     from cancernet.inference import Exported, export, load_model, predict_folder

@@ -6,6 +6,7 @@ transforms around it. Random parameters come from a counter-based hash of (seed,
 index), so a patch gets the same augmentation on both data paths, whatever the world size,
 batch size or worker count, and drawing them never waits for the device.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,6 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import DataConfig
+from .patch import PATCH_SIZE
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 # RGB <-> YIQ: hue is a rotation of the (I, Q) chroma plane, so the whole colour jitter is one
 # per-sample 3x3 matrix plus an offset (one pass over the pixels).
@@ -56,7 +60,7 @@ def sample_uniforms(index: torch.Tensor, seed: int, epoch: int, count: int = N_D
     h = _fmix32((index.long() & _MASK32) ^ (base & _MASK32))
     h = _fmix32(h ^ ((base >> 32) & _MASK32))
     columns = (torch.arange(1, count + 1, device=index.device) * 0x9E3779B9) & _MASK32
-    return (_fmix32(h[:, None] ^ columns[None, :]) >> 8).float() * 2.0 ** -24
+    return (_fmix32(h[:, None] ^ columns[None, :]) >> 8).float() * 2.0**-24
 
 
 class Preprocess(nn.Module):
@@ -66,30 +70,41 @@ class Preprocess(nn.Module):
     32x32; a 64 px crop keeps 16 px of context around it at full resolution).
     """
 
-    def __init__(self, size: int, mean: list[float], std: list[float], nhwc: bool = False,
-                 channels_last: bool = False, crop: int | None = None):
+    def __init__(
+        self,
+        size: int,
+        mean: list[float],
+        std: list[float],
+        nhwc: bool = False,
+        channels_last: bool = False,
+        crop: int | None = None,
+    ):
         super().__init__()
         self.size, self.nhwc, self.channels_last, self.crop = size, nhwc, channels_last, crop
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     @classmethod
-    def from_config(cls, cfg: DataConfig, **kwargs) -> "Preprocess":
-        return cls(cfg.image_size, cfg.mean, cfg.std, crop=cfg.crop, **kwargs)
+    def from_config(cls, cfg: DataConfig, **kwargs) -> Preprocess:
+        """A run resolves null mean/std/size to its weights' first (models.resolve_preprocessing);
+        unresolved, they are ImageNet's statistics (torchvision's weights) at the native 96 px."""
+        mean, std = cfg.mean or IMAGENET_MEAN, cfg.std or IMAGENET_STD
+        return cls(cfg.image_size or PATCH_SIZE, list(mean), list(std), crop=cfg.crop, **kwargs)
 
     def unit(self, images: torch.Tensor) -> torch.Tensor:
         """Float NCHW in [0, 1], cut to the centre crop."""
         x = images.permute(0, 3, 1, 2) if self.nhwc else images
         if self.crop and self.crop < x.shape[-1]:
             start = (x.shape[-1] - self.crop) // 2
-            x = x[..., start:start + self.crop, start:start + self.crop]
+            x = x[..., start : start + self.crop, start : start + self.crop]
         return x.float() / 255
 
     def resize(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] == self.size:
             return x
-        return F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False,
-                             antialias=x.shape[-1] > self.size)
+        return F.interpolate(
+            x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=x.shape[-1] > self.size
+        )
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         x = (x - self.mean) / self.std
@@ -110,8 +125,13 @@ class Augment(nn.Module):
         self.mode, self.seed = cfg.augment, seed
         self.jitter, self.hue = cfg.jitter, cfg.hue
         self.stain, self.stain_sigma, self.stain_bias = cfg.stain, cfg.stain_sigma, cfg.stain_bias
-        for name, value in (("rgb2yiq", _RGB2YIQ), ("yiq2rgb", torch.linalg.inv(_RGB2YIQ)), ("gray", _GRAY),
-                            ("rgb_from_hed", _RGB_FROM_HED), ("hed_from_rgb", torch.linalg.inv(_RGB_FROM_HED))):
+        for name, value in (
+            ("rgb2yiq", _RGB2YIQ),
+            ("yiq2rgb", torch.linalg.inv(_RGB2YIQ)),
+            ("gray", _GRAY),
+            ("rgb_from_hed", _RGB_FROM_HED),
+            ("hed_from_rgb", torch.linalg.inv(_RGB_FROM_HED)),
+        ):
             self.register_buffer(name, value, persistent=False)
 
     def forward(self, images: torch.Tensor, index: torch.Tensor, epoch: int) -> torch.Tensor:
@@ -151,8 +171,10 @@ class Augment(nn.Module):
         # saturation: blend towards per-pixel gray; brightness: scale
         sat = saturation.view(-1, 1, 1) * eye + (1 - saturation).view(-1, 1, 1) * self.gray.view(1, 1, 3)
         cos, sin, zero, one = torch.cos(angle), torch.sin(angle), torch.zeros_like(angle), torch.ones_like(angle)
-        rot = torch.stack([torch.stack([one, zero, zero], -1), torch.stack([zero, cos, -sin], -1),
-                           torch.stack([zero, sin, cos], -1)], 1)
+        rot = torch.stack(
+            [torch.stack([one, zero, zero], -1), torch.stack([zero, cos, -sin], -1), torch.stack([zero, sin, cos], -1)],
+            1,
+        )
         matrix = brightness.view(-1, 1, 1) * (self.yiq2rgb @ rot @ self.rgb2yiq @ sat)
         # contrast: blend towards the image's mean gray level; gray offsets pass unchanged through
         # saturation and hue, so contrast folds in here
@@ -187,7 +209,12 @@ def _rotate_resize(x: torch.Tensor, degrees: torch.Tensor, flip: torch.Tensor, s
     theta = torch.deg2rad(degrees)
     cos, sin = torch.cos(theta), torch.sin(theta)
     sign = torch.where(flip, -1.0, 1.0)
-    affine = torch.stack([torch.stack([cos * sign, -sin, torch.zeros_like(cos)], -1),
-                          torch.stack([sin * sign, cos, torch.zeros_like(cos)], -1)], 1)
+    affine = torch.stack(
+        [
+            torch.stack([cos * sign, -sin, torch.zeros_like(cos)], -1),
+            torch.stack([sin * sign, cos, torch.zeros_like(cos)], -1),
+        ],
+        1,
+    )
     grid = F.affine_grid(affine, [x.shape[0], 3, size, size], align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)

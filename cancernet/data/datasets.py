@@ -1,4 +1,5 @@
 """Datasets yielding (uint8 image, label, index) and the samplers that feed them to each rank."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -68,8 +69,13 @@ class EpochSampler(Sampler[int]):
 
     def __iter__(self):
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        order = order[self.offset: self.offset + self.steps() * self.global_batch]
-        return iter(order[self.rank:: self.world_size].tolist())
+        order = order[self.offset : self.offset + self.steps() * self.global_batch]
+        return iter(order[self.rank :: self.world_size].tolist())
 
     def __len__(self) -> int:
         return self.steps() * self.batch_size
+
+
+def to_device(batch, device: torch.device):
+    """(images, labels, index) on the device without waiting for it (pinned memory on CUDA)."""
+    return tuple(t.to(device, non_blocking=True) for t in batch)

@@ -3,15 +3,16 @@ files or from the pack `prepare` made of it.
 
 A new source is one module with a Source (data/source.py) plus one line in FORMATS.
 """
+
 from __future__ import annotations
 
 import difflib
 import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -40,8 +41,10 @@ FORMATS: dict[str, Format] = {
 def check_format(name: str, key: str = "data.format") -> str:
     if name not in FORMATS:
         close = difflib.get_close_matches(name, FORMATS, n=2)
-        raise ConfigError(f"config key '{key}': {name!r} is not a data format (known: {', '.join(FORMATS)})"
-                          + (f"; did you mean {close[0]}?" if close else ""))
+        raise ConfigError(
+            f"config key '{key}': {name!r} is not a data format (known: {', '.join(FORMATS)})"
+            + (f"; did you mean {close[0]}?" if close else "")
+        )
     return name
 
 
@@ -54,8 +57,10 @@ def pack_dir(cfg: DataConfig) -> Path:
 
 
 def _hint(cfg: DataConfig) -> str:
-    return (f"run `python -m cancernet prepare --config CFG` with data.format={cfg.format} and the same "
-            "data.root/data.packed_dir")
+    return (
+        f"run `python -m cancernet prepare --config CFG` with data.format={cfg.format} and the same "
+        "data.root/data.packed_dir"
+    )
 
 
 def open_source_pack(cfg: DataConfig) -> Pack:
@@ -81,10 +86,24 @@ def prepare(cfg: DataConfig, workers: int) -> Path:
     with PackWriter(pack_dir(cfg)) as writer:
         ids, labels, fields = source.pack(cfg, writer, workers)
         what, digest = source.fingerprint(str(cfg.root))
-        final = writer.finish(ids, labels, {"source": what, "source_sha256": digest, **fields,
-                                            "seconds": round(time.perf_counter() - start, 1), "workers": workers})
-    log.info("packed %d images (%d bad, skipped) into %s in %.1fs", len(ids), len(fields["bad_images"]), final,
-             time.perf_counter() - start)
+        final = writer.finish(
+            ids,
+            labels,
+            {
+                "source": what,
+                "source_sha256": digest,
+                **fields,
+                "seconds": round(time.perf_counter() - start, 1),
+                "workers": workers,
+            },
+        )
+    log.info(
+        "packed %d images (%d bad, skipped) into %s in %.1fs",
+        len(ids),
+        len(fields["bad_images"]),
+        final,
+        time.perf_counter() - start,
+    )
     return final
 
 

@@ -1,4 +1,5 @@
 """The Kaggle folder layout: train_labels.csv (id,label) and train/<id>.tif patches; its Source."""
+
 from __future__ import annotations
 
 import hashlib
@@ -60,8 +61,10 @@ def check_ids(ids: pd.Series, source: str | Path, first_row: int = 2) -> None:
     bad = ids.str.contains(r"[/\\\x00]", regex=True) | ids.isin([".", ".."]) | (ids != ids.str.strip())
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise DataError(f"{source}: row {row + first_row} has id {ids.iloc[row]!r}; an id must be a plain file "
-                        "name (no path separators, no '.' or '..', no surrounding spaces)")
+        raise DataError(
+            f"{source}: row {row + first_row} has id {ids.iloc[row]!r}; an id must be a plain file "
+            "name (no path separators, no '.' or '..', no surrounding spaces)"
+        )
 
 
 def read_patch(path: str | Path) -> np.ndarray:
@@ -114,8 +117,10 @@ def drop_bad_images(frame: pd.DataFrame, bad: dict[str, str], policy: str, root)
         return frame
     if policy == "fail":
         first = next(iter(bad))
-        raise DataError(f"bad image {image_path(root, first)}: {bad[first]} "
-                        f"({len(bad)} bad image(s) in all; data.on_bad_image=skip skips and lists them)")
+        raise DataError(
+            f"bad image {image_path(root, first)}: {bad[first]} "
+            f"({len(bad)} bad image(s) in all; data.on_bad_image=skip skips and lists them)"
+        )
     return frame[~frame["id"].isin(bad)].reset_index(drop=True)
 
 
@@ -159,17 +164,21 @@ class KaggleFolder(Source):
         images = writer.allocate(len(frame))
         ids = frame["id"].tolist()
         chunk = max(1, min(2048, -(-len(ids) // (4 * max(1, workers)))))  # several per worker, at most 2048
-        jobs = [(str(cfg.root), str(images), ids[s:s + chunk], s) for s in range(0, len(ids), chunk)]
+        jobs = [(str(cfg.root), str(images), ids[s : s + chunk], s) for s in range(0, len(ids), chunk)]
         bad: dict[str, str] = {}
-        with ProcessPoolExecutor(max(1, workers)) as pool, \
-                tqdm(total=len(ids), desc="prepare", unit="img", disable=None) as bar:
+        with (
+            ProcessPoolExecutor(max(1, workers)) as pool,
+            tqdm(total=len(ids), desc="prepare", unit="img", disable=None) as bar,
+        ):
             for job, result in zip(jobs, pool.map(_pack_chunk, jobs)):
                 bad.update(result)
                 bar.update(len(job[2]))
         if bad and cfg.on_bad_image == "fail":
             first = next(iter(bad))
-            raise DataError(f"bad image {image_path(cfg.root, first)}: {bad[first]} ({len(bad)} bad image(s); "
-                            "nothing was packed; data.on_bad_image=skip packs the rest and lists them)")
+            raise DataError(
+                f"bad image {image_path(cfg.root, first)}: {bad[first]} ({len(bad)} bad image(s); "
+                "nothing was packed; data.on_bad_image=skip packs the rest and lists them)"
+            )
         return ids, frame["label"].to_numpy(), {"bad_images": bad}
 
 

@@ -13,6 +13,7 @@ page cache, and nothing is mapped into a process, so a worker's RSS does not gro
 dataset (a memory map would count every page it touched). Rows are written with pwrite, for
 the same reason (the written pages of a map count as the writer's memory).
 """
+
 from __future__ import annotations
 
 import json
@@ -82,8 +83,9 @@ def open_pack(path: Path, source: str, digest: str, hint: str) -> Pack:
         raise DataError(f"no complete pack at {path}: {hint}")
     manifest = json.loads(manifest_path.read_text())
     if manifest.get("version") != VERSION or manifest.get("source_sha256") != digest:
-        raise DataError(f"pack {path} was made from a different {source} (or an older cancernet); "
-                        f"re-run prepare: {hint}")
+        raise DataError(
+            f"pack {path} was made from a different {source} (or an older cancernet); re-run prepare: {hint}"
+        )
     ids = (path / "ids.txt").read_text().split()
     labels = np.load(path / "labels.npy")
     shape, dtype, offset = npy_layout(path / "images.npy")
@@ -113,7 +115,7 @@ class PackWriter:
         self.final = Path(final)
         self.path = self.final.with_name(self.final.name + ".partial")
 
-    def __enter__(self) -> "PackWriter":
+    def __enter__(self) -> PackWriter:
         shutil.rmtree(self.path, ignore_errors=True)
         self.path.mkdir(parents=True)
         return self

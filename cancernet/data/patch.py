@@ -1,5 +1,6 @@
 """The patch geometry, in one place: Kaggle/PCam patches are 96x96 RGB uint8, and their label is
 about the centre 32x32 (label 1: tumour tissue there)."""
+
 from __future__ import annotations
 
 PATCH_SIZE = 96

@@ -10,6 +10,7 @@ meta.csv with each id's split and slide), so training reads it through the fast 
 The .h5 files may be gzip-compressed, as the release is distributed; they are read through a
 gzip stream, never decompressed to disk. `PcamRelease` is its Source.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -43,8 +44,10 @@ def release_file(root: Path, split: str, part: str) -> Path:
     for path in candidates:
         if path.is_file():
             return path
-    raise DataError(f"PCam release at {root}: {candidates[0].name}{' (or .h5.gz)' if part != 'meta' else ''} "
-                    "is missing (data.root must hold the release's x/y .h5 files and meta CSVs)")
+    raise DataError(
+        f"PCam release at {root}: {candidates[0].name}{' (or .h5.gz)' if part != 'meta' else ''} "
+        "is missing (data.root must hold the release's x/y .h5 files and meta CSVs)"
+    )
 
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -120,6 +123,7 @@ class SizedGzip(gzip.GzipFile):
 def open_dataset(path: Path, name: str):
     """The HDF5 dataset `name` of path (read through a gzip stream for .gz), errors naming the file."""
     import h5py
+
     try:
         with contextlib.ExitStack() as stack:
             source = stack.enter_context(SizedGzip(path)) if path.suffix == ".gz" else path
@@ -130,8 +134,10 @@ def open_dataset(path: Path, name: str):
     except DataError:
         raise
     except (OSError, EOFError, zlib.error, ValueError, KeyError) as e:
-        raise DataError(f"{path}: cannot be read as the PCam release's HDF5 ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else 'truncated'}); a truncated download?") from None
+        raise DataError(
+            f"{path}: cannot be read as the PCam release's HDF5 ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else 'truncated'}); a truncated download?"
+        ) from None
 
 
 def read_release_labels(path: Path) -> np.ndarray:
@@ -193,7 +199,7 @@ def _copy_split(job: tuple[str, str, int, int]) -> int:
     x_path, images_file, start, chunk = job
     with open_dataset(Path(x_path), "x") as x:
         for s in range(0, x.shape[0], chunk):
-            write_rows(images_file, start + s, x[s:s + chunk])
+            write_rows(images_file, start + s, x[s : s + chunk])
         return x.shape[0]
 
 
@@ -217,17 +223,27 @@ class PcamRelease(Source):
             split_ids = [f"{ours}_{i:06d}" for i in range(len(split_labels))]
             ids += split_ids
             labels.append(split_labels)
-            meta.append(pd.DataFrame({"id": split_ids, "split": ours,
-                                      "group": split_meta["wsi"].astype(str).to_numpy()}))
+            meta.append(
+                pd.DataFrame({"id": split_ids, "split": ours, "group": split_meta["wsi"].astype(str).to_numpy()})
+            )
         images = writer.allocate(len(ids))
         starts = np.cumsum([0] + [len(release[s][0]) for s in RELEASE_SPLITS])[:-1]
-        jobs = [(str(release_file(root, s, "x")), str(images), int(start), chunk)
-                for s, start in zip(RELEASE_SPLITS, starts)]
+        jobs = [
+            (str(release_file(root, s, "x")), str(images), int(start), chunk)
+            for s, start in zip(RELEASE_SPLITS, starts)
+        ]
         with ProcessPoolExecutor(max(1, min(workers, len(jobs)))) as pool:
             list(pool.map(_copy_split, jobs))
         pd.concat(meta).to_csv(writer.path / "meta.csv", index=False)
-        return ids, np.concatenate(labels), {"source_kind": "pcam", "bad_images": {},
-                                             "splits": {RELEASE_SPLITS[s]: int(len(release[s][0])) for s in RELEASE_SPLITS}}
+        return (
+            ids,
+            np.concatenate(labels),
+            {
+                "source_kind": "pcam",
+                "bad_images": {},
+                "splits": {RELEASE_SPLITS[s]: int(len(release[s][0])) for s in RELEASE_SPLITS},
+            },
+        )
 
     def table(self, cfg: DataConfig, pack: Pack | None) -> pd.DataFrame:
         """id, label, split (the release's), group (slide) of the prepared pack; data.limit takes the
@@ -236,10 +252,14 @@ class PcamRelease(Source):
         table = meta.assign(label=pack.labels)[["id", "label", "split", "group"]]
         if cfg.limit:
             share = cfg.limit / len(table)
-            table = pd.concat([part.head(max(1, round(share * len(part))))
-                               for _, part in table.groupby("split", sort=False)])
-        log.info("PCam release splits (not data.val_fraction/test_fraction): %s; %d slides",
-                 {k: int(v) for k, v in table["split"].value_counts().items()}, table["group"].nunique())
+            table = pd.concat(
+                [part.head(max(1, round(share * len(part)))) for _, part in table.groupby("split", sort=False)]
+            )
+        log.info(
+            "PCam release splits (not data.val_fraction/test_fraction): %s; %d slides",
+            {k: int(v) for k, v in table["split"].value_counts().items()},
+            table["group"].nunique(),
+        )
         return table.reset_index(drop=True)
 
 

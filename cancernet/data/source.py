@@ -4,6 +4,7 @@ The sources are kaggle.KaggleFolder and pcam.PcamRelease; formats.py registers t
 one is a module with a Source plus one line there. How training reads a source's patches (its
 own files, or the pack `prepare` made of it) is the format's choice, not the source's.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """Stratified, seeded train/val/test splits that can keep groups (e.g. slides) whole."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,8 +10,9 @@ import pandas as pd
 from ..errors import DataError
 
 
-def make_splits(frame: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int,
-                groups: pd.Series | None = None) -> pd.DataFrame:
+def make_splits(
+    frame: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int, groups: pd.Series | None = None
+) -> pd.DataFrame:
     """Return frame with a 'split' column.
 
     Units (single images, or whole groups when given) are split per stratum (the unit's majority
@@ -28,8 +30,7 @@ def make_splits(frame: pd.DataFrame, val_fraction: float, test_fraction: float, 
         cumulative = np.cumsum(stratum.loc[order, "size"].to_numpy()) / stratum["size"].sum()
         # A unit goes to the split its starting position falls in: test first, then val, then train.
         start = cumulative - stratum.loc[order, "size"].to_numpy() / stratum["size"].sum()
-        split = np.where(start < test_fraction, "test",
-                         np.where(start < test_fraction + val_fraction, "val", "train"))
+        split = np.where(start < test_fraction, "test", np.where(start < test_fraction + val_fraction, "val", "train"))
         assignment.update(zip(order, split))
     return frame.assign(split=[assignment[u] for u in unit])
 
@@ -52,6 +53,8 @@ def read_groups(path: str | Path, ids: pd.Series) -> pd.Series:
 def reuse_splits(saved: pd.DataFrame, frame: pd.DataFrame) -> pd.DataFrame:
     """frame with the split column of a run's splits.csv (a resumed run keeps its splits)."""
     if set(saved["id"]) != set(frame["id"]):
-        raise DataError("the run's splits.csv lists different images than data.root/data.limit give now; "
-                        "use a new train.out_dir, or train.resume=none train.overwrite=true to start over")
+        raise DataError(
+            "the run's splits.csv lists different images than data.root/data.limit give now; "
+            "use a new train.out_dir, or train.resume=none train.overwrite=true to start over"
+        )
     return frame.merge(saved[["id", "split"]], on="id", how="left")

@@ -4,6 +4,7 @@ Positive: tumour-like nuclei (large, dark, pleomorphic, crowded) touching the ce
 Negative: normal tissue, or tumour-like nuclei only outside the centre region, so a pipeline
 that loses the centre (or mislabels) cannot score well.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -58,8 +59,9 @@ def render_patch(rng: np.random.Generator, label: int, outside_tumour: bool = Fa
     stain = rng.normal(0, 8, 3)
     base = np.array([232, 172, 205]) + stain
     # stroma texture: a few random low-frequency waves
-    texture = sum(np.sin(_XX * rng.uniform(0.05, 0.3) + _YY * rng.uniform(0.05, 0.3) + rng.uniform(0, 6))
-                  for _ in range(3))
+    texture = sum(
+        np.sin(_XX * rng.uniform(0.05, 0.3) + _YY * rng.uniform(0.05, 0.3) + rng.uniform(0, 6)) for _ in range(3)
+    )
     img = base + texture[..., None] * rng.uniform(3, 9) + rng.normal(0, 4, (SIZE, SIZE, 3))
     img = img.astype(np.float32)
     for _ in range(rng.integers(15, 40)):  # normal nuclei: small, round, scattered
@@ -80,7 +82,7 @@ def render_patch(rng: np.random.Generator, label: int, outside_tumour: bool = Fa
 def _render_many(args: tuple[int, np.ndarray, np.ndarray]) -> list[np.ndarray]:
     seed, labels, outside = args
     rng = np.random.default_rng(seed)
-    return [render_patch(rng, int(l), bool(o)) for l, o in zip(labels, outside)]
+    return [render_patch(rng, int(label), bool(o)) for label, o in zip(labels, outside)]
 
 
 def _write_many(args: tuple[list[Path], list[np.ndarray]]) -> None:
@@ -88,9 +90,16 @@ def _write_many(args: tuple[list[Path], list[np.ndarray]]) -> None:
         Image.fromarray(array).save(path, format="TIFF")
 
 
-def write_dataset(out: str | Path, n_train: int, n_test: int, seed: int = 0,
-                  positive_rate: float = 0.4, outside_rate: float = 0.3,
-                  pool: int | None = None, workers: int = 1) -> pd.DataFrame:
+def write_dataset(
+    out: str | Path,
+    n_train: int,
+    n_test: int,
+    seed: int = 0,
+    positive_rate: float = 0.4,
+    outside_rate: float = 0.3,
+    pool: int | None = None,
+    workers: int = 1,
+) -> pd.DataFrame:
     """Write train/, test/, train_labels.csv and sample_submission.csv under out.
 
     pool: render only this many distinct patches per class and reuse them (for scale tests).
@@ -113,7 +122,7 @@ def write_dataset(out: str | Path, n_train: int, n_test: int, seed: int = 0,
         by_kind = {k: [rendered[i] for i in range(n_distinct) if kind[i] == k] for k in range(3)}
         rendered += [by_kind[kind[i]][i % len(by_kind[kind[i]])] for i in range(n_distinct, n)]
     paths = [out / ("train" if i < n_train else "test") / f"{ids[i]}.tif" for i in range(n)]
-    batches = [(paths[i:i + 2000], rendered[i:i + 2000]) for i in range(0, n, 2000)]
+    batches = [(paths[i : i + 2000], rendered[i : i + 2000]) for i in range(0, n, 2000)]
     with ProcessPoolExecutor(workers) as ex:
         list(ex.map(_write_many, batches))
     frame = pd.DataFrame({"id": ids[:n_train], "label": labels[:n_train]})
@@ -122,13 +131,23 @@ def write_dataset(out: str | Path, n_train: int, n_test: int, seed: int = 0,
     return frame
 
 
-def write_pcam_release(out: str | Path, n_train: int, n_valid: int, n_test: int, seed: int = 0, gzip_files: bool = False,
-                  workers: int = 1, pool: int | None = None, per_slide: int = 25, chunk: int = 8192) -> dict:
+def write_pcam_release(
+    out: str | Path,
+    n_train: int,
+    n_valid: int,
+    n_test: int,
+    seed: int = 0,
+    gzip_files: bool = False,
+    workers: int = 1,
+    pool: int | None = None,
+    per_slide: int = 25,
+    chunk: int = 8192,
+) -> dict:
     """A synthetic dataset in PCam's release layout (x/y .h5, or .h5.gz, and meta CSVs: data/pcam.py).
 
     Patches come from the synthetic Kaggle renderer; every `per_slide` consecutive patches of a
-    split share a slide id (normal slides hold only normal patches), and no slide spans two splits. pool: render only this many distinct
-    patches and reuse them (for scale runs).
+    split share a slide id (normal slides hold only normal patches), and no slide spans two
+    splits. pool: render only this many distinct patches and reuse them (for scale runs).
     """
     import h5py
 
@@ -145,25 +164,34 @@ def write_pcam_release(out: str | Path, n_train: int, n_valid: int, n_test: int,
         with h5py.File(f"{stem}_x.h5", "w") as fx:
             x = fx.create_dataset("x", (n, *PATCH_SHAPE), dtype=np.uint8)
             for start in range(0, n, chunk):
-                part = labels[start:start + chunk]
+                part = labels[start : start + chunk]
                 if pool and min(len(c) for c in cache.values()) >= pool // 2:
                     rendered = [cache[int(v)][(start + i) % len(cache[int(v)])] for i, v in enumerate(part)]
                 else:
                     pieces = np.array_split(np.arange(len(part)), max(1, workers * 2))
-                    jobs = [(seed * 1000 + s_index * 100 + start + k, part[p], np.zeros(len(p), bool))
-                            for k, p in enumerate(pieces) if len(p)]
+                    jobs = [
+                        (seed * 1000 + s_index * 100 + start + k, part[p], np.zeros(len(p), bool))
+                        for k, p in enumerate(pieces)
+                        if len(p)
+                    ]
                     with ProcessPoolExecutor(workers) as ex:
                         rendered = [a for piece in ex.map(_render_many, jobs) for a in piece]
                     for array, v in zip(rendered, part) if pool else ():
                         if len(cache[int(v)]) < pool // 2:
                             cache[int(v)].append(array)
-                x[start:start + len(part)] = np.stack(rendered)
+                x[start : start + len(part)] = np.stack(rendered)
         with h5py.File(f"{stem}_y.h5", "w") as fy:
             fy.create_dataset("y", data=labels.reshape(n, 1, 1, 1))
         slides = [f"synthetic_{split}_{i // per_slide:05d}" for i in range(n)]
-        pd.DataFrame({"coord_y": rng.integers(0, 100_000, n), "coord_x": rng.integers(0, 100_000, n),
-                      "tumor_patch": labels.astype(bool), "center_tumor_patch": labels.astype(bool),
-                      "wsi": slides}).to_csv(f"{stem}_meta.csv")
+        pd.DataFrame(
+            {
+                "coord_y": rng.integers(0, 100_000, n),
+                "coord_x": rng.integers(0, 100_000, n),
+                "tumor_patch": labels.astype(bool),
+                "center_tumor_patch": labels.astype(bool),
+                "wsi": slides,
+            }
+        ).to_csv(f"{stem}_meta.csv")
         if gzip_files:
             for part in ("x", "y"):
                 plain = Path(f"{stem}_{part}.h5")
