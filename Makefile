@@ -4,6 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DATA := data/synthetic
+DEMO_SLIDES := data/synthetic_slides
 
 .PHONY: setup demo test test-fast lint clean
 
@@ -20,8 +21,14 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 $(DEMO_DATA)/train_labels.csv: | $(STAMP)
 	$(PY) -m cancernet synth $(DEMO_DATA) --n-train 3000 --n-test 200 --seed 0
 
-demo: $(STAMP) $(DEMO_DATA)/train_labels.csv
+$(DEMO_SLIDES)/slides.csv: | $(STAMP)
+	$(PY) -m cancernet synth-slides $(DEMO_SLIDES) --n 2 --rows 36 --cols 48 --seed 0
+
+demo: $(STAMP) $(DEMO_DATA)/train_labels.csv $(DEMO_SLIDES)/slides.csv
 	$(PY) train_ddp.py --config configs/demo.yaml
+	# the trained model over two synthetic slides: heatmaps, slide and cell AUC (runs/demo/slides/)
+	$(PY) -m cancernet evaluate-slides --checkpoint runs/demo/checkpoints/best.pt --slides $(DEMO_SLIDES)/slides \
+	    --labels $(DEMO_SLIDES)/slides.csv --masks $(DEMO_SLIDES)/masks --mask-downsample 16 --out runs/demo/slides
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
@@ -34,4 +41,4 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 
 clean:
-	rm -rf runs/demo $(DEMO_DATA)
+	rm -rf runs/demo $(DEMO_DATA) $(DEMO_SLIDES)

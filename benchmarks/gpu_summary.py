@@ -16,6 +16,13 @@ def main(path: str) -> None:
     rows = [json.loads(line) for line in open(path) if line.startswith("{")]
     ceiling = {key(r): r["images_per_s"] for r in rows if r["bench"] == "step" and not r.get("ddp")}
     for r in rows:
+        if r["bench"] == "slide":
+            print(
+                f"slide {r['arch']:9s} {r['image_size']:3d} px batch {r['batch_size']:4d} {r['tiles']} tiles, "
+                f"{r['num_workers']} readers: {r['tiles_per_s']:>8.0f} tiles/s, model waited for the reader "
+                f"{100 * r['reader_wait_share']:.0f}% of the time"
+            )
+            continue
         extra = ""
         if r["bench"] == "train" and key(r) in ceiling:
             extra = (

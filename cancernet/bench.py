@@ -1,4 +1,4 @@
-"""Throughput benchmarks: the data path, the model's train step (the ceiling), the real loop.
+"""Throughput benchmarks: the data path, the model's train step (the ceiling), the real loop, slides.
 
 Each returns one JSON-able dict per measurement; `python -m cancernet bench` prints them.
 """
@@ -8,10 +8,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import json
 import platform
 import resource
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as tdist
@@ -223,5 +225,46 @@ def bench_train(cfg: Config, steps: int, warmup: int = 5) -> dict:
         "batch_size": cfg.train.batch_size,
         "num_workers": cfg.data.num_workers,
         **_context(cfg, device),
+        **peak_rss_mb(),
+    }
+
+
+def bench_slide(cfg: Config, slide: str, repeats: int = 2) -> dict:
+    """predict-slide over one slide with cfg's model (its weights do not matter for speed):
+    tiles per second from reading to probabilities, and the share of that time the model waited
+    for the reader. The first pass warms up (workers, autotuning, page cache); the last counts."""
+    from .wsi.predict import Scorer, predict_slides
+
+    device = pick_device(cfg.train.device, 0)
+    amp, _ = numerics.resolve_amp(cfg.train.amp, device)
+    model = build_for_weights(cfg).to(device).eval()
+    dist = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
+    scorer = Scorer(
+        model,
+        cfg,
+        dist,
+        "(bench: untrained)",
+        cfg.data.mpp,
+        amp=amp,
+        batch_size=cfg.train.eval_batch_size,
+        num_workers=cfg.data.num_workers,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(repeats):
+            predict_slides(scorer, [Path(slide)], Path(tmp) / str(i))
+        summary = json.loads((Path(tmp) / str(repeats - 1) / Path(slide).stem / "slide.json").read_text())
+    return {
+        "bench": "slide",
+        **_context(cfg, device),
+        "arch": cfg.model.arch,
+        "amp": amp,
+        "num_workers": cfg.data.num_workers,
+        "batch_size": cfg.train.eval_batch_size,
+        "block": cfg.slide.block,
+        "tiles": summary["tiles"],
+        "seconds": round(summary["seconds"], 3),
+        "tiles_per_s": round(summary["tiles_per_s"], 1),
+        "reader_wait_share": round(summary["reader_wait_s"] / summary["seconds"], 3),
+        "pixels_read_per_cell_pixel": round(summary["pixels_read_per_cell_pixel"], 2),
         **peak_rss_mb(),
     }

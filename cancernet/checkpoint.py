@@ -29,6 +29,9 @@ RESUME_FIXED = (
     "data.test_fraction",
     "data.limit",
     "data.groups_csv",
+    "data.split_by",
+    "data.folds",
+    "data.fold",
     "train.seed",
 )
 
@@ -270,15 +273,19 @@ def load_on_main(path: str | Path, model: nn.Module, dist: DistInfo) -> Checkpoi
     return ckpt if dist.is_main else Checkpoint(shared, path)
 
 
-def _setting(config: dict, key: str):
+def _setting(config: dict, key: str, default=None):
     section, name = key.split(".")
-    return config.get(section, {}).get(name)
+    return config.get(section, {}).get(name, default)
 
 
 def check_resumable(saved_config: dict, config: dict, path: Path) -> None:
-    """Refuse, before any step, a checkpoint whose model, optimizer or splits this run would change."""
+    """Refuse, before any step, a checkpoint whose model, optimizer or splits this run would change.
+    A key the checkpoint's config lacks (it predates the key) counts as that key's default."""
+    from .config import Config
+
+    defaults = Config().to_dict()
     for key in RESUME_FIXED:
-        before, now = _setting(saved_config, key), _setting(config, key)
+        before, now = _setting(saved_config, key, _setting(defaults, key)), _setting(config, key)
         if before != now:
             raise CheckpointError(
                 f"checkpoint {path} was trained with {key}={before!r}; this run asks for {now!r}, which it "

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from .data.patch import PATCH_MPP
 from .errors import ConfigError
 
 __all__ = ["Config", "ConfigError", "load_config", "from_dict", "resolved_yaml"]
@@ -39,13 +40,18 @@ class DataConfig:
     test_fraction: float = bounded(0.15, 0, 1, hi_open=True)
     limit: int | None = bounded(None, 1)
     groups_csv: str | None = None  # id,group (e.g. patch -> slide); a group never spans two splits
+    split_by: str = choice("random", "random", "pcam")  # pcam: PCam's own splits, from link-pcam's groups_csv
+    folds: int = bounded(1, 1)  # > 1: train+val rotate over this many (grouped, stratified) folds
+    fold: int = bounded(0, 0)  # which fold validates
     on_bad_image: str = choice("fail", "fail", "skip")
+    verify_ids: str = choice("auto", "auto", "on", "off")  # each patch's pixels hash to its id (Kaggle's SHA-1s)
     augment: str = choice("dihedral", "dihedral", "seed", "none")  # seed = hflip + rotation +-10 deg
     jitter: float = bounded(0.1, 0, 1)  # brightness/contrast/saturation strength; 0 = off
     hue: float = bounded(0.02, 0, 0.5)
     stain: str = choice("none", "none", "hed")  # HED stain augmentation (Tellez et al. 2019)
     stain_sigma: float = bounded(0.05, 0, 1)  # per-stain scale drawn from U(1 - sigma, 1 + sigma)
     stain_bias: float = bounded(0.01, 0, 1)  # per-stain shift drawn from U(-bias, bias)
+    mpp: float = bounded(PATCH_MPP, 0)  # microns per pixel of the patches (Kaggle/PCam: 10x); slides are read at it
     mean: list[float] | None = None  # null: what the weights expect (timm's pretrained config; ImageNet's)
     std: list[float] | None = None
 
@@ -128,6 +134,27 @@ class ReportConfig:
 
 
 @dataclass
+class SlideConfig:
+    """Whole-slide inference (predict-slide, evaluate-slides); lengths in training pixels."""
+
+    stride: int = bounded(32, 1)  # tile step; each tile's score fills the stride x stride cell at its centre
+    tissue_mpp: float = bounded(8.0, 0)  # resolution of the tissue mask (microns per pixel)
+    min_saturation: float = bounded(0.05, 0, 1)  # floor under Otsu's saturation threshold (near-empty slides)
+    fill_holes_um2: float = bounded(20000.0, 0)  # holes in the tissue up to this area are tissue
+    min_tissue: float = bounded(0.25, 0, 1, hi_open=True)  # tissue share a cell needs to be scored
+    block: int = bounded(8, 1)  # cells per side read as one region (tiles overlap: one read serves many)
+    top_k: int = bounded(20, 1)  # slide score: mean of the top-k cells
+    score: str = choice("top_k_mean", "top_k_mean", "max")
+
+    def __post_init__(self):
+        if self.stride % 2:
+            raise ConfigError(
+                f"config key 'slide.stride': {self.stride} is odd; 96 px tiles centre on their cells "
+                "only with an even stride"
+            )
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -136,6 +163,7 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    slide: SlideConfig = field(default_factory=SlideConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -259,6 +287,21 @@ def check(cfg: Config) -> Config:
                 )
         if d.val_fraction + d.test_fraction >= 1:
             raise ConfigError("config keys 'data.val_fraction' + 'data.test_fraction' must sum below 1")
+        if d.fold >= d.folds and d.folds > 1 or d.fold and d.folds == 1:
+            raise ConfigError(f"config key 'data.fold': {d.fold} is not one of the {d.folds} folds (0..{d.folds - 1})")
+        unused = [
+            k
+            for k, on in (
+                ("val_fraction", d.folds > 1 or d.split_by == "pcam"),
+                ("test_fraction", d.split_by == "pcam"),
+            )
+            if on and getattr(d, k) != getattr(DataConfig, k)
+        ]
+        if unused:
+            raise ConfigError(
+                f"config key 'data.{unused[0]}' does not apply here: with data.folds > 1 validation is "
+                "one fold of the rest, and data.split_by=pcam takes PCam's own splits"
+            )
     if d.mean is not None and len(d.mean) != 3 or d.std is not None and (len(d.std) != 3 or min(d.std) <= 0):
         raise ConfigError("config keys 'data.mean'/'data.std' need 3 values each (RGB), std above 0")
     if t.resume not in ("auto", "none") and not Path(t.resume).is_file():
@@ -286,11 +329,11 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return nested
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge(out[key], value)
         else:
             out[key] = value
     return out
@@ -317,7 +360,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
                 f"not a {type(values).__name__}"
             )
         values.pop("meta", None)  # written by resolved_yaml; not a setting
-    return check(from_dict(_merge(values, parse_overrides(list(overrides)))))
+    return check(from_dict(merge(values, parse_overrides(list(overrides)))))
 
 
 def git_commit() -> str | None:

@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 
 from . import checkpoint, report
+from .audit import audit_run
 from .config import Config
 from .distributed import DistInfo
 from .engine import evaluate
@@ -160,6 +161,7 @@ def evaluate_checkpoint(
         brier=brier(evaluated["label"], evaluated["prob"]),
         ece=expected_calibration_error(evaluated["label"], evaluated["prob"]),
         run=run_facts(setup, ckpt, extra_facts),
+        leak_audit=audit_run(cfg, table),
     )
     if request.calibrate or temperature != 1.0:
         metrics["calibration"] = calibration_summary(val_raw, split_raw, temperature)

@@ -37,7 +37,7 @@ from .data.augment import DIHEDRAL, Preprocess, dihedral, sample_uniforms
 from .distributed import DistInfo, all_reduce_sum, barrier
 from .engine import autocast
 from .errors import ConfigError, UserError
-from .signals import ignore_stop_signals
+from .signals import loader_workers
 
 log = logging.getLogger(__name__)
 VIEWS = {"dihedral": 8, "none": 1}  # the augmentations whose every outcome can be stored
@@ -202,10 +202,7 @@ def _fill(cfg: Config, dist: DistInfo, model: nn.Module, table: pd.DataFrame, fo
 
     dataset, batched = image_dataset(cfg, table["id"].tolist(), table["label"].to_numpy())
     sampler = ShardSampler(len(table), dist.rank, dist.world_size)
-    batch, workers = (
-        cfg.train.eval_batch_size,
-        dict(num_workers=cfg.data.num_workers, worker_init_fn=ignore_stop_signals),
-    )
+    batch, workers = cfg.train.eval_batch_size, loader_workers(cfg.data.num_workers)
     loader = (
         DataLoader(dataset, batch_size=None, sampler=_Batches(list(sampler), batch), **workers)
         if batched

@@ -23,7 +23,7 @@ from .distributed import DistInfo
 from .engine import evaluate
 from .errors import DataError, UserError
 from .models import build_for_weights, tumour_log_odds
-from .signals import ignore_stop_signals
+from .signals import loader_workers
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
@@ -80,10 +80,9 @@ def predict_folder(
     loader = DataLoader(
         FolderDataset(paths, None),
         batch_size=batch_size,
-        num_workers=num_workers,
         sampler=ShardSampler(len(paths), dist.rank, dist.world_size),
         pin_memory=dist.device.type == "cuda",
-        worker_init_fn=ignore_stop_signals,
+        **loader_workers(num_workers),
     )
     preprocess = Preprocess.from_config(cfg.data, channels_last=cfg.model.channels_last).to(dist.device)
     return evaluate(model, loader, preprocess, dist, amp, tta=tta, temperature=temperature)["prob"]

@@ -18,6 +18,7 @@ import torch
 
 from . import grids, plots
 from .atomic import atomic_path, write_text
+from .audit import describe
 from .config import Config
 from .data.formats import reader
 from .data.patch import label_box
@@ -281,6 +282,7 @@ def index_html(metrics: dict, images: list[str]) -> str:
             f"{facts.get('epochs')} epochs; best epoch {facts.get('best_epoch', facts.get('checkpoint_epoch'))}; "
             f"{(facts.get('train_s') or 0) / 60:.1f} min training; world size {facts.get('world_size')}",
         ),
+        ("leaks between splits", describe(metrics["leak_audit"]) if "leak_audit" in metrics else "not audited"),
         ("git commit", facts.get("git_commit")),
         ("checkpoint", metrics.get("checkpoint")),
     ]

@@ -176,7 +176,7 @@ def build(cfg: Config, dist: DistInfo, run: RunDir, saved_splits: pd.DataFrame |
     table, bad = load_table(cfg, dist, saved_splits)
     check_validation_split(table)
     if dist.is_main:
-        write_text(run.splits, table[["id", "split"]].to_csv(index=False))
+        write_text(run.splits, table[[c for c in ("id", "split", "fold") if c in table.columns]].to_csv(index=False))
         if bad:
             write_text(run.bad_images, pd.DataFrame(bad.items(), columns=["id", "reason"]).to_csv(index=False))
     log.info("images: %s", {str(k): int(v) for k, v in table["split"].value_counts().items()})

@@ -30,7 +30,8 @@ def test_gpu_check_smoke_runs_every_section_and_writes_the_summary(tmp_path):
         ("data", "folder", False, None),
         ("step", None, True, "model"),
         ("step", None, True, "ddp"),
+        ("slide", None, False, None),
     } <= kinds, kinds
     summary = (out / "summary.txt").read_text()
-    assert "% of the step ceiling" in summary and "/ seed-like" in summary
+    assert "% of the step ceiling" in summary and "/ seed-like" in summary and "tiles/s" in summary
     assert "test_gpu.py" in (out / "pytest.txt").read_text()  # the CUDA tests were collected

@@ -298,3 +298,32 @@ def test_evaluation_batches_have_eval_batch_size(synth_root):
     part = read_labels(synth_root).head(20)
     loader = make_loader(cfg, DistInfo(), part, train=False).loader
     assert [len(batch[1]) for batch in loader] == [7, 7, 6]  # every image once, none dropped
+
+
+def test_k_fold_partitions_train_and_val_keeps_groups_whole_and_the_test_split_fixed():
+    frame = _frame(600, seed=2)
+    groups = pd.Series([f"slide{i // 8:03d}" for i in range(600)], index=frame["id"])
+    runs = [make_splits(frame, 0.15, 0.2, 7, groups, folds=4, fold=k) for k in range(4)]
+    test = [set(r.loc[r["split"] == "test", "id"]) for r in runs]
+    assert all(t == test[0] for t in test) and len(test[0]) == pytest.approx(120, abs=16)
+    vals = [set(r.loc[r["split"] == "val", "id"]) for r in runs]
+    rest = set(frame["id"]) - test[0]
+    assert set().union(*vals) == rest and sum(len(v) for v in vals) == len(rest)  # every image validates once
+    table = runs[0].assign(group=groups.reindex(runs[0]["id"]).to_numpy())
+    assert table.groupby("group")["fold"].nunique().max() == 1  # no slide in two folds
+    assert (table.groupby("group")["split"].nunique() == 1).all() and set(table["fold"]) == {-1, 0, 1, 2, 3}
+    positive = [r.loc[r["split"] == "val", "label"].mean() for r in runs]
+    assert max(positive) - min(positive) < 0.1  # stratified
+    ungrouped = make_splits(frame, 0.15, 0.2, 7, folds=3, fold=1)
+    assert set(ungrouped["fold"]) == {-1, 0, 1, 2} and (ungrouped["split"] == "val").sum() == pytest.approx(160, abs=3)
+
+
+def test_a_fold_outside_the_folds_or_a_val_fraction_with_folds_is_refused(synth_root):
+    from cancernet.errors import ConfigError
+
+    from conftest import make_cfg
+
+    with pytest.raises(ConfigError, match="'data.fold': 3 is not one of the 3 folds"):
+        make_cfg(synth_root, "x", "data.folds=3", "data.fold=3")
+    with pytest.raises(ConfigError, match="'data.val_fraction' does not apply"):
+        make_cfg(synth_root, "x", "data.folds=3", "data.val_fraction=0.2")

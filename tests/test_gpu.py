@@ -163,3 +163,29 @@ def test_checkpoint_copies_from_the_gpu_land_before_training_goes_on(cuda):
         assert copies["last.pt"]["w"].is_pinned()
         assert torch.equal(copies["last.pt"]["w"], expected)
         expected = weight.cpu()
+
+
+def test_slide_heatmap_on_cuda_matches_the_cpu(cuda, synth_root, tmp_path):
+    import numpy as np
+    from test_wsi import regions
+
+    from cancernet.distributed import DistInfo
+    from cancernet.metrics import roc_auc
+    from cancernet.wsi.predict import load_scorer, predict_slides
+    from cancernet.wsi.synthetic import write_slide
+
+    train(synth_root, tmp_path / "run", "train.epochs=3", "data.image_size=48")
+    tissue, tumour = regions()
+    slide = write_slide(tmp_path / "case.tif", tissue, tumour, seed=7)
+    maps = {}
+    for device, amp in (("cpu", "off"), ("cuda", "off"), ("cuda", "bf16")):
+        dist = DistInfo(device=torch.device(device))
+        scorer = load_scorer(tmp_path / "run" / "checkpoints" / "best.pt", dist, [], None, amp=amp, num_workers=2)
+        out = tmp_path / f"{device}-{amp}"
+        assert predict_slides(scorer, [slide], out)["done"] == [slide]
+        maps[device, amp] = np.load(out / "case" / "heatmap.npy")
+    assert torch.cuda.max_memory_allocated() > MODEL_BYTES  # scored on the GPU
+    cpu = maps["cpu", "off"]
+    assert np.allclose(maps["cuda", "off"], cpu, atol=2e-3, equal_nan=True)
+    scored = np.isfinite(cpu)
+    assert roc_auc(tumour[scored], maps["cuda", "bf16"][scored]) > 0.95

@@ -9,11 +9,10 @@ import torch
 
 from cancernet.config import DataConfig
 from cancernet.data.augment import Preprocess
-from cancernet.data.datasets import FolderDataset
+from cancernet.data.datasets import FolderDataset, PackedDataset
 from cancernet.data.formats import open_source_pack as open_pack
 from cancernet.data.formats import prepare
 from cancernet.data.kaggle import read_patch
-from cancernet.data.packed import PackedDataset
 from cancernet.errors import DataError
 
 from conftest import ROOT, python_env, train

@@ -13,7 +13,7 @@ from cancernet.data.formats import open_source_pack as open_pack
 from cancernet.data.formats import prepare
 from cancernet.data.pcam import SOURCE as PCAM
 from cancernet.data.pcam import SizedGzip
-from cancernet.data.synthetic import write_pcam_release as write_release
+from cancernet.data.synthetic_pcam import write_pcam_release as write_release
 from cancernet.errors import DataError
 
 from conftest import train

@@ -30,7 +30,7 @@ def cluster(tmp_path_factory):
     c.stop()
 
 
-def sbatch(cluster, tmp_path, script, *args, sbatch_args=(), nproc=2):
+def sbatch(cluster, tmp_path, script, *args, sbatch_args=(), nproc=2, env=None):
     """Submit from a scratch folder with this checkout's Python first on PATH; returns the job id."""
     env = {
         "NPROC_PER_NODE": str(nproc),
@@ -38,6 +38,7 @@ def sbatch(cluster, tmp_path, script, *args, sbatch_args=(), nproc=2):
         "RUN_DIR": str(tmp_path / "run"),
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
         "WANDB_MODE": "disabled",
+        **(env or {}),
     }
     out = cluster.run(
         "sbatch",
@@ -143,3 +144,35 @@ def test_multinode_script_runs_srun_and_torchrun_rendezvous_on_one_node(cluster,
     assert "1 node(s) x 2 process(es)" in log
     assert "world_size: 2" in (tmp_path / "run" / "config.yaml").read_text()
     assert (tmp_path / "run" / "report" / "metrics.json").is_file()
+
+
+def test_an_array_of_folds_runs_one_resumable_run_per_task_and_aggregates(cluster, synth_root, tmp_path):
+    """3 tasks = 3 folds x 1 seed, one process each; then one report over them."""
+    from cancernet.aggregate import aggregate
+
+    env_extra = {"FOLDS": "3", "SEEDS": "4"}
+    job = sbatch(
+        cluster,
+        tmp_path,
+        "array.sbatch",
+        f"data.root={synth_root}",
+        "data.limit=120",
+        "train.epochs=1",
+        sbatch_args=("--array=0-2",),
+        nproc=1,
+        env=env_extra,
+    )
+    deadline = time.time() + 300
+    runs = [tmp_path / "run" / f"fold{f}-seed4" for f in range(3)]
+    while not all((r / "report" / "metrics.json").is_file() for r in runs):
+        states = cluster.run("squeue", "-h", "-j", job, "-o", "%T").stdout.split()
+        assert time.time() < deadline and (states or all((r / "report" / "metrics.json").is_file() for r in runs)), [
+            p.read_text()[-2000:] for p in tmp_path.glob("*.out")
+        ]
+        time.sleep(0.5)
+    folds = [pd.read_csv(r / "splits.csv", dtype={"id": str}) for r in runs]
+    assert all(f["fold"].max() == 2 for f in folds)
+    vals = [set(f.loc[f["split"] == "val", "id"]) for f in folds]
+    assert not (vals[0] & vals[1]) and not (vals[1] & vals[2])  # each task validated on its own fold
+    summary = aggregate(runs, tmp_path / "aggregate")
+    assert summary["runs"] == 3 and summary["validation"]["kind"].startswith("out-of-fold")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from .kaggle import read_patch
+from .packed import Pack
 
 
 class FolderDataset(Dataset):
@@ -24,6 +26,32 @@ class FolderDataset(Dataset):
         image = torch.from_numpy(read_patch(self.paths[index])).permute(2, 0, 1)
         label = -1 if self.labels is None else int(self.labels[index])
         return image, label, index
+
+
+class PackedDataset(Dataset):
+    """Whole uint8 batches from a pack: dataset[list of indices] -> (images NCHW, labels, indices).
+
+    Used with a BatchSampler as the loader's sampler (batch_size=None), so one call reads a batch.
+    """
+
+    def __init__(self, pack: Pack, ids: list[str], labels: np.ndarray):
+        self.pack = pack
+        self.rows = np.array([pack.row_of[i] for i in ids], dtype=np.int64)
+        self.labels = torch.tensor(labels, dtype=torch.int64)
+        self._fd = None  # opened lazily in each worker process
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, indices):
+        if self._fd is None:
+            self._fd = os.open(self.pack.path / "images.npy", os.O_RDONLY)
+        indices = torch.as_tensor(indices, dtype=torch.int64)
+        images = torch.from_numpy(self.pack.read_rows(self.rows[indices.numpy()], self._fd))
+        return images.permute(0, 3, 1, 2), self.labels[indices], indices
+
+    def __getstate__(self):
+        return {**self.__dict__, "_fd": None}  # file descriptors do not cross processes
 
 
 class ShardSampler(Sampler[int]):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -16,7 +17,7 @@ from ..config import DataConfig
 from ..errors import BadImageError, DataError
 from ..signals import ignore_stop_signals
 from .packed import Pack, PackWriter, write_rows
-from .patch import PATCH_SHAPE
+from .patch import PATCH_SHAPE, pixel_hash
 from .source import Source
 
 
@@ -92,22 +93,45 @@ def image_path(root: str | Path, image_id: str, folder: str = "train") -> Path:
     return Path(root) / folder / f"{image_id}.tif"
 
 
-def _check_one(path: Path) -> str | None:
+HASH_ID = re.compile(r"[0-9a-f]{40}")
+
+
+def verifies_ids(mode: str, ids: list[str]) -> bool:
+    """data.verify_ids: whether each patch's pixels must hash to its id (auto: when every id is a
+    40-hex-digit SHA-1, as Kaggle's are); `on` with other ids names the first."""
+    if mode == "off":
+        return False
+    odd = next((i for i in ids if not HASH_ID.fullmatch(i)), None)
+    if odd is not None and mode == "on":
+        raise DataError(f"data.verify_ids=on, but id {odd!r} is not a SHA-1 (40 hex digits) of its pixels")
+    return odd is None
+
+
+def check_patch(path: Path, image_id: str | None = None) -> np.ndarray:
+    """read_patch, and with image_id: its pixels' SHA-1 must be the id (an altered or misnamed file)."""
+    patch = read_patch(path)
+    if image_id is not None and pixel_hash(patch) != image_id:
+        raise BadImageError(path, f"its pixels do not hash to its id (SHA-1 {pixel_hash(patch)}): altered or misnamed")
+    return patch
+
+
+def _check_one(job: tuple[Path, str | None]) -> str | None:
     try:
-        read_patch(path)
+        check_patch(*job)
     except BadImageError as e:
         return e.reason
     return None
 
 
-def find_bad_images(root: str | Path, ids: list[str], workers: int = 0) -> dict[str, str]:
-    """{id: reason} for every listed image that is missing or unusable (decodes all in parallel)."""
-    paths = [image_path(root, i) for i in ids]
-    if workers > 1 and len(paths) > 2000:
+def find_bad_images(root: str | Path, ids: list[str], workers: int = 0, verify: bool = False) -> dict[str, str]:
+    """{id: reason} for every listed image that is missing, unusable or (verify) not its id's
+    pixels; decodes all, in parallel."""
+    jobs = [(image_path(root, i), i if verify else None) for i in ids]
+    if workers > 1 and len(jobs) > 2000:
         with ProcessPoolExecutor(workers, initializer=ignore_stop_signals) as pool:
-            reasons = list(pool.map(_check_one, paths, chunksize=512))
+            reasons = list(pool.map(_check_one, jobs, chunksize=512))
     else:
-        reasons = [_check_one(p) for p in paths]
+        reasons = [_check_one(job) for job in jobs]
     return {i: r for i, r in zip(ids, reasons) if r is not None}
 
 
@@ -124,14 +148,14 @@ def drop_bad_images(frame: pd.DataFrame, bad: dict[str, str], policy: str, root)
     return frame[~frame["id"].isin(bad)].reset_index(drop=True)
 
 
-def _pack_chunk(job: tuple[str, str, list[str], int]) -> dict[str, str]:
+def _pack_chunk(job: tuple[str, str, list[str], int, bool]) -> dict[str, str]:
     """Decode ids into rows [start, start+len) of images.npy; return {id: reason} of bad ones."""
-    root, images_file, ids, start = job
+    root, images_file, ids, start, verify = job
     block = np.zeros((len(ids), *PATCH_SHAPE), np.uint8)
     bad = {}
     for i, image_id in enumerate(ids):
         try:
-            block[i] = read_patch(image_path(root, image_id))
+            block[i] = check_patch(image_path(root, image_id), image_id if verify else None)
         except BadImageError as e:
             bad[image_id] = e.reason
     write_rows(images_file, start, block)
@@ -157,14 +181,15 @@ class KaggleFolder(Source):
         return image_path(cfg.root, image_id)
 
     def find_bad(self, cfg: DataConfig, ids: list[str], workers: int) -> dict[str, str]:
-        return find_bad_images(cfg.root, ids, workers)
+        return find_bad_images(cfg.root, ids, workers, verifies_ids(cfg.verify_ids, ids))
 
     def pack(self, cfg: DataConfig, writer: PackWriter, workers: int):
         frame = read_labels(cfg.root)  # the whole CSV: data.limit applies when reading the pack
         images = writer.allocate(len(frame))
         ids = frame["id"].tolist()
         chunk = max(1, min(2048, -(-len(ids) // (4 * max(1, workers)))))  # several per worker, at most 2048
-        jobs = [(str(cfg.root), str(images), ids[s : s + chunk], s) for s in range(0, len(ids), chunk)]
+        verify = verifies_ids(cfg.verify_ids, ids)
+        jobs = [(str(cfg.root), str(images), ids[s : s + chunk], s, verify) for s in range(0, len(ids), chunk)]
         bad: dict[str, str] = {}
         with (
             ProcessPoolExecutor(max(1, workers)) as pool,
@@ -179,7 +204,7 @@ class KaggleFolder(Source):
                 f"bad image {image_path(cfg.root, first)}: {bad[first]} ({len(bad)} bad image(s); "
                 "nothing was packed; data.on_bad_image=skip packs the rest and lists them)"
             )
-        return ids, frame["label"].to_numpy(), {"bad_images": bad}
+        return ids, frame["label"].to_numpy(), {"bad_images": bad, "ids_verified": verify}
 
 
 SOURCE = KaggleFolder()

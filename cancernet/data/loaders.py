@@ -13,12 +13,11 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset
 from ..config import Config
 from ..distributed import DistInfo, broadcast_object
 from ..errors import DataError
-from ..signals import ignore_stop_signals
+from ..signals import loader_workers
 from .augment import Augment, Preprocess
-from .datasets import EpochSampler, FolderDataset, ShardSampler
+from .datasets import EpochSampler, FolderDataset, PackedDataset, ShardSampler
 from .formats import format_of, open_source_pack
 from .kaggle import drop_bad_images
-from .packed import PackedDataset
 from .splits import make_splits, read_groups, reuse_splits
 
 log = logging.getLogger(__name__)
@@ -45,12 +44,21 @@ def load_table(
     frame = drop_bad_images(table, bad, dc.on_bad_image, dc.root)
     if bad:
         log.warning("skipping %d bad image(s), listed in bad_images.csv", len(bad))
-    groups = read_groups(dc.groups_csv, frame["id"]) if dc.groups_csv else None
+    known = read_groups(dc.groups_csv, frame["id"]) if dc.groups_csv else None
+    groups = known["group"] if known is not None else None
     if groups is not None:
         frame = frame.assign(group=groups.reindex(frame["id"]).to_numpy())
     if saved_splits is not None:
         return reuse_splits(saved_splits, frame), bad
-    return make_splits(frame, dc.val_fraction, dc.test_fraction, cfg.train.seed, groups), bad
+    given = None
+    if dc.split_by == "pcam":
+        if known is None or "pcam_split" not in known.columns:
+            raise DataError(
+                f"data.split_by=pcam needs data.groups_csv from `python -m cancernet link-pcam` (columns "
+                f"id, group, pcam_split); {dc.groups_csv or 'none is set'}"
+            )
+        given = known["pcam_split"]
+    return make_splits(frame, dc.val_fraction, dc.test_fraction, cfg.train.seed, groups, dc.folds, dc.fold, given), bad
 
 
 def check_validation_split(table: pd.DataFrame) -> None:
@@ -99,13 +107,12 @@ def make_loader(cfg: Config, dist: DistInfo, part: pd.DataFrame, train: bool, st
     # than handing batches over from workers (head epochs 0.27 s -> 0.16 s, docs/BENCHMARKS.md)
     num_workers = 0 if store is not None else dc.num_workers
     workers = dict(
-        num_workers=num_workers,
+        **loader_workers(num_workers),
         persistent_workers=train and num_workers > 0,
         prefetch_factor=4 if num_workers else None,
         pin_memory=dist.device.type == "cuda",
         # each iter() draws a base seed: from its own generator, not the global RNG (dropout's)
         generator=torch.Generator().manual_seed(tc.seed),
-        worker_init_fn=ignore_stop_signals,
     )
     if store is not None:
         from ..features import FeatureDataset

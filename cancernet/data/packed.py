@@ -24,8 +24,6 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 
 from ..errors import DataError
 from .patch import PATCH_SHAPE
@@ -143,29 +141,3 @@ class PackWriter:
             shutil.rmtree(self.final)
         os.replace(self.path, self.final)
         return self.final
-
-
-class PackedDataset(Dataset):
-    """Whole uint8 batches from a pack: dataset[list of indices] -> (images NCHW, labels, indices).
-
-    Used with a BatchSampler as the loader's sampler (batch_size=None), so one call reads a batch.
-    """
-
-    def __init__(self, pack: Pack, ids: list[str], labels: np.ndarray):
-        self.pack = pack
-        self.rows = np.array([pack.row_of[i] for i in ids], dtype=np.int64)
-        self.labels = torch.tensor(labels, dtype=torch.int64)
-        self._fd = None  # opened lazily in each worker process
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, indices):
-        if self._fd is None:
-            self._fd = os.open(self.pack.path / "images.npy", os.O_RDONLY)
-        indices = torch.as_tensor(indices, dtype=torch.int64)
-        images = torch.from_numpy(self.pack.read_rows(self.rows[indices.numpy()], self._fd))
-        return images.permute(0, 3, 1, 2), self.labels[indices], indices
-
-    def __getstate__(self):
-        return {**self.__dict__, "_fd": None}  # file descriptors do not cross processes

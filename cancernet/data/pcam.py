@@ -29,7 +29,7 @@ import pandas as pd
 from ..config import DataConfig
 from ..errors import DataError
 from .packed import Pack, PackWriter, write_rows
-from .patch import PATCH_SHAPE
+from .patch import PATCH_SHAPE, pixel_hash
 from .source import Source
 
 log = logging.getLogger(__name__)
@@ -193,14 +193,27 @@ def check_release(root: Path) -> dict[str, tuple[np.ndarray, pd.DataFrame]]:
     return out
 
 
-def _copy_split(job: tuple[str, str, int, int]) -> int:
-    """Stream one split's x into rows [start, start + n) of images.npy, a chunk at a time (one
-    chunk in memory, whatever the split's size)."""
-    x_path, images_file, start, chunk = job
+def stream_split(x_path: Path, chunk: int = 4096):
+    """(first row, block) of one split's x, a chunk at a time: one chunk in memory, whatever the
+    split's size, read through a gzip stream for .h5.gz."""
     with open_dataset(Path(x_path), "x") as x:
         for s in range(0, x.shape[0], chunk):
-            write_rows(images_file, start + s, x[s : s + chunk])
-        return x.shape[0]
+            yield s, np.ascontiguousarray(x[s : s + chunk])
+
+
+def hash_split(x_path: str, chunk: int = 4096) -> list[str]:
+    """The SHA-1 of every patch's pixels of one split (what Kaggle named its patches by)."""
+    return [pixel_hash(patch) for _, block in stream_split(Path(x_path), chunk) for patch in block]
+
+
+def _copy_split(job: tuple[str, str, int, int]) -> list[str]:
+    """Stream one split's x into rows [start, start + n) of images.npy; the rows' pixel hashes."""
+    x_path, images_file, start, chunk = job
+    hashes = []
+    for s, block in stream_split(Path(x_path), chunk):
+        write_rows(images_file, start + s, block)
+        hashes += [pixel_hash(patch) for patch in block]
+    return hashes
 
 
 class PcamRelease(Source):
@@ -233,8 +246,8 @@ class PcamRelease(Source):
             for s, start in zip(RELEASE_SPLITS, starts)
         ]
         with ProcessPoolExecutor(max(1, min(workers, len(jobs)))) as pool:
-            list(pool.map(_copy_split, jobs))
-        pd.concat(meta).to_csv(writer.path / "meta.csv", index=False)
+            hashes = [h for split_hashes in pool.map(_copy_split, jobs) for h in split_hashes]
+        pd.concat(meta).assign(sha1=hashes).to_csv(writer.path / "meta.csv", index=False)
         return (
             ids,
             np.concatenate(labels),

@@ -1,0 +1,80 @@
+"""Slide figures: the heatmap over the thumbnail, and evaluate-slides' page of heatmaps and masks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+CMAP = "inferno"
+
+
+def _extents(summary: dict) -> tuple[tuple, tuple]:
+    """Thumbnail and heatmap extents in mm (left, right, bottom, top): the map covers whole cells."""
+    width, height = summary["dimensions"]
+    mm = summary["mpp"] / 1000
+    rows, cols = summary["grid"]
+    cell = summary["cell_um"] / 1000
+    return (0, width * mm, height * mm, 0), (0, cols * cell, rows * cell, 0)
+
+
+def draw_overlay(ax, thumb, heatmap: np.ndarray, summary: dict, alpha: float = 0.6):
+    slide_extent, map_extent = _extents(summary)
+    ax.imshow(np.asarray(thumb), extent=slide_extent)
+    image = ax.imshow(
+        np.ma.masked_invalid(heatmap),
+        cmap=CMAP,
+        vmin=0,
+        vmax=1,
+        alpha=alpha,
+        extent=map_extent,
+        interpolation="nearest",
+    )
+    ax.set(xlim=slide_extent[:2], ylim=slide_extent[2:], xlabel="mm", ylabel="mm")
+    return image
+
+
+def heatmap_figure(path: Path, thumb, heatmap: np.ndarray, summary: dict) -> None:
+    width, height = summary["dimensions"]
+    aspect = height / width
+    fig = Figure(figsize=(7.5, max(3.0, 6.2 * aspect + 1.2)), layout="constrained")
+    ax = fig.subplots()
+    image = draw_overlay(ax, thumb, heatmap, summary)
+    fig.colorbar(image, ax=ax, label="P(tumour)", shrink=0.8)
+    area = summary["tumour_area_mm2"]
+    ax.set_title(
+        f"{Path(summary['slide']).name}: score {summary['score']:.3f} ({summary['score_kind']}); "
+        + (f"tumour {area:.3f} mm² at t={summary['threshold']:.3f}" if area is not None else "no operating point"),
+        fontsize=10,
+    )
+    fig.savefig(path, dpi=110)
+
+
+def slides_page(path: Path, entries: list[dict], title: str) -> None:
+    """One row per slide: the heatmap over the thumbnail, and the given tumour mask beside it."""
+    masks = any(e.get("mask") is not None for e in entries)
+    ncols = 2 if masks else 1
+    fig = Figure(figsize=(5.2 * ncols + 0.8, 3.4 * len(entries) + 0.6), layout="constrained")
+    axes = np.atleast_2d(fig.subplots(len(entries), ncols, squeeze=False))
+    image = None
+    for row, e in zip(axes, entries):
+        image = draw_overlay(row[0], e["thumb"], e["heatmap"], e["summary"])
+        row[0].set_title(f"{e['name']} (label {e['label']}): score {e['summary']['score']:.3f}", fontsize=9)
+        if masks:
+            ax = row[1]
+            slide_extent, _ = _extents(e["summary"])
+            ax.imshow(np.asarray(e["thumb"]), extent=slide_extent)
+            if e.get("mask") is not None:
+                ax.imshow(
+                    np.ma.masked_equal(e["mask"], 0), cmap="cool", alpha=0.55, extent=slide_extent, vmin=0, vmax=1
+                )
+                extra = f"cell AUC {e['cell_auc']:.3f}" if e.get("cell_auc") is not None else "mask"
+            else:
+                extra = "no mask"
+            ax.set(xlim=slide_extent[:2], ylim=slide_extent[2:], xlabel="mm", title=f"tumour mask ({extra})")
+            ax.title.set_fontsize(9)
+    if image is not None:
+        fig.colorbar(image, ax=axes[:, 0].tolist(), label="P(tumour)", shrink=0.6)
+    fig.suptitle(title, fontsize=11)
+    fig.savefig(path, dpi=90)

@@ -1,0 +1,47 @@
+"""Loader workers are not forked from the rank. A rank has threads (gloo's or NCCL's, the
+checkpoint writer, a pin-memory thread); a fork taken while one of them holds an interpreter lock
+leaves the worker waiting on it forever, and every rank hangs in the next collective (seen in a
+torchrun run: a validation worker stuck in PyOS_AfterFork_Child). Workers start from a fork
+server: one thread, started by fork + exec, that ignores the stop signals as they do."""
+
+import os
+import signal
+import threading
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from cancernet.data.loaders import make_loader
+from cancernet.distributed import DistInfo
+
+from conftest import make_cfg
+
+
+def status(pid: int) -> dict:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
+
+
+def test_evaluation_workers_start_from_a_single_threaded_server_that_ignores_stops(synth_root, tmp_path):
+    cfg = make_cfg(synth_root, tmp_path, "data.num_workers=2", "train.eval_batch_size=8")
+    part = pd.read_csv(synth_root / "train_labels.csv").head(64)
+    dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    busy = threading.Event()
+    thread = threading.Thread(target=busy.wait, daemon=True)  # the rank has other threads, as a real one does
+    thread.start()
+    try:
+        loader = make_loader(cfg, dist, part, train=False).loader
+        batches = iter(loader)
+        seen = len(next(batches)[1])
+        parents = {int(status(w.pid)["PPid"]) for w in batches._workers}
+        assert os.getpid() not in parents  # not forked from this (threaded) process
+        (server,) = parents
+        assert status(server)["Threads"] == "1"
+        assert status(server)["SigIgn"] != "0000000000000000"
+        os.kill(server, signal.SIGTERM)  # as torchrun's TERM to the process group reaches it
+        seen += sum(len(labels) for _, labels, *_ in batches)
+        assert seen == 64  # the workers read on: their parent is still there
+        assert int(status(server)["Pid"]) == server
+    finally:
+        busy.set()
