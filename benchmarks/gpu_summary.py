@@ -16,6 +16,12 @@ def main(path: str) -> None:
     rows = [json.loads(line) for line in open(path) if line.startswith("{")]
     ceiling = {key(r): r["images_per_s"] for r in rows if r["bench"] == "step" and not r.get("ddp")}
     for r in rows:
+        if r["bench"] == "boundary":
+            print(
+                f"epoch boundary {r['arch']} {r['path']}: validation of {r['val_images']} images {r['val_s']} s, "
+                f"checkpoint blocking {r['ckpt_s']} s"
+            )
+            continue
         if r["bench"] == "slide":
             print(
                 f"slide {r['arch']:9s} {r['image_size']:3d} px batch {r['batch_size']:4d} {r['tiles']} tiles, "
@@ -25,10 +31,7 @@ def main(path: str) -> None:
             continue
         extra = ""
         if r["bench"] == "train" and key(r) in ceiling:
-            extra = (
-                f"  {100 * r['images_per_s'] / ceiling[key(r)]:.0f}% of the step ceiling; "
-                f"val_s {r['val_s']} ckpt_s {r['ckpt_s']}"
-            )
+            extra = f"  {100 * r['images_per_s'] / ceiling[key(r)]:.0f}% of the step ceiling"
         what = r.get("arch") or r.get("path")
         mode = (
             f"ddp, compiled {'around DDP' if r.get('compile_scope') == 'ddp' else 'inside DDP'}"

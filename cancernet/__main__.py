@@ -209,7 +209,7 @@ def cmd_bench(args) -> int:
     from .errors import UserError
 
     cfg = load_config(args.config, args.overrides)
-    if args.what == "data":
+    if args.what == "data":  # generators: each row is printed as soon as it is measured
         results = bench.bench_data(cfg, args.steps, paths=args.paths)
     elif args.what == "step":
         results = [bench.bench_step(cfg, args.steps, ddp=args.ddp)]
@@ -218,7 +218,7 @@ def cmd_bench(args) -> int:
             raise UserError("bench slide needs --slide PATH")
         results = [bench.bench_slide(cfg, args.slide)]
     else:
-        results = [bench.bench_train(cfg, args.steps)]
+        results = bench.bench_train(cfg, args.steps)
     for result in results:
         print(json.dumps(result), flush=True)
     return 0

@@ -13,6 +13,7 @@ import platform
 import resource
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -55,7 +56,7 @@ def peak_rss_mb() -> dict:
     return {"peak_rss_mb": round(own, 1), "peak_child_rss_mb": round(children, 1)}
 
 
-def bench_data(cfg: Config, batches: int, warmup: int = 2, paths=("folder", "packed")) -> list[dict]:
+def bench_data(cfg: Config, batches: int, warmup: int = 2, paths=("folder", "packed")) -> Iterator[dict]:
     """Training batches per second through each path, twice: the loader alone (uint8 patches
     out) and with the augmentation on the training device.
 
@@ -64,7 +65,6 @@ def bench_data(cfg: Config, batches: int, warmup: int = 2, paths=("folder", "pac
     device = pick_device(cfg.train.device, 0)
     cfg = numerics.resolve(cfg, device)
     dist = DistInfo(device=device)
-    results = []
     for path, augmented in itertools.product(paths, (False, True)):
         path_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, format=path))
         fmt = format_of(path_cfg.data)
@@ -84,7 +84,7 @@ def bench_data(cfg: Config, batches: int, warmup: int = 2, paths=("folder", "pac
             seen += len(labels)
         _sync(device)
         seconds = time.perf_counter() - start
-        results.append(
+        yield (
             {
                 "bench": "data",
                 "path": path,
@@ -98,7 +98,6 @@ def bench_data(cfg: Config, batches: int, warmup: int = 2, paths=("folder", "pac
                 **(peak_rss_mb() if batches == 0 else {}),
             }
         )
-    return results
 
 
 @contextlib.contextmanager
@@ -182,9 +181,10 @@ class _Limited:
         return self.n
 
 
-def bench_train(cfg: Config, steps: int, warmup: int = 5) -> dict:
+def bench_train(cfg: Config, steps: int, warmup: int = 5) -> Iterator[dict]:
     """The real training loop (loader, device augmentation, AMP, optimizer) over `steps` batches,
-    plus one epoch boundary: validation on val_batches and the blocking part of a checkpoint."""
+    then one epoch boundary: validation and the blocking part of a checkpoint. Two rows, each
+    yielded as soon as it is measured (a time box that ends during the boundary keeps the first)."""
     from .rundir import RunDir
     from .runner import save_checkpoints, validate_epoch
     from .training import build
@@ -207,10 +207,24 @@ def bench_train(cfg: Config, steps: int, warmup: int = 5) -> dict:
             stats = train_one_epoch(t.parts, _Limited(split.loader, n), split.augment, cfg, t.dist, epoch, position=0)
             _sync(device)
             timings.append((stats.images, time.perf_counter() - start))
+            if epoch == 1:
+                yield _train_row(cfg, device, *timings[1])
         row = validate_epoch(t, 1, stats)
         ckpt_s = save_checkpoints(t, best=True)
         t.writer.wait()
-    images, seconds = timings[1]
+        yield {
+            "bench": "boundary",
+            "path": cfg.data.format,
+            "arch": cfg.model.arch,
+            "val_s": round(row.val_s, 3),
+            "val_images": len(t.loaders["val"].ids),
+            "ckpt_s": round(ckpt_s, 3),
+            "batch_size": cfg.train.batch_size,
+            **_context(cfg, device),
+        }
+
+
+def _train_row(cfg: Config, device: torch.device, images: int, seconds: float) -> dict:
     return {
         "bench": "train",
         "path": cfg.data.format,
@@ -219,9 +233,6 @@ def bench_train(cfg: Config, steps: int, warmup: int = 5) -> dict:
         "images_per_s": round(images / seconds, 1),
         "images": images,
         "seconds": round(seconds, 3),
-        "val_s": round(row.val_s, 3),
-        "val_images": len(t.loaders["val"].ids),
-        "ckpt_s": round(ckpt_s, 3),
         "batch_size": cfg.train.batch_size,
         "num_workers": cfg.data.num_workers,
         **_context(cfg, device),

@@ -15,6 +15,9 @@ log = logging.getLogger(__name__)
 # x86 instructions that make bf16 matrix products native on a CPU (without them oneDNN emulates
 # bf16, 10-25x slower than fp32 on the development machine: docs/BENCHMARKS.md)
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+# CANCERNET_CPU_BF16=0|1 overrides what the flags say (a test and debugging switch: CI runs the fast
+# tier once more with 0, as a CPU without native bf16 would); unset, the flags decide
+CPU_BF16_ENV = "CANCERNET_CPU_BF16"
 
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
@@ -37,6 +40,10 @@ def resolve_amp(requested: str, device: torch.device, flags: set[str] | None = N
         if torch.cuda.get_device_capability(device) >= (8, 0):  # Ampere and later: native bf16
             return "bf16", f"{name} computes bf16 natively"
         return "fp16", f"{name} has no native bf16: fp16 with a GradScaler"
+    forced = os.environ.get(CPU_BF16_ENV, "")
+    if forced in ("0", "1"):
+        why = f"{CPU_BF16_ENV}={forced}"
+        return ("bf16", why) if forced == "1" else ("off", why)
     found = sorted((cpu_flags() if flags is None else flags) & set(BF16_CPU_FLAGS))
     if found:
         return "bf16", f"the CPU has {'/'.join(found)}"

@@ -52,8 +52,16 @@ def test_a_time_budget_fixes_the_length_the_schedule_ends_with_it_and_a_resume_k
     per_epoch = summary["samples_seen"].iloc[0]
     assert summary["samples_seen"].iloc[-1] == plan["samples"] < 100 * per_epoch
     assert summary["epoch"].tolist() == list(range(1, math.ceil(plan["samples"] / per_epoch) + 1))
-    assert summary["lr"].iloc[-1] < 0.01 * summary["lr"].iloc[1]  # the cosine was laid over that length
+    # the cosine was laid over that length: it ends at zero at the plan's end, so the last step's lr
+    # is the curve's value one window before it (a property of the plan, whatever the machine's speed)
+    schedule = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["scheduler"]
+    assert schedule["total_samples"] == plan["samples"] and schedule["position"] == plan["samples"] - 32
+    warmup, base_lr = schedule["warmup_samples"], schedule["base_lr"]
+    progress = (plan["samples"] - 32 - warmup) / (plan["samples"] - warmup)
+    assert summary["lr"].iloc[-1] == pytest.approx(base_lr * 0.5 * (1 + math.cos(math.pi * progress)), rel=1e-4)
     spent = (summary["epoch_s"] + summary["val_s"] + summary["ckpt_s"]).sum()
-    assert 0.5 * budget < spent < 1.15 * budget, summary
+    # planned from measured rates, so a ratio that holds on a slower machine too; the margin is for
+    # a busy one (another process on a core slows later epochs after the plan was fixed)
+    assert 0.5 * budget < spent < 1.25 * budget, summary
     meta = yaml.safe_load((out / "config.yaml").read_text())["meta"]
     assert meta["time_budget"]["samples"] == plan["samples"] and meta["time_budget"]["epochs"] > 1

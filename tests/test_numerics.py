@@ -19,7 +19,8 @@ CPU = torch.device("cpu")
         (set(), "off"),
     ],
 )
-def test_auto_on_a_cpu_uses_bf16_only_where_the_cpu_computes_it_natively(flags, expected):
+def test_auto_on_a_cpu_uses_bf16_only_where_the_cpu_computes_it_natively(monkeypatch, flags, expected):
+    monkeypatch.delenv(numerics.CPU_BF16_ENV, raising=False)
     amp, why = resolve_amp("auto", CPU, flags)
     assert amp == expected and why
 
@@ -29,6 +30,15 @@ def test_auto_on_cuda_uses_bf16_from_ampere_on_and_fp16_before(monkeypatch, capa
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")
     assert resolve_amp("auto", torch.device("cuda", 0))[0] == expected
+
+
+@pytest.mark.parametrize("value, expected", [("0", "off"), ("1", "bf16")])
+def test_the_bf16_switch_overrides_the_cpu_flags_for_auto_only(monkeypatch, value, expected):
+    monkeypatch.setenv(numerics.CPU_BF16_ENV, value)
+    for flags in ({"avx2"}, {"avx512_bf16"}):
+        amp, why = resolve_amp("auto", CPU, flags)
+        assert amp == expected and numerics.CPU_BF16_ENV in why
+    assert resolve_amp("bf16", CPU, set())[0] == "bf16" and resolve_amp("off", CPU, {"amx_bf16"})[0] == "off"
 
 
 def test_an_explicit_precision_is_kept_on_any_machine():

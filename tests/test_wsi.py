@@ -41,6 +41,24 @@ def slide(tmp_path_factory):
     return path, tissue, tumour
 
 
+def misalignment(heatmap: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Where, in cells along (rows, cols), the map fits the truth best: the vertex of the parabola
+    through its correlation with the truth moved by -1, 0 and +1 cell. A model's numbers vary
+    with the CPU's kernels; where its map sits does not (trained maps, five seeds and two kernel
+    sets: |offset| <= 0.09; tiles read half a cell off: 0.4 to 0.9)."""
+    scored = np.isfinite(heatmap)
+
+    def fit(t):
+        return np.corrcoef(t[scored].astype(float), heatmap[scored])[0, 1]
+
+    here, offsets = fit(truth), []
+    for axis in (0, 1):
+        before, after = (here - fit(np.roll(truth, d, axis)) for d in (-1, 1))
+        assert before > 0 and after > 0, (axis, before, after)  # the map as it is fits best
+        offsets.append((after - before) / (2 * (before + after)))
+    return np.array(offsets)
+
+
 def run_cli(capsys, monkeypatch, *args) -> tuple[int, str, str]:
     """A command line in this process: (exit code, stdout with the log, stderr)."""
     monkeypatch.setattr(sys, "argv", ["cancernet", *map(str, args)])
@@ -71,8 +89,7 @@ def test_heatmap_finds_the_tumour_where_it_is(ckpt, slide, tmp_path, capsys, mon
         assert roc_auc(moved[scored], heatmap[scored]) < auc - 0.05
     for mirrored in (tumour[::-1], tumour[:, ::-1]):
         assert roc_auc(mirrored[scored], heatmap[scored]) < auc - 0.3
-    hot = np.argwhere(scored & (np.nan_to_num(heatmap) > 0.5))  # within half a cell: not shifted by one
-    assert np.abs(hot.mean(0) - np.argwhere(tumour).mean(0)).max() < 0.5
+    assert np.abs(misalignment(heatmap, tumour)).max() < 0.25  # a map scored half a cell off gives 0.4-0.9
     summary = json.loads((folder / "slide.json").read_text())
     assert summary["grid"] == [ROWS, COLS] and summary["level"] == 1 and summary["mpp"] == pytest.approx(0.486)
     assert summary["tiles"] == scored.sum() and summary["max"] == pytest.approx(np.nanmax(heatmap), abs=1e-6)
