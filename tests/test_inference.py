@@ -189,7 +189,9 @@ def test_operating_points_are_chosen_and_applied_on_predictions_made_the_same_wa
     code, err = run_cli(capsys, monkeypatch, "evaluate", "--run", str(run_dir), "--tta", "--target-sensitivity", "0.95")
     assert code == 0, err
     metrics = json.loads((run_dir / "report" / "metrics.json").read_text())
-    assert metrics["tta"]["roc_auc"] >= metrics["roc_auc"] - 0.002
+    # the mean of eight views of one model: never much worse than one view (0.02 is ~15 of the
+    # ~900 test pairs swapped, room for another CPU's kernels; a TTA that scored noise loses ~0.5)
+    assert metrics["tta"]["roc_auc"] >= metrics["roc_auc"] - 0.02
     chosen = metrics["target_sensitivity"]
     assert chosen["chosen_on"] == "val" and chosen["val"]["sensitivity"] >= 0.95
     state = torch.load(ckpt, weights_only=True)

@@ -23,7 +23,18 @@ def wheel(tmp_path_factory) -> Path:
     source = out / "source"
     local = {".git", ".venv", "build", "data", "runs", "cancernet.egg-info"}  # the checkout's own, at the top
     shutil.copytree(ROOT, source, ignore=lambda d, names: {n for n in names if Path(d) == ROOT and n in local})
-    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(source)]
+    build = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "-q",
+        "-w",
+        str(out),
+        str(source),
+    ]
     proc = subprocess.run(build, capture_output=True, text=True, env=python_env())
     assert proc.returncode == 0, proc.stderr[-2000:]
     (found,) = out.glob("cancernet-*.whl")
