@@ -73,7 +73,8 @@ class ModelConfig:
 class OptimConfig:
     name: str = choice("adamw", "adam", "adamw", "sgd")
     lr: float = bounded(1e-3, 0)
-    lr_scale: str = choice("none", "none", "linear")  # linear: lr x global batch / base_batch
+    lr_scale: str = choice("none", "none", "linear", "sqrt")  # lr x (global batch / base_batch), or its root
+    max_lr: float | None = bounded(None, 0)  # cap on the scaled lr (null: none)
     base_batch: int = bounded(256, 1)
     weight_decay: float = bounded(1e-4, 0)
     decay_norm_bias: bool = False  # weight decay on normalisation weights and biases too
@@ -97,7 +98,10 @@ class TrainConfig:
     feature_cache: str = choice("auto", "auto", "on", "off")  # frozen backbone: its features computed once
     feature_cache_dir: str | None = None  # default: <data.root>/features (shared by all ranks)
     time_budget: str | None = field(default=None, metadata={"check": "duration"})  # e.g. 14m, 4h: fixes the length
+    # last.pt at most this often (e.g. 10m; null: every epoch); the final epoch and a stop always save
+    checkpoint_every: str | None = field(default=None, metadata={"check": "duration"})
     ema_decay: float = bounded(0.0, 0, 1, hi_open=True)  # EMA of the weights; 0 = off
+    ema_warmup: int = bounded(0, 0)  # training samples over which the EMA's decay ramps up from 0; 0 = none
     device: str = choice("auto", "auto", "cpu", "cuda")
     out_dir: str = "runs/default"
     resume: str = "auto"  # auto | none | path to a checkpoint

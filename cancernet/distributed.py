@@ -101,6 +101,11 @@ def session(device: str = "auto", backend: str = "auto", timeout_min: int = 30) 
         )
     try:
         yield info
+        # A rank that leaves while rank 0 still writes last.pt or the report ends its launcher
+        # early; srun --kill-on-bad-exit, or the end of the step, then kills rank 0 mid-write. So
+        # every rank leaves together, after the slowest (not on an error: a failed rank never comes).
+        if tdist.is_initialized():
+            tdist.barrier()
     finally:
         if tdist.is_initialized():
             tdist.destroy_process_group()

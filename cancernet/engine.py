@@ -154,7 +154,7 @@ def train_one_epoch(
         images, in_epoch, window_samples = images + len(labels), in_epoch + n, window_samples + n
         if closes_window:
             parts.schedule.step(position, window_samples)
-            _optimizer_step(parts, cfg.clip_grad)
+            _optimizer_step(parts, cfg.clip_grad, position + window_samples)
             position, window_samples, optimizer_steps = position + window_samples, 0, optimizer_steps + 1
             # A sync point every sync_every optimizer steps, and when a log line is due (it reads the device)
             if optimizer_steps % cfg.sync_every == 0 or clock.log_due(k + 1):
@@ -189,7 +189,7 @@ def train_one_epoch(
     )
 
 
-def _optimizer_step(parts: StepParts, clip_grad: float | None) -> None:
+def _optimizer_step(parts: StepParts, clip_grad: float | None, position: int) -> None:
     if clip_grad:
         parts.scaler.unscale_(parts.optimizer)  # clip the true gradients, not the loss-scaled ones
         nn.utils.clip_grad_norm_([p for g in parts.optimizer.param_groups for p in g["params"]], clip_grad)
@@ -197,7 +197,7 @@ def _optimizer_step(parts: StepParts, clip_grad: float | None) -> None:
     parts.scaler.update()
     parts.optimizer.zero_grad(set_to_none=True)
     if parts.ema is not None:
-        parts.ema.update()
+        parts.ema.update(position)
 
 
 class _Clock:

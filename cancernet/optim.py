@@ -42,8 +42,19 @@ def param_groups(model: PatchClassifier, cfg: OptimConfig) -> list[dict]:
 
 
 def effective_lr(cfg: OptimConfig, global_batch: int) -> float:
-    """optim.lr, scaled linearly with the global batch when optim.lr_scale=linear."""
-    return cfg.lr * global_batch / cfg.base_batch if cfg.lr_scale == "linear" else cfg.lr
+    """optim.lr scaled with the global batch (optim.lr_scale: linear, sqrt or none), at most optim.max_lr."""
+    ratio = global_batch / cfg.base_batch
+    lr = cfg.lr * {"linear": ratio, "sqrt": ratio**0.5, "none": 1.0}[cfg.lr_scale]
+    return min(lr, cfg.max_lr) if cfg.max_lr is not None else lr
+
+
+def describe_lr(cfg: OptimConfig, lr: float) -> str:
+    """How optim.lr became lr, for the start-up log line."""
+    if cfg.lr_scale == "none":
+        return ""
+    how = "linearly" if cfg.lr_scale == "linear" else "by the square root"
+    capped = f", capped at optim.max_lr {cfg.max_lr:g}" if cfg.max_lr is not None and lr == cfg.max_lr else ""
+    return f" (optim.lr {cfg.lr:g} scaled {how} from batch {cfg.base_batch}{capped})"
 
 
 def build_optimizer(cfg: OptimConfig, model: PatchClassifier, device: torch.device) -> torch.optim.Optimizer:

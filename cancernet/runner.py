@@ -175,14 +175,18 @@ def train_epoch(
     is_best = validate and (row.val_auc, -row.val_loss) > (t.state.best_auc, -t.state.best_val_loss)
     if is_best:
         t.state.best_auc, t.state.best_val_loss, t.state.best_epoch = row.val_auc, row.val_loss, epoch + 1
-    save_checkpoints(t, best=is_best, row=row)
+    # last.pt every epoch, or when train.checkpoint_every has passed (rank 0's clock decides for all)
+    last = (
+        epoch + 1 == t.epochs or t.cfg.train.checkpoint_every is None or _any_rank(t.checkpoint_due(), dist, main=True)
+    )
+    save_checkpoints(t, best=is_best, row=row, last=last)
     if budget is not None:
         budget.refine(epoch, t.state.history[-1])
     if dist.is_main:
         write_summary(t.run, t.state.history)
         tracker.log_epoch(dataclasses.asdict(row))
         log.info(
-            "epoch %d/%d train_loss %.4f train_acc %.4f val_loss %.4f val_acc %.4f val_auc %.4f%s lr %.3g "
+            "epoch %d/%d train_loss %.4f train_acc %.4f val_loss %.4f val_acc %.4f val_auc %.4f%s lr %.3g%s "
             "%.0f img/s %.1fs (val %.1fs, checkpoint %.2fs)",
             epoch + 1,
             t.epochs,
@@ -193,6 +197,7 @@ def train_epoch(
             row.val_auc,
             " (best)" if is_best else "",
             row.lr,
+            f" ema_decay {row.ema_decay:.4g}" if t.parts.ema is not None else "",
             row.images_per_s,
             row.epoch_s,
             row.val_s,
@@ -201,6 +206,8 @@ def train_epoch(
     if on_epoch_end is not None:
         on_epoch_end(t, t.state.history[-1])
     if _any_rank(stop.requested, dist):
+        if not last:  # a stop saves at once, whatever train.checkpoint_every says
+            save_checkpoints(t, best=False)
         log.warning("stop requested: stopping after epoch %d, checkpoint saved", epoch + 1)
         return False
     return True
@@ -217,25 +224,25 @@ def validate_epoch(t: Training, epoch: int, stats: EpochStats) -> EpochRow:
     return epoch_row(epoch, stats, val, t, time.perf_counter() - start)
 
 
-def save_checkpoints(t: Training, best: bool, row: EpochRow | None = None) -> float:
-    """last.pt (and best.pt) written in the background; returns the seconds the ranks were held up.
+def save_checkpoints(t: Training, best: bool, row: EpochRow | None = None, last: bool = True) -> float:
+    """last.pt (if last) and best.pt (if best) written in the background; returns the seconds the
+    ranks were held up. Every rank calls it with the same last and best.
 
     row: the epoch just finished; it joins the history with those seconds as its ckpt_s, after
     the (timed) copy of the tensors and before last.pt is written, so the file holds it too.
     """
     start = time.perf_counter()
-    rng = checkpoint.gather_rng(t.dist)  # a collective: every rank takes part
-    copies = (
-        t.writer.copy({t.run.last: t.resume_state(rng), **({t.run.best: t.best_state()} if best else {})})
-        if t.dist.is_main
-        else {}
-    )
+    rng = checkpoint.gather_rng(t.dist) if last else None  # a collective: every rank takes part
+    files = {t.run.last: t.resume_state(rng)} if last and t.dist.is_main else {}
+    copies = t.writer.copy(files | ({t.run.best: t.best_state()} if best else {})) if t.dist.is_main else {}
     seconds = time.perf_counter() - start if t.dist.is_main else 0.0
     if row is not None:
         row.ckpt_s = seconds
         t.state.history.append(dataclasses.asdict(row))
-    if t.dist.is_main:
+    if t.run.last in copies:
         copies[t.run.last]["history"] = [dict(r) for r in t.state.history]  # plain rows: no tensor to copy
+        t.last_saved = time.monotonic()
+    if copies:
         t.writer.start(copies)
     return seconds
 
@@ -255,11 +262,14 @@ def epoch_row(epoch: int, stats: EpochStats, val: dict | None, t: Training, val_
         images_per_s=stats.images / max(stats.seconds, 1e-9),
         val_s=val_s,
         ckpt_s=nan,
+        ema_decay=t.parts.ema.last_decay if t.parts.ema is not None else nan,
     )
 
 
-def _any_rank(flag: bool, dist: DistInfo) -> bool:
-    return bool(all_reduce_sum(torch.tensor([float(flag)], device=dist.device), dist).item() > 0)
+def _any_rank(flag: bool, dist: DistInfo, main: bool = False) -> bool:
+    """flag on any rank (main: rank 0's flag, for every rank); a collective at an epoch's end."""
+    mine = flag and (dist.is_main or not main)
+    return bool(all_reduce_sum(torch.tensor([float(mine)], device=dist.device), dist).item() > 0)
 
 
 def write_summary(run: RunDir, history: list[dict]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -14,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import checkpoint, features, numerics
 from .atomic import write_text
-from .config import Config, ModelConfig
+from .config import Config, ModelConfig, parse_duration
 from .data.augment import sample_seed
 from .data.loaders import SplitLoader, check_validation_split, load_table, make_loader
 from .distributed import DistInfo
@@ -22,7 +23,7 @@ from .ema import ModelEma
 from .engine import StepParts
 from .errors import CheckpointError, ConfigError, UserError
 from .models import build_model, count_parameters
-from .optim import LrSchedule, OptimizerState, build_optimizer, describe_groups, effective_lr
+from .optim import LrSchedule, OptimizerState, build_optimizer, describe_groups, describe_lr, effective_lr
 from .rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class EpochRow:
     images_per_s: float
     val_s: float
     ckpt_s: float
+    ema_decay: float  # of the epoch's last EMA update (nan: no EMA)
 
 
 SUMMARY_COLUMNS = [f.name for f in dataclasses.fields(EpochRow)]
@@ -80,6 +82,12 @@ class Training:
     writer: checkpoint.CheckpointWriter = field(default_factory=checkpoint.CheckpointWriter)
     preprocessing: str = "set in the config"  # where data.mean/std/image_size came from
     cached: bool = False  # the loaders give a frozen backbone's stored features (train.feature_cache)
+    last_saved: float = field(default_factory=time.monotonic)  # when last.pt was last written (rank 0)
+
+    def checkpoint_due(self) -> bool:
+        """Whether train.checkpoint_every has passed since last.pt was last written (or the run began)."""
+        every = self.cfg.train.checkpoint_every
+        return every is None or time.monotonic() - self.last_saved >= parse_duration(every, "train.checkpoint_every")
 
     @property
     def preprocess_facts(self) -> dict:
@@ -193,7 +201,7 @@ def build(cfg: Config, dist: DistInfo, run: RunDir, saved_splits: pd.DataFrame |
     store = features.build_store(cfg, dist, model_without_ddp, table) if cached else None
     splits = ("train", "val", "test")
     loaders = {s: make_loader(cfg, dist, table[table["split"] == s], s == "train", store) for s in splits}
-    ema = ModelEma(model_without_ddp, cfg.train.ema_decay) if cfg.train.ema_decay else None
+    ema = ModelEma(model_without_ddp, cfg.train.ema_decay, cfg.train.ema_warmup) if cfg.train.ema_decay else None
     # with stored features the loop trains the head alone; checkpoints still hold the whole model
     model = wrap_for_training(model_without_ddp.head if cached else model_without_ddp, cfg.model, dist)
     numerics.configure(cfg.train.deterministic, dist.device)
@@ -211,9 +219,7 @@ def build(cfg: Config, dist: DistInfo, run: RunDir, saved_splits: pd.DataFrame |
         cfg.optim.name,
         global_batch,
         base_lr,
-        f" (optim.lr {cfg.optim.lr:g} scaled linearly from batch {cfg.optim.base_batch})"
-        if cfg.optim.lr_scale == "linear"
-        else "",
+        describe_lr(cfg.optim, base_lr),
         describe_groups(optimizer, base_lr),
     )
     scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.train.amp == "fp16")
@@ -239,7 +245,7 @@ def restore(t: Training, path) -> None:
         )
     missing = ckpt.restore(t.stateful())
     if checkpoint.EMA in missing:  # EMA turned on at this resume: it starts from the loaded weights
-        t.parts.ema = ModelEma(t.model_without_ddp, t.cfg.train.ema_decay)
+        t.parts.ema = ModelEma(t.model_without_ddp, t.cfg.train.ema_decay, t.cfg.train.ema_warmup)
         log.warning("the checkpoint has no EMA: the EMA starts from its weights")
     if not checkpoint.set_rng_state(ckpt.get(checkpoint.RNG) or [], t.dist):
         torch.manual_seed(sample_seed(t.cfg.train.seed, t.dist.rank, ckpt.epoch))

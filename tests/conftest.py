@@ -69,6 +69,7 @@ RESUME_COMMON = (
     "train.sync_every=1",
     "model.head=seed",
     "train.ema_decay=0.9",
+    "train.ema_warmup=300",  # the decay still ramping when a resume comes
     "train.grad_accum=2",
 )
 

@@ -127,6 +127,35 @@ def test_stop_after_two_epochs_then_resume_matches_uninterrupted(synth_root, tmp
 
 
 @pytest.mark.slow
+def test_checkpoint_every_skips_last_pt_between_saves_but_a_stop_and_the_end_still_save(
+    synth_root, tmp_path, uninterrupted
+):
+    from cancernet.runner import run
+    from cancernet.signals import StopFlag
+
+    from conftest import make_cfg, session
+
+    out, seen = tmp_path / "resumed", []
+    every = (*COMMON, "train.checkpoint_every=1h")
+    stop = StopFlag()
+
+    def look(t, row):  # after each epoch's save: what a preemption now would resume from
+        t.writer.wait()
+        seen.append(torch.load(t.run.last, weights_only=True)["epoch"] if t.run.last.is_file() else None)
+        stop.requested = row["epoch"] == 2
+
+    with session("cpu") as dist:
+        assert run(make_cfg(synth_root, out, *every), dist, stop, look) == "stopped"
+    assert seen == [None, None]  # an hour had not passed: no last.pt written after epochs 1 and 2
+    assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 2  # the stop saved
+    seen.clear()
+    with session("cpu") as dist:
+        assert run(make_cfg(synth_root, out, *every), dist, None, look) == "done"
+    assert seen == [2, 4]  # epoch 3 not saved; the final epoch always is
+    assert_same_run(uninterrupted, out)
+
+
+@pytest.mark.slow
 def test_mid_epoch_stop_resumes_exactly(synth_root, tmp_path, uninterrupted):
     out = tmp_path / "resumed"
     # 168 training images / 32 = 5 micro-batches, 3 windows (sync points) and 1 epoch-end check per

@@ -1,12 +1,15 @@
 """The collective helpers on 2 real gloo processes (spawned, a few seconds)."""
 
+import os
+import time
+
 import pytest
 import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
 
 from cancernet import checkpoint
-from cancernet.distributed import DistInfo, broadcast_buffers, gather_objects, gather_rows
+from cancernet.distributed import DistInfo, broadcast_buffers, gather_objects, gather_rows, session
 
 
 def _worker(rank: int, world: int, init_file: str, ckpt: str, results) -> None:
@@ -66,3 +69,27 @@ def test_only_rank_0_reads_the_final_checkpoint_and_every_rank_gets_its_weights(
         assert two_ranks[rank]["weight"] == two_ranks["saved"]
         assert two_ranks[rank]["temperature"] == 1.5
     assert not two_ranks[1]["has_optimizer"]  # the training state is not sent around
+
+
+def _leaving(rank: int, world: int, port: int, folder: str, results) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    with session("cpu"):
+        if rank == 0:  # a last write that takes a while (last.pt on a slow filesystem)
+            time.sleep(2.0)
+            with open(f"{folder}/last.pt", "w") as f:
+                f.write("whole")
+            results["written"] = time.time()
+    results[rank] = time.time()
+
+
+def test_no_rank_leaves_the_session_before_rank_0_has_finished_writing(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_leaving, args=(2, port, str(tmp_path), results), nprocs=2, join=True)
+    assert (tmp_path / "last.pt").read_text() == "whole"
+    assert results[1] >= results["written"]  # rank 1 waited, although it had nothing left to do

@@ -1,6 +1,7 @@
 """The training loop's pieces, on tiny models and batches (fast): accumulation, no host-device
 syncs inside a step, mixed precision, samplers, the LR schedule, EMA."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -175,7 +176,7 @@ def test_fp16_step_with_an_inf_gradient_is_skipped_and_lowers_the_scale():
     with torch.autocast("cpu", dtype=torch.float16):
         loss = nn.functional.cross_entropy(model(images.float() / 255).float(), labels)
     parts.scaler.scale(loss).backward()
-    _optimizer_step(parts, None)
+    _optimizer_step(parts, None, 0)
     hook.remove()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the step was skipped
     assert parts.scaler.get_scale() == 512.0
@@ -201,7 +202,7 @@ def test_clipping_sees_unscaled_gradients():
     before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
     images, labels = _batches([8])[0][:2]
     parts.scaler.scale(nn.functional.cross_entropy(model(images.float() / 255), labels)).backward()
-    _optimizer_step(parts, 1e-3)
+    _optimizer_step(parts, 1e-3, 0)
     step = torch.cat([p.detach().flatten() for p in model.parameters()]) - before
     assert step.norm().item() == pytest.approx(1e-3, rel=1e-3)  # clipped to clip_grad, not to clip_grad / scale
 
@@ -284,20 +285,42 @@ def test_augmentation_draws_depend_on_the_image_not_on_its_batch():
 
 def test_ema_follows_the_weights_and_copies_buffers():
     model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
-    ema = ModelEma(model, decay=0.5)
+    ema = ModelEma(model, decay=0.5, warmup_samples=100)
     start = model[0].weight.detach().clone()
     with torch.no_grad():
         model[0].weight.add_(1.0)
         model[1].running_mean.fill_(3.0)
-    ema.update()  # decay ramps: min(0.5, 2/11)
-    d = 2 / 11
+    ema.update(40)  # 40 of 100 warm-up samples: decay 0.4 x 0.5
+    d = 0.2
+    assert ema.last_decay == pytest.approx(d)
     assert torch.allclose(ema.module[0].weight, d * start + (1 - d) * (start + 1))
     assert torch.equal(ema.module[1].running_mean, model[1].running_mean)
     state = ema.state_dict()
-    other = ModelEma(model, decay=0.5)
+    other = ModelEma(model, decay=0.5, warmup_samples=100)
     other.load_state_dict(state)
     assert other.updates == 1 and torch.equal(other.module[0].weight, ema.module[0].weight)
     assert not math.isnan(float(ema.module[0].weight.sum()))
+
+
+def test_ema_decay_reaches_the_configured_value_at_the_end_of_its_warmup_and_stays():
+    ema = ModelEma(nn.Linear(2, 2), decay=0.999, warmup_samples=150_000)
+    assert [ema.decay_at(s) for s in (0, 75_000, 150_000, 10**7)] == pytest.approx([0, 0.4995, 0.999, 0.999])
+    assert ModelEma(nn.Linear(2, 2), decay=0.99).decay_at(1) == 0.99  # no warm-up: the decay from the start
+
+
+def test_a_run_logs_the_ema_decay_it_reached_each_epoch(synth_root, tmp_path):
+    import pandas as pd
+
+    from conftest import train
+
+    # 256 training samples per epoch (8 full batches): half the warm-up in epoch 1, all of it by epoch 2's end
+    train(synth_root, tmp_path, "train.ema_decay=0.9", "train.ema_warmup=512", "data.limit=400")
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    assert summary["samples_seen"].tolist() == [256, 512]
+    assert summary["ema_decay"].tolist() == pytest.approx([0.9 * 256 / 512, 0.9])
+    off = tmp_path / "off"
+    train(synth_root, off, "data.limit=64", "train.epochs=1")
+    assert math.isnan(pd.read_csv(off / "summary.csv")["ema_decay"].iloc[0])
 
 
 def test_ema_update_is_a_few_foreach_kernels_whatever_the_model_size():
@@ -318,7 +341,7 @@ def test_ema_update_is_a_few_foreach_kernels_whatever_the_model_size():
         model.fc.weight.add_(1.0)
         model.bn1.running_var.fill_(7.0)
     with Count() as count:
-        ema.update()
+        ema.update(1000)
     assert len(count.ops) <= 4, count.ops  # resnet18 has 62 parameters and 60 buffers
     assert torch.equal(ema.module.bn1.running_var, model.bn1.running_var)
     assert not torch.equal(ema.module.fc.weight, model.fc.weight)
@@ -370,3 +393,16 @@ def test_tta_averages_the_probability_over_exactly_the_eight_dihedral_views():
         plain, _ = predict_scores(model, x, tta=False)
     assert torch.allclose(prob, expected, atol=1e-6)
     assert not torch.allclose(prob, plain, atol=1e-3)  # the views differ for this model
+
+
+def test_the_lr_scales_with_the_global_batch_linearly_or_by_its_root_up_to_the_cap():
+    from cancernet.optim import describe_lr, effective_lr
+
+    base = OptimConfig(lr=5e-4, base_batch=256)
+    for scale, expected in (("none", [5e-4] * 3), ("linear", [5e-4, 2e-3, 8e-3]), ("sqrt", [5e-4, 1e-3, 2e-3])):
+        cfg = dataclasses.replace(base, lr_scale=scale)
+        assert [effective_lr(cfg, b) for b in (256, 1024, 4096)] == pytest.approx(expected), scale
+    capped = dataclasses.replace(base, lr_scale="linear", max_lr=2e-3)
+    assert [effective_lr(capped, b) for b in (256, 2048)] == pytest.approx([5e-4, 2e-3])
+    assert "capped at optim.max_lr 0.002" in describe_lr(capped, effective_lr(capped, 2048))
+    assert "square root" in describe_lr(dataclasses.replace(base, lr_scale="sqrt"), 1e-3)
