@@ -213,6 +213,8 @@ def cmd_bench(args) -> int:
         results = bench.bench_data(cfg, args.steps, paths=args.paths)
     elif args.what == "step":
         results = [bench.bench_step(cfg, args.steps, ddp=args.ddp)]
+    elif args.what == "ops":
+        results = [bench.bench_ops(cfg, args.batch)]
     elif args.what == "slide":
         if not args.slide:
             raise UserError("bench slide needs --slide PATH")
@@ -341,7 +343,7 @@ def add_prepare(sub) -> None:
 
 def add_bench(sub) -> None:
     p = sub.add_parser("bench", help="throughput: data path, train step ceiling, real loop (JSON lines)")
-    p.add_argument("what", choices=["data", "step", "train", "slide"])
+    p.add_argument("what", choices=["data", "step", "train", "slide", "ops"])
     p.add_argument("--config", required=True)
     p.add_argument("--steps", type=int, default=20, help="timed batches (after a warm-up)")
     p.add_argument(
@@ -357,6 +359,7 @@ def add_bench(sub) -> None:
         help="bench step: inside a DDP wrapper (one-process group), torch.compile placed by model.compile_scope",
     )
     p.add_argument("--slide", default=None, help="bench slide: the slide to predict (e.g. one of synth-slides')")
+    p.add_argument("--batch", type=int, default=8, help="bench ops: the batch the step is counted on")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.batch_size=128")
     p.set_defaults(func=cmd_bench)
 

@@ -78,7 +78,7 @@ def bench_data(cfg: Config, batches: int, warmup: int = 2, paths=("folder", "pac
             if step == warmup and batches:
                 _sync(device)
                 start, seen = time.perf_counter(), 0
-            images, labels, index = to_device(batch, device)
+            (images, labels), index = to_device(batch[:2], device), batch[2]
             if augmented:
                 split.augment(images, index, 0)
             seen += len(labels)
@@ -278,4 +278,71 @@ def bench_slide(cfg: Config, slide: str, repeats: int = 2) -> dict:
         "reader_wait_share": round(summary["reader_wait_s"] / summary["seconds"], 3),
         "pixels_read_per_cell_pixel": round(summary["pixels_read_per_cell_pixel"], 2),
         **peak_rss_mb(),
+    }
+
+
+def bench_ops(cfg: Config, batch: int = 8) -> dict:
+    """Operations (aten calls, each a kernel launch on a GPU) that one eager training step
+    dispatches, by phase: the model (forward, loss, backward) and everything else around it
+    (augmentation, optimizer step, EMA, the loss and accuracy sums). A step whose other ops rival
+    the model's is launch-bound on a GPU at small batches. Counted on the CPU, the third step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from .data.augment import Augment
+    from .data.patch import PATCH_SIZE
+    from .ema import ModelEma
+    from .engine import DeviceSums, optimizer_step
+    from .optim import LrSchedule
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    device = torch.device("cpu")
+    cfg = numerics.resolve(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device="cpu")), device)
+    model = build_for_weights(cfg).train()
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(cfg.optim, model, device)
+    schedule = LrSchedule(optimizer, cfg.optim, cfg.optim.lr, 10**6, 0)
+    scaler = torch.amp.GradScaler("cpu", enabled=cfg.train.amp == "fp16")
+    ema = ModelEma(model, cfg.train.ema_decay, cfg.train.ema_warmup) if cfg.train.ema_decay else None
+    augment = Augment(cfg.data, cfg.train.seed, cfg.model.channels_last)
+    sums = DeviceSums(device)
+    images = torch.randint(0, 256, (batch, PATCH_SIZE, PATCH_SIZE, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
+    labels, index = torch.randint(0, 2, (batch,)), torch.arange(batch)
+    counts: dict[str, int] = {}
+    for step in range(3):
+        phases = {name: Count() for name in ("augment", "model", "sums", "optimizer", "ema")}
+        with phases["augment"]:
+            inputs = augment(images, index, step)
+        with phases["model"]:
+            with autocast(device, cfg.train.amp):
+                logits = model(inputs).float()
+                loss = F.cross_entropy(logits, labels, label_smoothing=cfg.optim.label_smoothing)
+            scaler.scale(loss).backward()
+        with phases["sums"]:
+            sums.add(loss.detach(), logits.detach(), labels)
+        schedule.step(step * batch, batch)
+        with phases["optimizer"]:
+            optimizer_step(optimizer, scaler, cfg.train.clip_grad)
+        if ema is not None:
+            with phases["ema"]:
+                ema.update((step + 1) * batch)
+        counts = {name: mode.n for name, mode in phases.items()}
+    other = sum(n for name, n in counts.items() if name != "model")
+    return {
+        "bench": "ops",
+        "arch": cfg.model.arch,
+        "batch_size": batch,
+        "param_groups": len(optimizer.param_groups),
+        **{f"{name}_ops": n for name, n in counts.items()},
+        "other_ops": other,
+        "other_share": round(other / counts["model"], 3),
+        **_context(cfg, device),
     }

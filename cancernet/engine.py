@@ -86,26 +86,24 @@ class StepParts:
     ema: ModelEma | None = None
 
 
-class _DeviceSums:
-    """loss sum, correct, non-finite losses: accumulated on the device, read only at sync points."""
+class DeviceSums:
+    """loss sum and correct predictions: accumulated on the device (two in-place adds a step),
+    read only at sync points. A non-finite loss makes the sum non-finite, which the read sees."""
 
     def __init__(self, device: torch.device):
-        self.values = torch.zeros(3, dtype=torch.float64, device=device)
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        self.values += torch.stack(
-            [
-                torch.nan_to_num(loss * len(labels), nan=0.0, posinf=0.0, neginf=0.0),
-                (logits.argmax(1) == labels).sum(),
-                (~torch.isfinite(loss)).float(),
-            ]
-        ).double()
+        self.loss_sum.add_(loss, alpha=len(labels))
+        self.correct.add_((logits.argmax(1) == labels).sum())
 
-    def reduced(self, dist: DistInfo, stop: bool = False) -> tuple[float, float, float, bool]:
-        """(loss sum, correct, non-finite, any rank asked to stop): all ranks' sums, on the host."""
-        flags = torch.cat([self.values, torch.tensor([float(stop)], dtype=torch.float64, device=self.values.device)])
-        loss_sum, correct, non_finite, stops = all_reduce_sum(flags, dist).tolist()
-        return loss_sum, correct, non_finite, stops > 0
+    def reduced(self, dist: DistInfo, stop: bool = False) -> tuple[float, float, bool, bool]:
+        """(loss sum, correct, a loss was non-finite, any rank asked to stop): all ranks', on the host."""
+        stop_flag = torch.tensor(float(stop), dtype=torch.float64, device=self.loss_sum.device)
+        flags = torch.stack([self.loss_sum, self.correct.double(), stop_flag])
+        loss_sum, correct, stops = all_reduce_sum(flags, dist).tolist()
+        return loss_sum, correct, not math.isfinite(loss_sum), stops > 0
 
 
 def train_one_epoch(
@@ -133,13 +131,14 @@ def train_one_epoch(
     n_batches, accum = len(loader), cfg.grad_accum
     earlier = start.totals if start else EpochTotals()
     in_epoch, images, optimizer_steps, window_samples = (start.samples if start else 0), 0, 0, 0
-    sums, stopped, end = _DeviceSums(dist.device), False, math.inf
+    sums, stopped, end = DeviceSums(dist.device), False, math.inf
     # every rank must agree on the sync points, so a due log line counts on all of them; a
     # progress bar (rank 0 on a terminal) only changes how the line is shown
     clock = _Clock(epoch, n_batches, cfg.log_every, progress)
     for k, batch in enumerate(loader):
         clock.fetched()
-        images_u8, labels, index = to_device(batch, dist.device)
+        # the index stays on the host: the augmentation draws its parameters there
+        (images_u8, labels), index = to_device(batch[:2], dist.device), batch[2]
         inputs = augment(images_u8, index, epoch)
         window = min(accum, n_batches - k // accum * accum)  # the epoch's last window may be short
         closes_window = (k + 1) % accum == 0 or k + 1 == n_batches
@@ -154,7 +153,9 @@ def train_one_epoch(
         images, in_epoch, window_samples = images + len(labels), in_epoch + n, window_samples + n
         if closes_window:
             parts.schedule.step(position, window_samples)
-            _optimizer_step(parts, cfg.clip_grad, position + window_samples)
+            optimizer_step(parts.optimizer, parts.scaler, cfg.clip_grad)
+            if parts.ema is not None:
+                parts.ema.update(position + window_samples)
             position, window_samples, optimizer_steps = position + window_samples, 0, optimizer_steps + 1
             # A sync point every sync_every optimizer steps, and when a log line is due (it reads the device)
             if optimizer_steps % cfg.sync_every == 0 or clock.log_due(k + 1):
@@ -189,15 +190,13 @@ def train_one_epoch(
     )
 
 
-def _optimizer_step(parts: StepParts, clip_grad: float | None, position: int) -> None:
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, clip_grad: float | None) -> None:
     if clip_grad:
-        parts.scaler.unscale_(parts.optimizer)  # clip the true gradients, not the loss-scaled ones
-        nn.utils.clip_grad_norm_([p for g in parts.optimizer.param_groups for p in g["params"]], clip_grad)
-    parts.scaler.step(parts.optimizer)
-    parts.scaler.update()
-    parts.optimizer.zero_grad(set_to_none=True)
-    if parts.ema is not None:
-        parts.ema.update(position)
+        scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
+        nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
 
 
 class _Clock:

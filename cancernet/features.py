@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .config import Config
-from .data.augment import DIHEDRAL, Preprocess, dihedral, sample_uniforms
+from .data.augment import DIHEDRAL, Preprocess, dihedral, host_uniforms
 from .distributed import DistInfo, all_reduce_sum, barrier
 from .engine import autocast
 from .errors import ConfigError, UserError
@@ -276,7 +276,8 @@ class StoredViews(nn.Module):
     def forward(self, feats: torch.Tensor, index: torch.Tensor, epoch: int) -> torch.Tensor:
         if self.views == 1:
             return feats[:, 0].float()
-        k = (sample_uniforms(index, self.seed, epoch)[:, DIHEDRAL] * 8).long()
+        k = np.floor(host_uniforms(index, self.seed, epoch)[:, DIHEDRAL] * 8).astype(np.int64)
+        k = torch.from_numpy(k).to(feats.device, non_blocking=True)
         return feats[torch.arange(len(feats), device=feats.device), k].float()
 
 

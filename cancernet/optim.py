@@ -13,32 +13,45 @@ from .models import PatchClassifier
 log = logging.getLogger(__name__)
 
 
+def _labelled(model: PatchClassifier, cfg: OptimConfig):
+    """(name, parameter, stage, decayed) of each trainable parameter, in the model's order."""
+    stage_of = model.parameter_stages()
+    for name, p in model.net.named_parameters():
+        if p.requires_grad:
+            yield name, p, stage_of[name], p.ndim > 1 or cfg.decay_norm_bias
+
+
 def param_groups(model: PatchClassifier, cfg: OptimConfig) -> list[dict]:
-    """Trainable parameters grouped by (stage, decayed or not), each group with its lr_scale.
+    """Trainable parameters in groups of equal hyperparameters (lr_scale, weight decay).
 
     Stage i of K backbone stages gets lr x layer_decay^(K - i), the head lr x head_lr_mult.
     Normalisation weights and biases (1-d tensors) get no weight decay unless decay_norm_bias.
-    The grouping depends only on the architecture and freezing, so a resume may change the
-    multipliers and decay.
+    Parameters whose hyperparameters agree share a group: the fused optimizer launches a kernel
+    or two per group, so one recipe without layer decay takes 2 groups, not 12 (a GPU step is
+    bound by launches at small batches). Each group names its parameters (param_names), so a
+    resume that changes the grouping still finds every parameter's moments (OptimizerState).
     """
-    stage_of = model.parameter_stages()
-    n_stages = max(stage_of.values())  # the head's index
-    groups: dict[tuple[int, bool], dict] = {}
-    for name, p in model.net.named_parameters():
-        if not p.requires_grad:
-            continue
-        stage, decayed = stage_of[name], p.ndim > 1 or cfg.decay_norm_bias
+    n_stages = max(model.parameter_stages().values())  # the head's index
+    groups: dict[tuple[float, float], dict] = {}
+    for name, p, stage, decayed in _labelled(model, cfg):
+        scale = cfg.head_lr_mult if stage == n_stages else cfg.layer_decay ** (n_stages - stage)
+        decay = cfg.weight_decay if decayed else 0.0
         group = groups.setdefault(
-            (stage, decayed),
-            {
-                "params": [],
-                "name": f"{'head' if stage == n_stages else f'stage{stage}'}/{'decay' if decayed else 'no_decay'}",
-                "weight_decay": cfg.weight_decay if decayed else 0.0,
-                "lr_scale": cfg.head_lr_mult if stage == n_stages else cfg.layer_decay ** (n_stages - stage),
-            },
+            (scale, decay), {"params": [], "param_names": [], "labels": [], "weight_decay": decay, "lr_scale": scale}
         )
         group["params"].append(p)
-    return [groups[k] for k in sorted(groups)]
+        group["param_names"].append(name)
+        label = f"{'head' if stage == n_stages else f'stage{stage}'}/{'decay' if decayed else 'no_decay'}"
+        if label not in group["labels"]:
+            group["labels"].append(label)
+    return [{**g, "name": ",".join(g.pop("labels"))} for g in groups.values()]
+
+
+def legacy_order(model: PatchClassifier, cfg: OptimConfig) -> list[str]:
+    """Parameter names in the order of checkpoints written before groups were merged (one group
+    per (stage, decayed), in that order), whose optimizer state names no parameter."""
+    labelled = sorted(_labelled(model, cfg), key=lambda row: (row[2], row[3]))  # stable: the model's order within
+    return [name for name, *_ in labelled]
 
 
 def effective_lr(cfg: OptimConfig, global_batch: int) -> float:
@@ -81,20 +94,44 @@ def describe_groups(optimizer: torch.optim.Optimizer, base_lr: float) -> str:
 
 
 class OptimizerState:
-    """The optimizer as a checkpoint part: its moments are restored, its hyperparameters (lr
-    scales, weight decay, ...) stay this run's."""
+    """The optimizer as a checkpoint part: its moments are restored, parameter by parameter
+    (by name, so a resume may regroup them), its hyperparameters (lr scales, weight decay, ...)
+    stay this run's."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer):
-        self.optimizer = optimizer
+    def __init__(self, optimizer: torch.optim.Optimizer, legacy: list[str] | None = None):
+        self.optimizer, self.legacy = optimizer, legacy
 
     def state_dict(self) -> dict:
         return self.optimizer.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         current = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(state)
+        self.optimizer.load_state_dict(self._regrouped(state))
         for group, hyper in zip(self.optimizer.param_groups, current):
             group.update(hyper)
+
+    def _regrouped(self, state: dict) -> dict:
+        """The saved state re-indexed to this optimizer's groups, matching parameters by name."""
+        names = [n for g in self.optimizer.param_groups for n in g["param_names"]]
+        saved_ids = [i for g in state["param_groups"] for i in g["params"]]
+        saved_names = [n for g in state["param_groups"] for n in g.get("param_names", [])] or self.legacy or []
+        sizes = [len(g["params"]) for g in state["param_groups"]]
+        if saved_names == names and sizes == [len(g["params"]) for g in self.optimizer.param_groups]:
+            return state
+        if sorted(saved_names) != sorted(names) or len(saved_names) != len(saved_ids):
+            return state  # other parameters: the optimizer's own check names the mismatch
+        where = dict(zip(saved_names, saved_ids))
+        moments = {i: state["state"][where[n]] for i, n in enumerate(names) if where[n] in state["state"]}
+        groups, start = [], 0
+        for g in self.optimizer.param_groups:
+            groups.append(
+                {
+                    **{k: v for k, v in g.items() if k != "params"},
+                    "params": list(range(start, start + len(g["params"]))),
+                }
+            )
+            start += len(g["params"])
+        return {"state": moments, "param_groups": groups}
 
 
 class LrSchedule:

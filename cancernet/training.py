@@ -23,7 +23,15 @@ from .ema import ModelEma
 from .engine import StepParts
 from .errors import CheckpointError, ConfigError, UserError
 from .models import build_model, count_parameters
-from .optim import LrSchedule, OptimizerState, build_optimizer, describe_groups, describe_lr, effective_lr
+from .optim import (
+    LrSchedule,
+    OptimizerState,
+    build_optimizer,
+    describe_groups,
+    describe_lr,
+    effective_lr,
+    legacy_order,
+)
 from .rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -123,7 +131,7 @@ class Training:
         p = self.parts
         parts = {
             checkpoint.MODEL: self.model_without_ddp,
-            checkpoint.OPTIMIZER: OptimizerState(p.optimizer),
+            checkpoint.OPTIMIZER: OptimizerState(p.optimizer, legacy_order(self.model_without_ddp, self.cfg.optim)),
             checkpoint.SCHEDULER: p.schedule,
             checkpoint.SCALER: ScalerState(p.scaler),
         }

@@ -59,9 +59,13 @@ def test_a_time_budget_fixes_the_length_the_schedule_ends_with_it_and_a_resume_k
     warmup, base_lr = schedule["warmup_samples"], schedule["base_lr"]
     progress = (plan["samples"] - 32 - warmup) / (plan["samples"] - warmup)
     assert summary["lr"].iloc[-1] == pytest.approx(base_lr * 0.5 * (1 + math.cos(math.pi * progress)), rel=1e-4)
-    spent = (summary["epoch_s"] + summary["val_s"] + summary["ckpt_s"]).sum()
-    # planned from measured rates, so a ratio that holds on a slower machine too; the margin is for
-    # a busy one (another process on a core slows later epochs after the plan was fixed)
-    assert 0.5 * budget < spent < 1.25 * budget, summary
+    # the plan fits the budget at the rates it measured: the final one those of the whole epoch it
+    # was fixed after (summary.csv's row). Whether the machine then keeps that speed is not the
+    # code's doing (a busy CI machine once ran 10x slower mid-run): the realised time of a budget
+    # run is measured in docs/BENCHMARKS.md, not asserted here
+    assert 0.8 * budget < plan["estimated_s"] <= budget
+    fixed_after = summary[summary["samples_seen"] == plan["planned_at_sample"]].iloc[0]
+    trained = fixed_after["samples_seen"] - (fixed_after["epoch"] - 1) * per_epoch
+    assert plan["train_images_per_s"] == pytest.approx(trained / fixed_after["epoch_s"], rel=1e-2)
     meta = yaml.safe_load((out / "config.yaml").read_text())["meta"]
     assert meta["time_budget"]["samples"] == plan["samples"] and meta["time_budget"]["epochs"] > 1

@@ -1,3 +1,4 @@
+import dataclasses
 import shutil
 
 import numpy as np
@@ -327,3 +328,52 @@ def test_a_fold_outside_the_folds_or_a_val_fraction_with_folds_is_refused(synth_
         make_cfg(synth_root, "x", "data.folds=3", "data.fold=3")
     with pytest.raises(ConfigError, match="'data.val_fraction' does not apply"):
         make_cfg(synth_root, "x", "data.folds=3", "data.val_fraction=0.2")
+
+
+def _reference_augment(cfg: DataConfig, images: torch.Tensor, index: torch.Tensor, epoch: int) -> torch.Tensor:
+    """The augmentation as it was written on the device, op by op (before its parameters moved
+    to the host): what the fused version must still compute."""
+    import math
+
+    from cancernet.data import augment as a
+
+    u = a.sample_uniforms(index, 0, epoch)
+    x = Preprocess.from_config(cfg).unit(a.dihedral(images, (u[:, a.DIHEDRAL] * 8).long()))
+    x = Preprocess.from_config(cfg).resize(x)
+    hed_from_rgb = torch.linalg.inv(a._RGB_FROM_HED)
+    alpha = 1 + cfg.stain_sigma * (2 * u[:, a.STAIN_SCALE] - 1)
+    beta = cfg.stain_bias * (2 * u[:, a.STAIN_SHIFT] - 1)
+    matrix = (hed_from_rgb * alpha[:, None, :]) @ a._RGB_FROM_HED
+    offset = a._LOG_EPS * beta @ a._RGB_FROM_HED
+    x = (torch.einsum("nchw,ncd->ndhw", x.clamp_min(1e-6).log(), matrix) + offset[:, :, None, None]).exp().clamp(0, 1)
+    j = cfg.jitter
+    b, c, s = (1 - j + 2 * j * u[:, k] for k in (a.BRIGHTNESS, a.CONTRAST, a.SATURATION))
+    angle = (2 * u[:, a.HUE] - 1) * cfg.hue * 2 * math.pi
+    sat = s.view(-1, 1, 1) * torch.eye(3) + (1 - s).view(-1, 1, 1) * a._GRAY.view(1, 1, 3)
+    rot = torch.zeros(len(u), 3, 3)
+    rot[:, 0, 0], rot[:, 1, 1], rot[:, 2, 2], rot[:, 1, 2], rot[:, 2, 1] = (
+        1,
+        angle.cos(),
+        angle.cos(),
+        -angle.sin(),
+        angle.sin(),
+    )
+    matrix = c.view(-1, 1, 1) * b.view(-1, 1, 1) * (torch.linalg.inv(a._RGB2YIQ) @ rot @ a._RGB2YIQ @ sat)
+    mean_gray = torch.einsum("nchw,c->n", x, a._GRAY) / (x.shape[-1] * x.shape[-2])
+    x = (torch.einsum("nij,njhw->nihw", matrix, x) + ((1 - c) * b * mean_gray).view(-1, 1, 1, 1)).clamp(0, 1)
+    return Preprocess.from_config(cfg).normalise(x)
+
+
+@pytest.mark.parametrize("size", [96, 64])
+def test_augmentation_with_host_drawn_parameters_computes_what_the_device_version_did(size):
+    from cancernet.data.augment import host_uniforms, sample_uniforms
+
+    index = torch.arange(1000, 1032)
+    assert torch.equal(torch.from_numpy(host_uniforms(index, 5, 7)), sample_uniforms(index, 5, 7))  # bit for bit
+    cfg = DataConfig(image_size=size, augment="dihedral", stain="hed", stain_sigma=0.05, stain_bias=0.01, jitter=0.1)
+    cfg = dataclasses.replace(cfg, hue=0.02)
+    images = torch.randint(0, 256, (32, 96, 96, 3), dtype=torch.uint8).permute(0, 3, 1, 2)  # NHWC-strided, as loaded
+    for epoch in (0, 4):
+        fused = Augment(cfg, 0)(images, index, epoch)
+        # float32 products in another order: last-bit differences of values of order 1
+        assert torch.allclose(fused, _reference_augment(cfg, images, index, epoch), atol=2e-5)

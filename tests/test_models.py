@@ -85,6 +85,43 @@ def test_parameter_groups_get_the_learning_rates_asked_for():
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
     decayed = param_groups(model, OptimConfig(decay_norm_bias=True))
     assert all(g["name"].endswith("/decay") for g in decayed)
+    # equal hyperparameters share a group (one fused kernel each): decayed and not, whatever the stages
+    plain = param_groups(model, OptimConfig(weight_decay=0.05))
+    assert [g["weight_decay"] for g in plain] == [0.05, 0.0] and all(g["lr_scale"] == 1.0 for g in plain)
+    assert sum(len(g["param_names"]) for g in plain) == len(list(model.parameters()))
+
+
+def _stepped(groups: list[dict]) -> torch.optim.Optimizer:
+    optimizer = torch.optim.AdamW(groups, lr=1e-3)
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            p.grad = torch.randn_like(p)
+    optimizer.step()
+    return optimizer
+
+
+@pytest.mark.parametrize("saved_as", ["merged groups", "one group per stage (older checkpoints)"])
+def test_a_resume_that_regroups_the_parameters_keeps_each_ones_moments(saved_as):
+    from cancernet.optim import OptimizerState, legacy_order
+
+    model = build_model(ModelConfig(arch="resnet18", pretrained="none", channels_last=False), 32)
+    names = dict(model.net.named_parameters())
+    if saved_as == "merged groups":  # saved without layer decay, resumed with it: 2 groups become 14
+        saved, resumed = OptimConfig(), OptimConfig(layer_decay=0.7)
+        before = _stepped(param_groups(model, saved))
+    else:  # as written before groups were merged: per (stage, decay), no parameter names
+        resumed = OptimConfig()
+        order = legacy_order(model, resumed)
+        stage_groups = [g for g in param_groups(model, OptimConfig(layer_decay=0.5)) if g["params"]]
+        stage_groups.sort(key=lambda g: order.index(g["param_names"][0]))
+        before = _stepped([{"params": g["params"], "lr_scale": 1.0} for g in stage_groups])
+    moments = {n: before.state[p]["exp_avg"].clone() for n, p in names.items()}
+    state = before.state_dict()
+    after = torch.optim.AdamW(param_groups(model, resumed), lr=1e-3)
+    OptimizerState(after, legacy_order(model, resumed)).load_state_dict(state)
+    for name, p in names.items():
+        assert torch.equal(after.state[p]["exp_avg"], moments[name]), name
+    assert {g["lr_scale"] for g in after.param_groups} == {g["lr_scale"] for g in param_groups(model, resumed)}
 
 
 @pytest.mark.slow
@@ -108,8 +145,9 @@ def test_each_family_trains_resumes_predicts_and_exports(arch, synth_root, tmp_p
     train(synth_root, out, *common, "train.epochs=2")  # resumes: same groups, moments carried over
     last = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert last["epoch"] == 2 and len(last["history"]) == 2
+    optim = OptimConfig(layer_decay=0.8, head_lr_mult=5)
     assert len(last["optimizer"]["param_groups"]) == len(
-        param_groups(build_model(ModelConfig(arch=arch, pretrained="none"), 32), OptimConfig())
+        param_groups(build_model(ModelConfig(arch=arch, pretrained="none"), 32), optim)
     )
     ckpt = out / "checkpoints" / "best.pt"
     info = export(ckpt, tmp_path / "export")

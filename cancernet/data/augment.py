@@ -4,7 +4,9 @@
 training, evaluation, `predict` and `export` all run it. `Augment` adds the random training
 transforms around it. Random parameters come from a counter-based hash of (seed, epoch, image
 index), so a patch gets the same augmentation on both data paths, whatever the world size,
-batch size or worker count, and drawing them never waits for the device.
+batch size or worker count. They, and every per-sample matrix made from them, are computed on
+the host (numpy: no kernel launches) and sent with the batch; the device runs only the passes
+over the pixels (a step on a GPU must not be bound by launching small kernels: `bench ops`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ _GRAY = torch.tensor([0.299, 0.587, 0.114])
 # Ruifrok & Johnston's stain vectors (rows: haematoxylin, eosin, DAB), as scikit-image's rgb_from_hed.
 _RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
 _LOG_EPS = math.log(1e-6)
+# the same, as host arrays (the per-sample matrices are made on the host)
+_HOST = {name: m.numpy() for name, m in (("rgb2yiq", _RGB2YIQ), ("gray", _GRAY), ("rgb_from_hed", _RGB_FROM_HED))}
+_HOST |= {"yiq2rgb": np.linalg.inv(_HOST["rgb2yiq"]), "hed_from_rgb": np.linalg.inv(_HOST["rgb_from_hed"])}
 # Columns of the per-sample random draws
 DIHEDRAL, FLIP, ROTATE, BRIGHTNESS, CONTRAST, SATURATION, HUE = range(7)
 STAIN_SCALE, STAIN_SHIFT = slice(7, 10), slice(10, 13)
@@ -55,12 +60,32 @@ def _fmix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def sample_uniforms(index: torch.Tensor, seed: int, epoch: int, count: int = N_DRAWS) -> torch.Tensor:
-    """(N, count) uniforms in [0, 1), a pure function of (seed, epoch, index[i], column)."""
+    """(N, count) uniforms in [0, 1), a pure function of (seed, epoch, index[i], column), on
+    index's device (the host's draws, `host_uniforms`, are the same numbers)."""
     base = sample_seed(seed, epoch)
     h = _fmix32((index.long() & _MASK32) ^ (base & _MASK32))
     h = _fmix32(h ^ ((base >> 32) & _MASK32))
     columns = (torch.arange(1, count + 1, device=index.device) * 0x9E3779B9) & _MASK32
     return (_fmix32(h[:, None] ^ columns[None, :]) >> 8).float() * 2.0**-24
+
+
+def _fmix32_host(x: np.ndarray) -> np.ndarray:
+    """_fmix32 on uint32 arrays, whose products wrap modulo 2**32 by themselves."""
+    x = x ^ (x >> np.uint32(16))
+    x = x * np.uint32(0x85EBCA6B)
+    x = x ^ (x >> np.uint32(13))
+    x = x * np.uint32(0xC2B2AE35)
+    return x ^ (x >> np.uint32(16))
+
+
+def host_uniforms(index: torch.Tensor | np.ndarray, seed: int, epoch: int, count: int = N_DRAWS) -> np.ndarray:
+    """sample_uniforms on the host: the same (N, count) float32 numbers, without a device op."""
+    index = (index if index.device.type == "cpu" else index.cpu()).numpy() if isinstance(index, torch.Tensor) else index
+    base = sample_seed(seed, epoch)
+    h = _fmix32_host((index.astype(np.int64) & _MASK32).astype(np.uint32) ^ np.uint32(base & _MASK32))
+    h = _fmix32_host(h ^ np.uint32((base >> 32) & _MASK32))
+    columns = ((np.arange(1, count + 1, dtype=np.uint64) * 0x9E3779B9) & _MASK32).astype(np.uint32)
+    return (_fmix32_host(h[:, None] ^ columns[None, :]) >> np.uint32(8)).astype(np.float32) * np.float32(2.0**-24)
 
 
 class Preprocess(nn.Module):
@@ -117,7 +142,8 @@ class Preprocess(nn.Module):
 
 
 class Augment(nn.Module):
-    """Training transform: uint8 (N, 3, H, W) + image indices -> augmented, normalised float."""
+    """Training transform: uint8 (N, 3, H, W) + image indices (on the host) -> augmented,
+    normalised float on the images' device."""
 
     def __init__(self, cfg: DataConfig, seed: int, channels_last: bool = False):
         super().__init__()
@@ -125,63 +151,89 @@ class Augment(nn.Module):
         self.mode, self.seed = cfg.augment, seed
         self.jitter, self.hue = cfg.jitter, cfg.hue
         self.stain, self.stain_sigma, self.stain_bias = cfg.stain, cfg.stain_sigma, cfg.stain_bias
-        for name, value in (
-            ("rgb2yiq", _RGB2YIQ),
-            ("yiq2rgb", torch.linalg.inv(_RGB2YIQ)),
-            ("gray", _GRAY),
-            ("rgb_from_hed", _RGB_FROM_HED),
-            ("hed_from_rgb", torch.linalg.inv(_RGB_FROM_HED)),
-        ):
-            self.register_buffer(name, value, persistent=False)
+        self._tables: dict = {}  # (side, device) -> the 8 dihedral views' pixel orders
+        self.register_buffer("gray_column", _GRAY.view(1, 3, 1), persistent=False)
 
     def forward(self, images: torch.Tensor, index: torch.Tensor, epoch: int) -> torch.Tensor:
-        u = sample_uniforms(index, self.seed, epoch)
+        u = host_uniforms(index, self.seed, epoch)
+        to_device = _Sender(images.device)
         if self.mode == "dihedral":
-            images = dihedral(images, (u[:, DIHEDRAL] * 8).long())
+            images = self._dihedral(images, to_device(np.floor(u[:, DIHEDRAL] * 8).astype(np.int64)))
         x = self.preprocess.unit(images)
         if self.mode == "seed":
-            x = _rotate_resize(x, 20 * u[:, ROTATE] - 10, u[:, FLIP] < 0.5, self.preprocess.size)
+            degrees, flips = (to_device(a) for a in (20 * u[:, ROTATE] - 10, u[:, FLIP] < 0.5))
+            x = _rotate_resize(x, degrees, flips, self.preprocess.size)
         else:
             x = self.preprocess.resize(x)
+        n, _, h, w = x.shape
+        x = x.reshape(n, 3, h * w)  # the colour transforms act on (N, 3, pixels): batched 3x3 products
         if self.stain == "hed":
-            x = self._stain(x, u)
+            matrix, offset = stain_transform(u, self.stain_sigma, self.stain_bias)
+            log_rgb = torch.baddbmm(to_device(offset[:, :, None]), to_device(matrix), x.clamp_min(1e-6).log())
+            x = log_rgb.exp_().clamp_(0, 1)
         if self.jitter or self.hue:
-            x = self._colour_jitter(x, u)
-        return self.preprocess.normalise(x)
+            matrix, gray_gain = colour_transform(u, self.jitter, self.hue)
+            # contrast blends towards the image's mean gray level, a per-sample offset
+            mean_gray = (x.mean(-1, keepdim=True) * self.gray_column).sum(1, keepdim=True)  # (N, 1, 1)
+            offset = to_device(gray_gain[:, None, None]) * mean_gray
+            x = torch.baddbmm(offset, to_device(matrix), x).clamp_(0, 1)
+        return self.preprocess.normalise(x.view(n, 3, h, w))
 
-    def _stain(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """Scale and shift each sample's H, E, D stain concentrations (Tellez et al. 2019).
+    def _dihedral(self, images: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """dihedral() as one gather: each sample's pixels in its view's order (uint8)."""
+        n, c, h, w = images.shape
+        key = (h, images.device)
+        if key not in self._tables:
+            pixels = torch.arange(h * w).view(1, 1, h, w).expand(8, 1, h, w)
+            self._tables[key] = dihedral(pixels, torch.arange(8)).reshape(8, 1, h * w).to(images.device)
+        order = self._tables[key][k].expand(n, c, h * w)
+        return images.reshape(n, c, h * w).gather(2, order).view(n, c, h, w)
 
-        In scikit-image's convention (row vectors, L = log 1e-6) stains = log(rgb) / L @ hed_from_rgb
-        and rgb = exp(stains * L @ rgb_from_hed), so s' = s * alpha + beta is linear in log space:
-        log rgb' = log rgb @ (hed_from_rgb diag(alpha) rgb_from_hed) + L * beta @ rgb_from_hed.
-        """
-        alpha = 1 + self.stain_sigma * (2 * u[:, STAIN_SCALE] - 1)
-        beta = self.stain_bias * (2 * u[:, STAIN_SHIFT] - 1)
-        matrix = (self.hed_from_rgb * alpha[:, None, :]) @ self.rgb_from_hed  # (N, 3, 3)
-        offset = _LOG_EPS * beta @ self.rgb_from_hed  # (N, 3)
-        log_rgb = torch.einsum("nchw,ncd->ndhw", x.clamp_min(1e-6).log(), matrix)
-        return (log_rgb + offset[:, :, None, None]).exp().clamp_(0, 1)
 
-    def _colour_jitter(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        j = self.jitter
-        brightness, contrast, saturation = (1 - j + 2 * j * u[:, c] for c in (BRIGHTNESS, CONTRAST, SATURATION))
-        angle = (2 * u[:, HUE] - 1) * self.hue * 2 * math.pi
-        eye = torch.eye(3, device=x.device)
-        # saturation: blend towards per-pixel gray; brightness: scale
-        sat = saturation.view(-1, 1, 1) * eye + (1 - saturation).view(-1, 1, 1) * self.gray.view(1, 1, 3)
-        cos, sin, zero, one = torch.cos(angle), torch.sin(angle), torch.zeros_like(angle), torch.ones_like(angle)
-        rot = torch.stack(
-            [torch.stack([one, zero, zero], -1), torch.stack([zero, cos, -sin], -1), torch.stack([zero, sin, cos], -1)],
-            1,
-        )
-        matrix = brightness.view(-1, 1, 1) * (self.yiq2rgb @ rot @ self.rgb2yiq @ sat)
-        # contrast: blend towards the image's mean gray level; gray offsets pass unchanged through
-        # saturation and hue, so contrast folds in here
-        mean_gray = torch.einsum("nchw,c->n", x, self.gray) / (x.shape[-1] * x.shape[-2])
-        matrix = contrast.view(-1, 1, 1) * matrix
-        offset = ((1 - contrast) * brightness * mean_gray).view(-1, 1, 1, 1)
-        return (torch.einsum("nij,njhw->nihw", matrix, x) + offset).clamp_(0, 1)
+class _Sender:
+    """Host arrays to the device, asynchronously where it is a GPU (pinned, non-blocking)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __call__(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        if self.device.type == "cpu":
+            return tensor
+        return tensor.pin_memory().to(self.device, non_blocking=True)
+
+
+def stain_transform(u: np.ndarray, sigma: float, bias: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample (3x3 matrix, offset) acting on log RGB: each sample's H, E, D stain
+    concentrations scaled and shifted (Tellez et al. 2019).
+
+    In scikit-image's convention (row vectors, L = log 1e-6) stains = log(rgb) / L @ hed_from_rgb
+    and rgb = exp(stains * L @ rgb_from_hed), so s' = s * alpha + beta is linear in log space:
+    log rgb' = log rgb @ (hed_from_rgb diag(alpha) rgb_from_hed) + L * beta @ rgb_from_hed.
+    Returned transposed, for column vectors (pixels as columns).
+    """
+    rgb_from_hed = _HOST["rgb_from_hed"]
+    alpha = 1 + sigma * (2 * u[:, STAIN_SCALE] - 1)
+    beta = bias * (2 * u[:, STAIN_SHIFT] - 1)
+    matrix = (_HOST["hed_from_rgb"] * alpha[:, None, :]) @ rgb_from_hed
+    offset = np.float32(_LOG_EPS) * beta @ rgb_from_hed
+    return matrix.transpose(0, 2, 1), offset.astype(np.float32)
+
+
+def colour_transform(u: np.ndarray, jitter: float, hue: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample colour jitter as (3x3 matrix, gray gain): brightness, contrast, saturation and a
+    hue rotation of the YIQ chroma plane; x' = matrix @ x + gray_gain * mean gray level of x."""
+    brightness, contrast, saturation = (1 - jitter + 2 * jitter * u[:, c] for c in (BRIGHTNESS, CONTRAST, SATURATION))
+    angle = (2 * u[:, HUE] - 1) * np.float32(hue * 2 * math.pi)
+    gray, rgb2yiq = _HOST["gray"], _HOST["rgb2yiq"]
+    # saturation: blend towards per-pixel gray
+    sat = saturation[:, None, None] * np.eye(3, dtype=np.float32) + (1 - saturation)[:, None, None] * gray[None, None]
+    rot = np.zeros((len(u), 3, 3), np.float32)
+    rot[:, 0, 0], rot[:, 1, 1], rot[:, 2, 2] = 1, np.cos(angle), np.cos(angle)
+    rot[:, 1, 2], rot[:, 2, 1] = -np.sin(angle), np.sin(angle)
+    matrix = brightness[:, None, None] * (_HOST["yiq2rgb"] @ rot @ rgb2yiq @ sat)
+    # gray offsets pass unchanged through saturation and hue, so contrast folds in here
+    return (contrast[:, None, None] * matrix).astype(np.float32), ((1 - contrast) * brightness).astype(np.float32)
 
 
 def dihedral(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

@@ -105,5 +105,5 @@ class EpochSampler(Sampler[int]):
 
 
 def to_device(batch, device: torch.device):
-    """(images, labels, index) on the device without waiting for it (pinned memory on CUDA)."""
+    """The batch's tensors (images, labels, ...) on the device without waiting for it (pinned memory on CUDA)."""
     return tuple(t.to(device, non_blocking=True) for t in batch)
