@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .config import Config
-from .data.augment import DIHEDRAL, Preprocess, dihedral, host_uniforms
+from .data.augment import DIHEDRAL, Preprocess, dihedral, host_uniforms, send
 from .distributed import DistInfo, all_reduce_sum, barrier
 from .engine import autocast
 from .errors import ConfigError, UserError
@@ -277,7 +277,7 @@ class StoredViews(nn.Module):
         if self.views == 1:
             return feats[:, 0].float()
         k = np.floor(host_uniforms(index, self.seed, epoch)[:, DIHEDRAL] * 8).astype(np.int64)
-        k = torch.from_numpy(k).to(feats.device, non_blocking=True)
+        k = send(k, feats.device)
         return feats[torch.arange(len(feats), device=feats.device), k].float()
 
 

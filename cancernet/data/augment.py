@@ -11,6 +11,7 @@ over the pixels (a step on a GPU must not be bound by launching small kernels: `
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -156,7 +157,7 @@ class Augment(nn.Module):
 
     def forward(self, images: torch.Tensor, index: torch.Tensor, epoch: int) -> torch.Tensor:
         u = host_uniforms(index, self.seed, epoch)
-        to_device = _Sender(images.device)
+        to_device = functools.partial(send, device=images.device)
         if self.mode == "dihedral":
             images = self._dihedral(images, to_device(np.floor(u[:, DIHEDRAL] * 8).astype(np.int64)))
         x = self.preprocess.unit(images)
@@ -183,24 +184,17 @@ class Augment(nn.Module):
         """dihedral() as one gather: each sample's pixels in its view's order (uint8)."""
         n, c, h, w = images.shape
         key = (h, images.device)
-        if key not in self._tables:
-            pixels = torch.arange(h * w).view(1, 1, h, w).expand(8, 1, h, w)
-            self._tables[key] = dihedral(pixels, torch.arange(8)).reshape(8, 1, h * w).to(images.device)
+        if key not in self._tables:  # made on the device: no blocking copy, even at the first step
+            pixels = torch.arange(h * w, device=images.device).view(1, 1, h, w).expand(8, 1, h, w)
+            self._tables[key] = dihedral(pixels, torch.arange(8, device=images.device)).reshape(8, 1, h * w)
         order = self._tables[key][k].expand(n, c, h * w)
         return images.reshape(n, c, h * w).gather(2, order).view(n, c, h, w)
 
 
-class _Sender:
-    """Host arrays to the device, asynchronously where it is a GPU (pinned, non-blocking)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def __call__(self, array: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(np.ascontiguousarray(array))
-        if self.device.type == "cpu":
-            return tensor
-        return tensor.pin_memory().to(self.device, non_blocking=True)
+def send(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on the device, without the host waiting (pinned, non-blocking) where it is a GPU."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    return tensor if device.type == "cpu" else tensor.pin_memory().to(device, non_blocking=True)
 
 
 def stain_transform(u: np.ndarray, sigma: float, bias: float) -> tuple[np.ndarray, np.ndarray]:
