@@ -33,6 +33,7 @@ class DataConfig:
     root: str = "data/synthetic"
     format: str = field(default="folder", metadata={"check": "format"})  # data/formats.py: folder | packed | pcam
     packed_dir: str | None = None  # default: <root>/packed
+    stage_dir: str | None = None  # node-local folder ($SLURM_TMPDIR, /dev/shm) the pack is copied to and read from
     image_size: int | None = bounded(96, 8)  # null: the weights' input size
     crop: int | None = bounded(None, 8, 96)  # centre square cut from each patch before the resize; null = whole
     num_workers: int = bounded(4, 0)

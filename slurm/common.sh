@@ -21,7 +21,12 @@ if [[ -z "${NPROC_PER_NODE:-}" ]]; then  # one process per GPU Slurm gave this n
   fi
 fi
 
-TRAIN_ARGS=("$CANCERNET_HOME/train_ddp.py" --config "$CONFIG" "train.out_dir=$RUN_DIR" "${OVERRIDES[@]}" train.resume=auto)
+# node-local disk where the cluster gives one: each node copies the pack there once and reads it
+# from there (data.stage_dir; an override on the command line wins)
+STAGE=()
+if [[ -n "${SLURM_TMPDIR:-}" ]]; then STAGE=("data.stage_dir=$SLURM_TMPDIR"); fi
+TRAIN_ARGS=("$CANCERNET_HOME/train_ddp.py" --config "$CONFIG" "train.out_dir=$RUN_DIR" "${STAGE[@]}" "${OVERRIDES[@]}"
+            train.resume=auto)
 
 echo "$(date -Is) job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}:" \
      "${SLURM_NNODES:-1} node(s) x ${NPROC_PER_NODE} process(es), run dir ${RUN_DIR}, python $(command -v python)"

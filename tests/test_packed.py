@@ -131,3 +131,63 @@ def test_bench_prints_one_json_line_per_measurement(packed_root):
         ("packed", True),
     ]
     assert all(r["images_per_s"] > 0 and r["images"] == 96 for r in rows)
+
+
+def test_the_pack_is_staged_once_per_node_reused_and_read_from_there(synth_root, tmp_path, caplog):
+    import logging
+    import threading
+
+    from cancernet.config import DataConfig
+    from cancernet.data.formats import open_source_pack, prepare
+    from cancernet.data.packed import stage
+
+    from conftest import copy_dataset
+
+    root = copy_dataset(synth_root, tmp_path / "data", n=60)
+    prepare(DataConfig(root=str(root)), workers=1)
+    cfg, local = DataConfig(root=str(root), format="packed"), tmp_path / "node-local"
+    pack = open_source_pack(cfg)
+    first_id = pack.ids[0]
+    original = pack.read_by_id(first_id)
+    paths, start = [], threading.Barrier(3)
+
+    def rank():  # the ranks of one node, all at once: one copies, the others wait and reuse it
+        start.wait()
+        paths.append(stage(pack, local))
+
+    with caplog.at_level(logging.INFO, logger="cancernet.data.packed"):
+        threads = [threading.Thread(target=rank) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(set(paths)) == 1 and paths[0].parent == local
+        assert caplog.text.count("staged the pack") == 1
+        for name in ("images.npy", "ids.txt", "labels.npy", "manifest.json"):
+            assert (paths[0] / name).read_bytes() == (pack.path / name).read_bytes()
+        # reads go to the staged copy: blank the shared one (same size, same manifest) and read again
+        images = pack.path / "images.npy"
+        images.write_bytes(images.read_bytes()[: pack.offset] + bytes(images.stat().st_size - pack.offset))
+        staged_cfg = DataConfig(root=str(root), format="packed", stage_dir=str(local))
+        assert np.array_equal(open_source_pack(staged_cfg).read_by_id(first_id), original) and original.any()
+        assert not open_source_pack(cfg).read_by_id(first_id).any()
+        assert caplog.text.count("staged the pack") == 1  # reused
+        labels = pd.read_csv(root / "train_labels.csv", dtype={"id": str})
+        labels.head(50).to_csv(root / "train_labels.csv", index=False)
+        prepare(DataConfig(root=str(root)), workers=1)  # other data, a new pack: staged anew, beside the old
+        fresh = open_source_pack(staged_cfg)
+        assert fresh.path.parent == local and fresh.path != paths[0] and len(fresh.ids) == 50
+        assert np.array_equal(fresh.read_by_id(first_id), original)
+        assert caplog.text.count("staged the pack") == 2
+    out = tmp_path / "run"
+    train(root, out, "data.format=packed", f"data.stage_dir={local}", "train.epochs=1")
+    assert (out / "checkpoints" / "last.pt").is_file()
+
+
+def test_a_shared_memory_too_small_for_the_loader_workers_is_said_in_one_line(tmp_path):
+    from cancernet.data.loaders import shared_memory_shortfall
+
+    assert shared_memory_shortfall(27_648 * 256, 6, 4, 4, str(tmp_path)) is None  # a disk: room enough
+    line = shared_memory_shortfall(2**40, 6, 4, 4, str(tmp_path))
+    assert "4 rank(s) x 6 loader workers x 4 batches" in line and "--shm-size" in line and "\n" not in line
+    assert shared_memory_shortfall(1, 1, 1, 1, str(tmp_path / "missing")) is None

@@ -6,9 +6,11 @@ A new source is one module with a Source (data/source.py) plus one line in FORMA
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ import numpy as np
 from ..config import DataConfig
 from ..errors import ConfigError
 from . import kaggle, pcam
-from .packed import Pack, PackWriter, open_pack
+from .packed import Pack, PackWriter, open_pack, stage
 from .source import Source
 
 log = logging.getLogger(__name__)
@@ -64,19 +66,22 @@ def _hint(cfg: DataConfig) -> str:
 
 
 def open_source_pack(cfg: DataConfig) -> Pack:
-    """The pack of data.root, refused when missing, partial or made from other data."""
+    """The pack of data.root, refused when missing, partial or made from other data; read from
+    its copy in data.stage_dir when that is set (copied there first, once per node)."""
     source, path = format_of(cfg).source, pack_dir(cfg)
     manifest = path / "manifest.json"
     mtime = manifest.stat().st_mtime_ns if manifest.is_file() else 0
-    return _open(path, cfg.format, str(cfg.root), mtime, source.mtime(str(cfg.root)) if mtime else 0, _hint(cfg))
+    source_mtime = source.mtime(str(cfg.root)) if mtime else 0
+    staged = os.path.expandvars(cfg.stage_dir) if cfg.stage_dir else None
+    return _open(path, cfg.format, str(cfg.root), mtime, source_mtime, _hint(cfg), staged)
 
 
 @functools.lru_cache(maxsize=4)  # opened by several loaders; re-checked when either side changes
-def _open(path: Path, fmt: str, root: str, manifest_mtime: int, source_mtime: int, hint: str) -> Pack:
+def _open(path: Path, fmt: str, root: str, manifest_mtime: int, source_mtime: int, hint: str, staged: str | None):
     if not manifest_mtime:
         return open_pack(path, "", "", hint)  # raises: no complete pack
-    source = FORMATS[fmt].source
-    return open_pack(path, *source.fingerprint(root), hint)
+    pack = open_pack(path, *FORMATS[fmt].source.fingerprint(root), hint)
+    return dataclasses.replace(pack, path=stage(pack, Path(staged))) if staged else pack
 
 
 def prepare(cfg: DataConfig, workers: int) -> Path:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +20,7 @@ from .augment import Augment, Preprocess
 from .datasets import EpochSampler, FolderDataset, PackedDataset, ShardSampler
 from .formats import format_of, open_source_pack
 from .kaggle import drop_bad_images
+from .patch import PATCH_SHAPE
 from .splits import make_splits, read_groups, reuse_splits
 
 log = logging.getLogger(__name__)
@@ -129,10 +132,35 @@ def make_loader(cfg: Config, dist: DistInfo, part: pd.DataFrame, train: bool, st
         from ..features import FirstView, StoredViews
 
         return SplitLoader(loader, sampler, ids, FirstView(), StoredViews(tc.seed, store.views) if train else None)
+    if train and num_workers and dist.local_rank == 0:
+        ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        problem = shared_memory_shortfall(batch_size * PATCH_BYTES, num_workers, 4, ranks, "/dev/shm")
+        if problem:
+            log.warning(problem)
     channels_last = cfg.model.channels_last
     augment = Augment(dc, tc.seed, channels_last).to(dist.device) if train else None
     preprocess = Preprocess.from_config(dc, channels_last=channels_last).to(dist.device)
     return SplitLoader(loader, sampler, ids, preprocess, augment)
+
+
+PATCH_BYTES = int(np.prod(PATCH_SHAPE))
+
+
+def shared_memory_shortfall(batch_bytes: int, workers: int, prefetch: int, ranks: int, shm: str) -> str | None:
+    """One line when the batches loader workers hand over (through shared memory) would not fit
+    in it, e.g. Docker's 64 MB default /dev/shm; None when they fit or shm cannot be read."""
+    try:
+        total = shutil.disk_usage(shm).total
+    except OSError:
+        return None
+    need = batch_bytes * workers * prefetch * ranks
+    if need <= total:
+        return None
+    return (
+        f"{shm} holds {total / 2**20:.0f} MiB, but {ranks} rank(s) x {workers} loader workers x {prefetch} batches "
+        f"of {batch_bytes / 2**20:.1f} MiB need {need / 2**20:.0f} MiB: workers may die with a bus error; give the "
+        "container more (docker run --shm-size=16g) or lower data.num_workers or train.batch_size"
+    )
 
 
 def set_epoch(split_loader: SplitLoader, epoch: int, offset: int = 0, end: int | None = None) -> None:

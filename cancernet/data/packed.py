@@ -16,9 +16,12 @@ the same reason (the written pages of a map count as the writer's memory).
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -30,6 +33,7 @@ from .patch import PATCH_SHAPE
 
 ROW_BYTES = int(np.prod(PATCH_SHAPE))
 VERSION = 2
+log = logging.getLogger(__name__)
 
 
 def npy_layout(path: Path) -> tuple[tuple, np.dtype, int]:
@@ -90,6 +94,46 @@ def open_pack(path: Path, source: str, digest: str, hint: str) -> Pack:
     if len(ids) != manifest["count"] or tuple(shape) != (manifest["count"], *PATCH_SHAPE) or dtype != np.uint8:
         raise DataError(f"pack {path} does not match its manifest; re-run prepare: {hint}")
     return Pack(path, ids, labels, manifest["bad_images"], offset)
+
+
+def stage(pack: Pack, stage_dir: Path) -> Path:
+    """A copy of the pack in stage_dir (node-local storage), made once per node: the first process
+    to take the lock copies (into a temporary folder, renamed when whole); the others wait for it
+    and reuse it, as do later runs while the pack's manifest is unchanged. Returns its path."""
+    manifest = (pack.path / "manifest.json").read_bytes()
+    key = json.loads(manifest)["source_sha256"][:16]
+    staged = Path(stage_dir) / f"cancernet-pack-{key}"
+    Path(stage_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(stage_dir) / f"cancernet-pack-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the node's other processes wait here while one copies
+        if _is_copy(staged, pack.path, manifest):
+            return staged
+        start, partial = time.perf_counter(), staged.with_name(staged.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(staged, ignore_errors=True)
+        need = sum(f.stat().st_size for f in pack.path.iterdir() if f.is_file())
+        free = shutil.disk_usage(stage_dir).free
+        if need > free:
+            raise DataError(
+                f"data.stage_dir={stage_dir}: the pack needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} free"
+            )
+        partial.mkdir()
+        for f in sorted(pack.path.iterdir(), key=lambda f: f.name == "manifest.json"):  # the manifest last
+            if f.is_file():
+                shutil.copyfile(f, partial / f.name)
+        if not _is_copy(partial, pack.path, manifest):
+            raise DataError(f"data.stage_dir={stage_dir}: the copy of {pack.path} differs from it (disk full?)")
+        os.replace(partial, staged)
+        log.info("staged the pack (%.1f GiB) in %s in %.1f s", need / 2**30, staged, time.perf_counter() - start)
+        return staged
+
+
+def _is_copy(copy: Path, original: Path, manifest: bytes) -> bool:
+    """copy holds original's files at their sizes, with the same manifest (the pack's identity)."""
+    if not (copy / "manifest.json").is_file() or (copy / "manifest.json").read_bytes() != manifest:
+        return False
+    sizes = {f.name: f.stat().st_size for f in original.iterdir() if f.is_file()}
+    return all((copy / name).is_file() and (copy / name).stat().st_size == size for name, size in sizes.items())
 
 
 def write_rows(images_file: str | Path, start: int, block: np.ndarray) -> None:
