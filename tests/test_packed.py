@@ -191,3 +191,15 @@ def test_a_shared_memory_too_small_for_the_loader_workers_is_said_in_one_line(tm
     line = shared_memory_shortfall(2**40, 6, 4, 4, str(tmp_path))
     assert "4 rank(s) x 6 loader workers x 4 batches" in line and "--shm-size" in line and "\n" not in line
     assert shared_memory_shortfall(1, 1, 1, 1, str(tmp_path / "missing")) is None
+
+
+def test_loader_workers_are_sent_the_rows_they_read_not_the_packs_id_list(packed_root):
+    import pickle
+
+    pack = open_pack(DataConfig(root=str(packed_root), format="packed"))
+    few = PackedDataset(pack, pack.ids[:10], np.zeros(10, np.int64))
+    # each worker of each loader gets a pickled copy: 220K ids were ~13 MB, the rows 8 bytes each
+    assert len(pickle.dumps(few)) < len(pickle.dumps(pack.ids)) / 4
+    restored = pickle.loads(pickle.dumps(few))
+    images, labels, index = restored[[0, 3]]
+    assert torch.equal(images, PackedDataset(pack, pack.ids, pack.labels)[[0, 3]][0])
