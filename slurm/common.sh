@@ -39,7 +39,15 @@ on_signal() {
   # agree at the next sync point, rank 0 writes last.pt, and all exit cleanly.
   echo "$(date -Is) received a stop signal: asking training to checkpoint and stop"
   STOPPING=1
-  kill -TERM "$CHILD" 2>/dev/null || true
+  if [[ ${STOP_STEPS:-0} == 1 ]]; then
+    # the child is srun: a TERM to srun makes it cancel its step (tasks killed, no checkpoint),
+    # so the launchers inside the job's steps are signalled directly
+    for step in $(squeue -h -s -j "$SLURM_JOB_ID" -o %i); do
+      case $step in *.batch | *.extern) ;; *) scancel --signal=TERM "$step" 2>/dev/null || true ;; esac
+    done
+  else
+    kill -TERM "$CHILD" 2>/dev/null || true
+  fi
 }
 
 run_and_requeue() {

@@ -1,4 +1,7 @@
-"""A real one-node Slurm cluster on this machine (munged + slurmctld + slurmd), for the tests.
+"""A real Slurm cluster on this machine (munged + slurmctld + one slurmd per node), for the tests.
+
+Its nodes (n1, n2, ...) are slurmd daemons on this one machine, each with all of its CPUs, so a
+job can span nodes (srun starts one task per node) as on a real cluster.
 
 Needs root and Debian's slurm-wlm + munge (.ci/run installs them). Also usable by hand:
     python tests/slurm_cluster.py /tmp/slurm-dev     # starts one, prints SLURM_CONF, Ctrl-C stops
@@ -34,10 +37,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _write_conf(base: Path) -> Path:
+def _write_conf(base: Path, nodes: int) -> Path:
     host = socket.gethostname()
     cpus = os.cpu_count() or 1
-    ctld, slurmd = _free_port(), _free_port()
+    ctld = _free_port()
+    node_lines = "\n".join(
+        f"NodeName=n{i} NodeHostname={host} NodeAddr=127.0.0.1 Port={_free_port()} CPUs={cpus} State=UNKNOWN"
+        for i in range(1, nodes + 1)
+    )
     conf = base / "slurm.conf"
     conf.write_text(f"""\
 ClusterName=cancernet-test
@@ -45,15 +52,14 @@ SlurmctldHost={host}
 SlurmUser=root
 SlurmdUser=root
 SlurmctldPort={ctld}
-SlurmdPort={slurmd}
 AuthType=auth/munge
 AuthInfo=cred_expire=10
 StateSaveLocation={base}/state
-SlurmdSpoolDir={base}/spool
+SlurmdSpoolDir={base}/spool-%n
 SlurmctldPidFile={base}/slurmctld.pid
-SlurmdPidFile={base}/slurmd.pid
+SlurmdPidFile={base}/slurmd-%n.pid
 SlurmctldLogFile={base}/slurmctld.log
-SlurmdLogFile={base}/slurmd.log
+SlurmdLogFile={base}/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -65,19 +71,20 @@ JobRequeue=1
 MinJobAge=600
 KillWait=30
 MpiDefault=none
-NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
+{node_lines}
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 """)
     (base / "state").mkdir(exist_ok=True)
-    (base / "spool").mkdir(exist_ok=True)
+    for i in range(1, nodes + 1):
+        (base / f"spool-n{i}").mkdir(exist_ok=True)
     return conf
 
 
 class Cluster:
-    def __init__(self, base: Path):
-        self.base = Path(base)
+    def __init__(self, base: Path, nodes: int = 2):
+        self.base, self.nodes = Path(base), nodes
         self.base.mkdir(parents=True, exist_ok=True)
-        self.conf = _write_conf(self.base)
+        self.conf = _write_conf(self.base, nodes)
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
         self.procs: list[subprocess.Popen] = []
 
@@ -90,8 +97,11 @@ class Cluster:
                 subprocess.run(["mungekey", "--create", "--keyfile", str(key)], check=True)
             os.chmod(key, 0o600)
             subprocess.run(["munged", "--force"], check=True)
-        for daemon, args in (("slurmctld", ["-D", "-c", "-i"]), ("slurmd", ["-D"])):
-            log = open(self.base / f"{daemon}.stdout", "w")
+        daemons = [("slurmctld", ["-D", "-c", "-i"])] + [
+            ("slurmd", ["-D", "-N", f"n{i}"]) for i in range(1, self.nodes + 1)
+        ]
+        for daemon, args in daemons:
+            log = open(self.base / f"{daemon}{args[-1] if daemon == 'slurmd' else ''}.stdout", "w")
             self.procs.append(
                 subprocess.Popen(
                     [daemon, "-f", str(self.conf), *args], env=self.env, stdout=log, stderr=subprocess.STDOUT
@@ -99,8 +109,9 @@ class Cluster:
             )
         deadline = time.time() + timeout
         while time.time() < deadline:
-            out = subprocess.run(["sinfo", "-h", "-o", "%T"], env=self.env, capture_output=True, text=True)
-            if out.returncode == 0 and out.stdout.strip() in ("idle", "mixed", "allocated"):
+            out = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=self.env, capture_output=True, text=True)
+            states = out.stdout.split()
+            if out.returncode == 0 and len(states) == self.nodes and set(states) <= {"idle", "mixed", "allocated"}:
                 return self
             time.sleep(0.5)
         self.stop()

@@ -1,4 +1,5 @@
-"""slurm/*.sbatch on a real one-node Slurm cluster that the fixture starts (root, slurm-wlm, munge).
+"""slurm/*.sbatch on a real two-node Slurm cluster that the fixture starts on this machine (root,
+slurm-wlm, munge).
 
 Skipped where Slurm cannot run, unless CANCERNET_REQUIRE_SLURM=1 (set by .ci/run): then a
 missing cluster is a failure.
@@ -60,6 +61,23 @@ def log_of(tmp_path, job_id):
     return (tmp_path / f"{job_id}.out").read_text()
 
 
+def preempt_after_epochs(cluster, tmp_path, job, epochs: int, how=("--full", "--signal=TERM")) -> Path:
+    """A stop signal once the job's summary has `epochs` rows (default: TERM to every process of
+    the job, as a preemption); returns once the job has ended that attempt and requeued itself.
+    The run's summary.csv path."""
+    summary = tmp_path / "run" / "summary.csv"
+    deadline = time.time() + 240
+    while not summary.is_file() or len(pd.read_csv(summary)) < epochs:
+        running = cluster.job(job)["JobState"] in ("PENDING", "RUNNING")
+        assert time.time() < deadline and running, log_of(tmp_path, job)[-3000:]
+        time.sleep(0.2)
+    assert cluster.run("scancel", *how, job).returncode == 0
+    while int(cluster.job(job).get("Restarts", 0)) < 1:
+        assert time.time() < deadline + 120, log_of(tmp_path, job)[-3000:]
+        time.sleep(0.2)
+    return summary
+
+
 def test_train_sbatch_writes_the_full_run_directory(cluster, synth_root, tmp_path):
     job = sbatch(
         cluster,
@@ -104,17 +122,7 @@ def test_preemption_with_loader_workers_checkpoints_requeues_and_resumes(cluster
         "train.batch_size=8",
         "train.sync_every=2",
     )
-    summary = tmp_path / "run" / "summary.csv"
-    deadline = time.time() + 240
-    while not summary.is_file() or len(pd.read_csv(summary)) < 2:
-        assert time.time() < deadline and cluster.job(job)["JobState"] in ("PENDING", "RUNNING"), log_of(tmp_path, job)[
-            -3000:
-        ]
-        time.sleep(0.2)
-    assert cluster.run("scancel", "--full", "--signal=TERM", job).returncode == 0
-    while int(cluster.job(job).get("Restarts", 0)) < 1:
-        assert time.time() < deadline + 120, log_of(tmp_path, job)[-3000:]
-        time.sleep(0.5)
+    summary = preempt_after_epochs(cluster, tmp_path, job, 2)
     # a requeued job becomes eligible after the credential lifetime (cred_expire: 10 s here,
     # 120 s by default), then starts by itself
     info = cluster.wait(job, timeout=300)
@@ -128,21 +136,38 @@ def test_preemption_with_loader_workers_checkpoints_requeues_and_resumes(cluster
     assert (tmp_path / "run" / "report" / "metrics.json").is_file()
 
 
-def test_multinode_script_runs_srun_and_torchrun_rendezvous_on_one_node(cluster, synth_root, tmp_path):
+def test_a_two_node_job_stops_with_a_whole_checkpoint_requeues_and_resumes(cluster, synth_root, tmp_path):
+    """multinode.sbatch over two nodes, one rank each: srun starts a launcher per node, they meet
+    in a rendezvous; then the time-limit warning (USR1 to the batch script, --signal=B:USR1@120).
+    Rank 1 has nothing to write, but must not leave (its launcher's exit would let srun
+    --kill-on-bad-exit kill rank 0 in the middle of last.pt)."""
+    import torch
+
     job = sbatch(
         cluster,
         tmp_path,
         "multinode.sbatch",
         f"data.root={synth_root}",
-        "data.limit=200",
-        "train.epochs=1",
-        sbatch_args=("--nodes=1",),
+        "data.limit=300",
+        "train.epochs=3",
+        "train.batch_size=8",
+        "train.sync_every=2",
+        sbatch_args=("--nodes=2",),
+        nproc=1,
     )
+    summary = preempt_after_epochs(cluster, tmp_path, job, 1, how=("--batch", "--signal=USR1"))
+    # between the stop and the requeued start (10 s of credential lifetime): the stop's checkpoint
+    stopped = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    log = log_of(tmp_path, job)
+    assert "[rank0] WARNING stop" in log and "[rank1] WARNING stop" in log, log[-3000:]
+    assert stopped["mid_epoch"] is not None or stopped["epoch"] >= 1
     info = cluster.wait(job, timeout=300)
     log = log_of(tmp_path, job)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
-    assert "1 node(s) x 2 process(es)" in log
+    assert "2 node(s) x 1 process(es)" in log and "(restart 1)" in log and "resumed from" in log
+    assert "Killed" not in log and "Traceback" not in log, log[-3000:]
     assert "world_size: 2" in (tmp_path / "run" / "config.yaml").read_text()
+    assert pd.read_csv(summary)["epoch"].tolist() == [1, 2, 3]  # each epoch exactly once
     assert (tmp_path / "run" / "report" / "metrics.json").is_file()
 
 
