@@ -1,6 +1,13 @@
-"""Epoch-boundary costs: blocking part of checkpointing, the background write, validation, the
-next epoch's first batch.   python benchmarks/epoch_boundary.py DATA_ROOT   (a prepared packed set)"""
+"""What an epoch pays outside its training loop, boundary after boundary, as the runner does it:
+the blocking part of the checkpoint, validation's wait for the previous checkpoint's write, the
+start of validation (its loader's first batch: workers started or woken), validation itself.
 
+    python benchmarks/epoch_boundary.py DATA_ROOT [key=value ...]   (a prepared packed set)
+
+Prints one JSON line per boundary; `fixed_s` = ckpt_s + wait_s + val_start_s.
+"""
+
+import dataclasses
 import json
 import sys
 import tempfile
@@ -8,54 +15,80 @@ import time
 from pathlib import Path
 
 from cancernet.config import load_config
-from cancernet.data.loaders import set_epoch
 from cancernet.distributed import DistInfo
 from cancernet.engine import EpochStats, EpochTotals
 from cancernet.rundir import RunDir
 from cancernet.runner import save_checkpoints, validate_epoch
 from cancernet.training import build
 
-root = sys.argv[1]
-with tempfile.TemporaryDirectory() as tmp:
-    cfg = load_config(
-        Path(__file__).resolve().parents[1] / "configs" / "base.yaml",
-        [
-            f"data.root={root}",
-            "model.pretrained=none",
-            "model.arch=resnet18",
-            "train.device=cpu",
-            "train.amp=off",
-            "data.num_workers=2",
-            f"train.out_dir={tmp}",
-            "train.batch_size=128",
-        ],
-    )
-    t = build(cfg, DistInfo(), RunDir(tmp))
-    split = t.loaders["train"]
-    for param in t.model_without_ddp.parameters():  # one step, so the optimizer holds its moments as in training
-        param.grad = param.detach() * 0 + 1e-3
-    t.parts.optimizer.step()
-    out = {"code": "after"}
-    for epoch in range(2):
-        set_epoch(split, epoch)
+BOUNDARIES = 3
+
+
+class FirstBatchTimed:
+    """A loader whose passes record the seconds to their first batch."""
+
+    def __init__(self, loader):
+        self.loader, self.starts = loader, []
+
+    def __iter__(self):
         start = time.perf_counter()
-        it = iter(split.loader)
-        next(it)
-        out[f"first_batch_s_epoch{epoch + 1}"] = round(time.perf_counter() - start, 3)
-        del it
-    t.state.history.append({"ckpt_s": float("nan")})
-    start = time.perf_counter()
-    save_checkpoints(t, best=True)
-    out["ckpt_s"] = round(time.perf_counter() - start, 3)
-    start = time.perf_counter()
-    t.writer.wait()
-    out["ckpt_background_write_s"] = round(time.perf_counter() - start, 3)
-    t.state.history.append({"ckpt_s": float("nan")})  # the next epoch's: copies into the first one's buffers
-    start = time.perf_counter()
-    save_checkpoints(t, best=True)
-    out["ckpt_s_next_epoch"] = round(time.perf_counter() - start, 3)
-    t.writer.wait()
-    row = validate_epoch(t, 0, EpochStats(EpochTotals(), 1, 1.0, 0.0, 0))
-    out["val_s"] = round(row.val_s, 3)
-    out["val_images"] = len(t.loaders["val"].ids)
-    print(json.dumps(out))
+        batches = iter(self.loader)
+        first = next(batches)
+        self.starts.append(time.perf_counter() - start)
+        yield first
+        yield from batches
+
+
+def main(root: str, overrides: list[str]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(
+            Path(__file__).resolve().parents[1] / "configs" / "base.yaml",
+            [
+                f"data.root={root}",
+                "model.pretrained=none",
+                "model.arch=resnet18",
+                "train.device=cpu",
+                "train.amp=off",
+                "data.num_workers=2",
+                f"train.out_dir={tmp}",
+                "train.batch_size=128",
+                *overrides,
+            ],
+        )
+        t = build(cfg, DistInfo(), RunDir(tmp))
+        for param in t.model_without_ddp.parameters():  # one step, so the optimizer holds its moments
+            param.grad = param.detach() * 0 + 1e-3
+        t.parts.optimizer.step()
+        waits = []
+        wait = t.writer.wait
+
+        def timed_wait():
+            start = time.perf_counter()
+            wait()
+            waits.append(time.perf_counter() - start)
+
+        t.writer.wait = timed_wait  # the runner's wait before validation, timed (copy() waits too)
+        timed = FirstBatchTimed(t.loaders["val"].loader)
+        t.loaders["val"] = dataclasses.replace(t.loaders["val"], loader=timed)
+        for boundary in range(BOUNDARIES):
+            t.state.history.append({"ckpt_s": float("nan")})
+            ckpt_s = save_checkpoints(t, best=True)
+            waits.clear()
+            row = validate_epoch(t, boundary, EpochStats(EpochTotals(), 1, 1.0, 0.0, 0))
+            wait_s, val_start_s = sum(waits), timed.starts[-1]
+            out = {
+                "boundary": boundary + 1,
+                "ckpt_s": round(ckpt_s, 3),
+                "wait_s": round(wait_s, 3),
+                "val_start_s": round(val_start_s, 3),
+                "val_s": round(row.val_s - wait_s, 3),
+                "val_images": len(timed.loader.dataset),
+                "fixed_s": round(ckpt_s + wait_s + val_start_s, 3),
+            }
+            print(json.dumps(out), flush=True)
+        t.writer.wait = wait
+        wait()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])

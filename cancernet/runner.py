@@ -24,7 +24,7 @@ from .evaluation import evaluate_run
 from .metrics import roc_auc
 from .models import resolve_preprocessing
 from .rundir import RunDir
-from .signals import StopFlag, stop_on_signals
+from .signals import StopFlag, forks_this_process, stop_on_signals
 from .tracking import NullTracker, start_tracker
 from .training import SUMMARY_COLUMNS, EpochRow, Training, build, restore
 
@@ -215,10 +215,11 @@ def train_epoch(
 
 def validate_epoch(t: Training, epoch: int, stats: EpochStats) -> EpochRow:
     start = time.perf_counter()
-    # The previous checkpoint's write must be over before the validation loader forks its workers:
-    # a child forked while the writer thread is inside torch.save can inherit one of its locks held
-    # and hang for ever (seen with epochs shorter than a write: a probe on stored features).
-    t.writer.wait()
+    # Validation runs while the previous checkpoint is written (its tensors were copied already).
+    # Only where workers are forked from this process must the write be over first: a child forked
+    # while the writer thread is inside torch.save can inherit one of its locks held and hang.
+    if forks_this_process(t.cfg.data.num_workers):
+        t.writer.wait()
     broadcast_buffers(t.eval_model, t.dist)  # one model on every shard: rank 0's BatchNorm statistics
     val = evaluate(t.scorer, t.loaders["val"].loader, t.loaders["val"].preprocess, t.dist, t.cfg.train.amp)
     return epoch_row(epoch, stats, val, t, time.perf_counter() - start)

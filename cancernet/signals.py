@@ -71,6 +71,12 @@ def loader_workers(num_workers: int) -> dict:
     return {"num_workers": num_workers, "worker_init_fn": ignore_stop_signals, "multiprocessing_context": fork_server()}
 
 
+def forks_this_process(num_workers: int) -> bool:
+    """Whether starting num_workers loader workers forks the calling (threaded) process itself:
+    only where the platform has no fork server."""
+    return num_workers > 0 and fork_server() is None
+
+
 @functools.cache
 def fork_server():
     """The forkserver start method, preloaded with cancernet._forkserver (the platform's default

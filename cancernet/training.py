@@ -208,7 +208,11 @@ def build(cfg: Config, dist: DistInfo, run: RunDir, saved_splits: pd.DataFrame |
     log.info("feature cache %s: %s", "on" if cached else "off", why)
     store = features.build_store(cfg, dist, model_without_ddp, table) if cached else None
     splits = ("train", "val", "test")
-    loaders = {s: make_loader(cfg, dist, table[table["split"] == s], s == "train", store) for s in splits}
+    # training and validation read every epoch: their workers stay; the test split's start once
+    loaders = {
+        s: make_loader(cfg, dist, table[table["split"] == s], s == "train", store, persistent=s != "test")
+        for s in splits
+    }
     ema = ModelEma(model_without_ddp, cfg.train.ema_decay, cfg.train.ema_warmup) if cfg.train.ema_decay else None
     # with stored features the loop trains the head alone; checkpoints still hold the whole model
     model = wrap_for_training(model_without_ddp.head if cached else model_without_ddp, cfg.model, dist)

@@ -45,3 +45,39 @@ def test_evaluation_workers_start_from_a_single_threaded_server_that_ignores_sto
         assert int(status(server)["Pid"]) == server
     finally:
         busy.set()
+
+
+def test_validation_starts_its_workers_once_and_runs_while_the_checkpoint_is_written(
+    synth_root, tmp_path, monkeypatch
+):
+    """An epoch pays neither a new set of validation workers nor the previous checkpoint's write
+    (350 MB for ResNet34 with Adam and EMA): the write goes on in the background while the model,
+    its tensors already copied, validates."""
+    from cancernet import checkpoint
+    from cancernet.engine import EpochStats, EpochTotals
+    from cancernet.rundir import RunDir
+    from cancernet.runner import save_checkpoints, validate_epoch
+    from cancernet.training import build
+
+    cfg = make_cfg(synth_root, tmp_path, "data.num_workers=1", "train.eval_batch_size=16")
+    t = build(cfg, DistInfo(), RunDir(tmp_path))
+    release = threading.Event()
+    save = checkpoint.save
+
+    def slow_save(path, state):  # a write that lasts until the test lets it end (or 30 s)
+        release.wait(30)
+        save(path, state)
+
+    monkeypatch.setattr(checkpoint, "save", slow_save)
+    workers = []
+    for epoch in range(2):
+        release.clear()
+        save_checkpoints(t, best=False)
+        row = validate_epoch(t, epoch, EpochStats(EpochTotals(), 1, 1.0, 0.0, 0))
+        assert t.writer._thread.is_alive(), "validation waited for the checkpoint's write"
+        assert row.val_loss == row.val_loss  # it did validate
+        workers.append([w.pid for w in t.loaders["val"].loader._iterator._workers])
+        release.set()
+        t.writer.wait()
+    assert workers[0] == workers[1]  # the same processes, not a new start per epoch
+    assert "model" in torch.load(t.run.last, weights_only=False)  # the background write is whole

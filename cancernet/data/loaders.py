@@ -93,9 +93,14 @@ def image_dataset(cfg: Config, ids: list[str], labels: np.ndarray) -> tuple[Data
     return FolderDataset([fmt.source.image_path(cfg.data, i) for i in ids], labels), False
 
 
-def make_loader(cfg: Config, dist: DistInfo, part: pd.DataFrame, train: bool, store=None) -> SplitLoader:
+def make_loader(
+    cfg: Config, dist: DistInfo, part: pd.DataFrame, train: bool, store=None, persistent: bool | None = None
+) -> SplitLoader:
     """The split's loader: uint8 patches, or a frozen backbone's stored features (store: a
-    features.FeatureStore), and what turns its batches into model inputs."""
+    features.FeatureStore), and what turns its batches into model inputs.
+
+    persistent: keep the worker processes between passes (default: the training loader's); a
+    loader read every epoch (validation) pays its workers' start once, not per epoch."""
     dc, tc = cfg.data, cfg.train
     ids, labels = part["id"].tolist(), part["label"].to_numpy()
     batch_size = tc.batch_size if train else tc.eval_batch_size
@@ -104,14 +109,13 @@ def make_loader(cfg: Config, dist: DistInfo, part: pd.DataFrame, train: bool, st
     else:
         sampler = ShardSampler(len(ids), dist.rank, dist.world_size)
     # Workers only read uint8 patches (augmentation runs on the device, seeded by image index), so
-    # the training loader's can live across epochs; evaluation loaders start theirs per use, so
-    # that no rank keeps idle validation workers (and their memory) through training.
+    # they can live across epochs: an idle worker is a forked reader of a few MB of its own.
     # stored features are read in the rank's own process: a pread of a few KB per sample costs less
     # than handing batches over from workers (head epochs 0.27 s -> 0.16 s, docs/BENCHMARKS.md)
     num_workers = 0 if store is not None else dc.num_workers
     workers = dict(
         **loader_workers(num_workers),
-        persistent_workers=train and num_workers > 0,
+        persistent_workers=(train if persistent is None else persistent) and num_workers > 0,
         prefetch_factor=4 if num_workers else None,
         pin_memory=dist.device.type == "cuda",
         # each iter() draws a base seed: from its own generator, not the global RNG (dropout's)
