@@ -7,9 +7,9 @@ import argparse
 import sys
 
 from cancernet.config import load_config
-from cancernet.console import main_guard, setup_logging
-from cancernet.distributed import session
-from cancernet.runner import run
+from cancernet.runtime.console import main_guard, setup_logging
+from cancernet.runtime.distributed import session
+from cancernet.train.runner import run
 
 
 def main() -> int:

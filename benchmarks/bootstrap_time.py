@@ -4,7 +4,7 @@ import time
 
 import numpy as np
 
-from cancernet.metrics import bootstrap_cis
+from cancernet.evaluate.metrics import bootstrap_cis
 
 rng = np.random.default_rng(1)
 labels = rng.integers(0, 2, 60_000)

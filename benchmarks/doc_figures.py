@@ -22,7 +22,7 @@ from PIL import Image
 from cancernet.config import load_config
 from cancernet.data.augment import Augment
 from cancernet.data.kaggle import read_patch
-from cancernet.grids import augmentation_grid
+from cancernet.evaluate.grids import augmentation_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 IMG = ROOT / "docs" / "img"

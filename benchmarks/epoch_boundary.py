@@ -15,11 +15,11 @@ import time
 from pathlib import Path
 
 from cancernet.config import load_config
-from cancernet.distributed import DistInfo
-from cancernet.engine import EpochStats, EpochTotals
-from cancernet.rundir import RunDir
-from cancernet.runner import save_checkpoints, validate_epoch
-from cancernet.training import build
+from cancernet.engine.rundir import RunDir
+from cancernet.runtime.distributed import DistInfo
+from cancernet.train.loop import EpochStats, EpochTotals
+from cancernet.train.runner import save_checkpoints, validate_epoch
+from cancernet.train.state import build
 
 BOUNDARIES = 3
 

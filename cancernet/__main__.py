@@ -10,7 +10,7 @@ import os
 import sys
 import time
 
-from .console import main_guard, setup_logging
+from cancernet.runtime.console import main_guard, setup_logging
 
 log = logging.getLogger("cancernet")
 
@@ -18,7 +18,7 @@ log = logging.getLogger("cancernet")
 def cmd_synth(args) -> int:
     start = time.perf_counter()
     if args.format == "pcam":
-        from .data.synthetic_pcam import write_pcam_release
+        from cancernet.data.synthetic_pcam import write_pcam_release
 
         sizes = write_pcam_release(
             args.out,
@@ -34,7 +34,7 @@ def cmd_synth(args) -> int:
         )
         log.info("wrote a PCam-layout release (%s) to %s in %.1fs", sizes, args.out, time.perf_counter() - start)
         return 0
-    from .data.synthetic import write_dataset
+    from cancernet.data.synthetic import write_dataset
 
     frame = write_dataset(args.out, args.n_train, args.n_test, args.seed, pool=args.pool, workers=args.workers)
     log.info(
@@ -49,13 +49,13 @@ def cmd_synth(args) -> int:
 
 
 def cmd_fetch_weights(args) -> int:
-    from .archs import check_arch, is_timm
-    from .models import imagenet_state_dict
+    from cancernet.models.archs import check_arch, is_timm
+    from cancernet.models.classifier import imagenet_state_dict
 
     for arch in args.arch:
         check_arch(arch, "--arch")
         if is_timm(arch):
-            from . import timm_models
+            from cancernet.models import timm as timm_models
 
             folder = timm_models.fetch(arch)
             repo = folder.parents[1]  # .../hub/models--ORG--NAME/snapshots/<revision>
@@ -73,9 +73,9 @@ def cmd_fetch_weights(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .distributed import session
-    from .evaluation import Request, evaluate_checkpoint, open_run
-    from .rundir import RunDir
+    from cancernet.engine.rundir import RunDir
+    from cancernet.evaluate.evaluation import Request, evaluate_checkpoint, open_run
+    from cancernet.runtime.distributed import session
 
     run = RunDir(args.run)
     cfg = run.load_config(args.overrides)
@@ -91,10 +91,10 @@ def cmd_evaluate(args) -> int:
 
 def cmd_predict(args) -> int:
 
-    from . import inference
-    from .atomic import write_text
-    from .distributed import session
-    from .numerics import resolve_amp
+    from cancernet.engine.numerics import resolve_amp
+    from cancernet.evaluate import inference
+    from cancernet.runtime.atomic import write_text
+    from cancernet.runtime.distributed import session
 
     with session(args.device, "auto") as dist:
         setup_logging(dist.rank)
@@ -126,7 +126,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .inference import EXPORT_FILES, export
+    from cancernet.evaluate.inference import EXPORT_FILES, export
 
     info = export(args.checkpoint, args.out, calibrated=not args.no_calibration)
     log.info(
@@ -141,8 +141,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from .config import load_config
-    from .data.formats import prepare
+    from cancernet.config import load_config
+    from cancernet.data.formats import prepare
 
     cfg = load_config(args.config, args.overrides)
     prepare(cfg.data, args.workers)
@@ -152,7 +152,7 @@ def cmd_prepare(args) -> int:
 def cmd_link_pcam(args) -> int:
     import json
 
-    from .data.link import link_pcam
+    from cancernet.data.link import link_pcam
 
     print(json.dumps(link_pcam(args.kaggle_root, args.pcam_release, args.workers), indent=1))
     return 0
@@ -161,12 +161,12 @@ def cmd_link_pcam(args) -> int:
 def cmd_audit(args) -> int:
     import json
 
-    from .atomic import write_text
-    from .audit import audit_run, describe
-    from .data.loaders import load_table
-    from .distributed import DistInfo
-    from .errors import UserError
-    from .rundir import RunDir
+    from cancernet.engine.loaders import load_table
+    from cancernet.engine.rundir import RunDir
+    from cancernet.evaluate.audit import audit_run, describe
+    from cancernet.runtime.atomic import write_text
+    from cancernet.runtime.distributed import DistInfo
+    from cancernet.runtime.errors import UserError
 
     run = RunDir(args.run)
     cfg = run.load_config(args.overrides)
@@ -184,7 +184,7 @@ def cmd_audit(args) -> int:
 def cmd_aggregate(args) -> int:
     from pathlib import Path
 
-    from .aggregate import aggregate
+    from cancernet.evaluate.aggregate import aggregate
 
     out = Path(args.out) if args.out else Path(args.runs[0]).parent / "aggregate"
     summary = aggregate(args.runs, out)
@@ -204,9 +204,9 @@ def cmd_aggregate(args) -> int:
 def cmd_bench(args) -> int:
     import json
 
-    from . import bench
-    from .config import load_config
-    from .errors import UserError
+    from cancernet import bench
+    from cancernet.config import load_config
+    from cancernet.runtime.errors import UserError
 
     cfg = load_config(args.config, args.overrides)
     if args.what == "data":  # generators: each row is printed as soon as it is measured
@@ -401,8 +401,8 @@ def add_link_audit_aggregate(sub) -> None:
 
 
 def _scorer(args, dist):
-    from .numerics import resolve_amp
-    from .wsi.predict import load_scorer
+    from cancernet.engine.numerics import resolve_amp
+    from cancernet.wsi.predict import load_scorer
 
     overrides = list(getattr(args, "overrides", []))
     if args.stride is not None:
@@ -444,8 +444,8 @@ def _slides_outcome(outcome: dict, out) -> int:
 def cmd_predict_slide(args) -> int:
     from pathlib import Path
 
-    from .distributed import session
-    from .wsi.predict import list_slides, predict_slides
+    from cancernet.runtime.distributed import session
+    from cancernet.wsi.predict import list_slides, predict_slides
 
     # key=value overrides land among the slides (both positional): a path that exists is a slide
     args.overrides = [s for s in args.slides if "=" in s and not Path(s).exists()] + list(args.overrides)
@@ -460,8 +460,8 @@ def cmd_predict_slide(args) -> int:
 def cmd_evaluate_slides(args) -> int:
     from pathlib import Path
 
-    from .distributed import session
-    from .wsi.evaluate import evaluate_slides
+    from cancernet.runtime.distributed import session
+    from cancernet.wsi.evaluate import evaluate_slides
 
     with session(args.device, "auto") as dist:
         setup_logging(dist.rank)
@@ -480,7 +480,7 @@ def cmd_evaluate_slides(args) -> int:
 
 
 def cmd_synth_slides(args) -> int:
-    from .wsi.synthetic import write_slide_set
+    from cancernet.wsi.synthetic import write_slide_set
 
     start = time.perf_counter()
     frame = write_slide_set(args.out, args.n, args.rows, args.cols, args.mpp, args.seed, args.tumour_rate)

@@ -20,15 +20,16 @@ import torch
 import torch.distributed as tdist
 import torch.nn.functional as F
 
-from . import numerics
-from .config import Config
-from .data.datasets import to_device
-from .data.formats import format_of, open_source_pack
-from .data.loaders import make_loader, set_epoch
-from .distributed import DistInfo, pick_device
-from .engine import autocast, train_one_epoch
-from .models import build_for_weights
-from .optim import build_optimizer
+from cancernet.config import Config
+from cancernet.data.datasets import to_device
+from cancernet.data.formats import format_of, open_source_pack
+from cancernet.engine import numerics
+from cancernet.engine.loaders import make_loader, set_epoch
+from cancernet.engine.predict import autocast
+from cancernet.models.classifier import build_for_weights
+from cancernet.runtime.distributed import DistInfo, pick_device
+from cancernet.train.loop import train_one_epoch
+from cancernet.train.optim import build_optimizer
 
 
 def _sync(device: torch.device) -> None:
@@ -128,7 +129,7 @@ def bench_step(cfg: Config, steps: int, warmup: int = 5, ddp: bool = False) -> d
 
 
 def _bench_step(cfg: Config, device: torch.device, steps: int, warmup: int, ddp: bool) -> dict:
-    from .training import wrap_for_training
+    from cancernet.train.state import wrap_for_training
 
     model = build_for_weights(cfg).to(device)
     optimizer = build_optimizer(cfg.optim, model, device)
@@ -185,9 +186,9 @@ def bench_train(cfg: Config, steps: int, warmup: int = 5) -> Iterator[dict]:
     """The real training loop (loader, device augmentation, AMP, optimizer) over `steps` batches,
     then one epoch boundary: validation and the blocking part of a checkpoint. Two rows, each
     yielded as soon as it is measured (a time box that ends during the boundary keeps the first)."""
-    from .rundir import RunDir
-    from .runner import save_checkpoints, validate_epoch
-    from .training import build
+    from cancernet.engine.rundir import RunDir
+    from cancernet.train.runner import save_checkpoints, validate_epoch
+    from cancernet.train.state import build
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = dataclasses.replace(
@@ -244,7 +245,7 @@ def bench_slide(cfg: Config, slide: str, repeats: int = 2) -> dict:
     """predict-slide over one slide with cfg's model (its weights do not matter for speed):
     tiles per second from reading to probabilities, and the share of that time the model waited
     for the reader. The first pass warms up (workers, autotuning, page cache); the last counts."""
-    from .wsi.predict import Scorer, predict_slides
+    from cancernet.wsi.predict import Scorer, predict_slides
 
     device = pick_device(cfg.train.device, 0)
     amp, _ = numerics.resolve_amp(cfg.train.amp, device)
@@ -288,11 +289,11 @@ def bench_ops(cfg: Config, batch: int = 8) -> dict:
     the model's is launch-bound on a GPU at small batches. Counted on the CPU, the third step."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from .data.augment import Augment
-    from .data.patch import PATCH_SIZE
-    from .ema import ModelEma
-    from .engine import DeviceSums, optimizer_step
-    from .optim import LrSchedule
+    from cancernet.data.augment import Augment
+    from cancernet.data.patch import PATCH_SIZE
+    from cancernet.train.ema import ModelEma
+    from cancernet.train.loop import DeviceSums, optimizer_step
+    from cancernet.train.optim import LrSchedule
 
     class Count(TorchDispatchMode):
         def __init__(self):

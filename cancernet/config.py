@@ -13,61 +13,14 @@ from typing import Any
 
 import yaml
 
-from .data.patch import PATCH_MPP
-from .errors import ConfigError
+from cancernet.data.config import DataConfig
+from cancernet.data.formats import check_format, format_of
+from cancernet.models.archs import check_arch
+from cancernet.models.config import ModelConfig
+from cancernet.runtime.errors import ConfigError
+from cancernet.runtime.schema import bounded, choice
 
 __all__ = ["Config", "ConfigError", "load_config", "from_dict", "resolved_yaml"]
-
-
-def choice(default: Any, *options: Any) -> Any:
-    return field(default=default, metadata={"choices": options})
-
-
-def bounded(default: Any, lo: float | None = None, hi: float | None = None, hi_open: bool = False) -> Any:
-    """A number in [lo, hi] (or [lo, hi) with hi_open); None stays allowed where the type allows it."""
-    return field(default=default, metadata={"range": (lo, hi, hi_open)})
-
-
-@dataclass
-class DataConfig:
-    root: str = "data/synthetic"
-    format: str = field(default="folder", metadata={"check": "format"})  # data/formats.py: folder | packed | pcam
-    packed_dir: str | None = None  # default: <root>/packed
-    stage_dir: str | None = None  # node-local folder ($SLURM_TMPDIR, /dev/shm) the pack is copied to and read from
-    image_size: int | None = bounded(96, 8)  # null: the weights' input size
-    crop: int | None = bounded(None, 8, 96)  # centre square cut from each patch before the resize; null = whole
-    num_workers: int = bounded(4, 0)
-    val_fraction: float = bounded(0.15, 0, 1, hi_open=True)
-    test_fraction: float = bounded(0.15, 0, 1, hi_open=True)
-    limit: int | None = bounded(None, 1)
-    groups_csv: str | None = None  # id,group (e.g. patch -> slide); a group never spans two splits
-    split_by: str = choice("random", "random", "pcam")  # pcam: PCam's own splits, from link-pcam's groups_csv
-    folds: int = bounded(1, 1)  # > 1: train+val rotate over this many (grouped, stratified) folds
-    fold: int = bounded(0, 0)  # which fold validates
-    on_bad_image: str = choice("fail", "fail", "skip")
-    verify_ids: str = choice("auto", "auto", "on", "off")  # each patch's pixels hash to its id (Kaggle's SHA-1s)
-    augment: str = choice("dihedral", "dihedral", "seed", "none")  # seed = hflip + rotation +-10 deg
-    jitter: float = bounded(0.1, 0, 1)  # brightness/contrast/saturation strength; 0 = off
-    hue: float = bounded(0.02, 0, 0.5)
-    stain: str = choice("none", "none", "hed")  # HED stain augmentation (Tellez et al. 2019)
-    stain_sigma: float = bounded(0.05, 0, 1)  # per-stain scale drawn from U(1 - sigma, 1 + sigma)
-    stain_bias: float = bounded(0.01, 0, 1)  # per-stain shift drawn from U(-bias, bias)
-    mpp: float = bounded(PATCH_MPP, 0)  # microns per pixel of the patches (Kaggle/PCam: 10x); slides are read at it
-    mean: list[float] | None = None  # null: what the weights expect (timm's pretrained config; ImageNet's)
-    std: list[float] | None = None
-
-
-@dataclass
-class ModelConfig:
-    arch: str = field(default="resnet34", metadata={"check": "arch"})  # any torchvision classifier
-    pretrained: str = "imagenet"  # imagenet | none | path to a state dict
-    weights_url: str | None = None  # mirror folder for the ImageNet weight files
-    freeze_backbone: bool = False
-    head: str = choice("linear", "seed", "linear")
-    channels_last: bool = True
-    compile: bool = False
-    compile_scope: str = choice("model", "model", "ddp")  # compile the bare model inside DDP, or DDP itself
-    sync_bn: bool = False  # SyncBatchNorm across ranks (CUDA)
 
 
 @dataclass
@@ -217,14 +170,6 @@ def _check_value(key: str, value: Any, hint: Any, meta: typing.Mapping) -> Any:
         raise ConfigError(f"config key '{key}': {value!r} is not one of {list(choices)}")
     if "range" in meta:
         _check_range(key, value, meta["range"])
-    if meta.get("check") == "arch":
-        from .archs import check_arch  # lazy: torchvision is slow to import
-
-        check_arch(value, key)
-    if meta.get("check") == "format":
-        from .data.formats import check_format  # the registry of data formats
-
-        check_format(value, key)
     if meta.get("check") == "duration":
         parse_duration(value, key)
     return value
@@ -267,9 +212,10 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
 
 
 def check(cfg: Config) -> Config:
-    """Checks that span several keys; each error names a key, before any data is read."""
-    from .data.formats import format_of
-
+    """The checks a section's own fields cannot make: the registries of data formats and model
+    families, and settings that span several keys. Each error names a key, before any data is read."""
+    check_format(cfg.data.format, "data.format")
+    check_arch(cfg.model.arch, "model.arch")
     d, t = cfg.data, cfg.train
     if format_of(d).source.fixed_splits:
         name = format_of(d).source.name

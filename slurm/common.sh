@@ -11,7 +11,7 @@ MAX_RESTARTS=${MAX_RESTARTS:-3}   # torchrun restarts the worker group this ofte
 # After a stop signal torchrun gives its workers this long to checkpoint and exit, then kills them;
 # keep it below the warning's lead (--signal=B:USR1@120) and the cluster's preemption grace time.
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${STOP_TIMEOUT:-90}
-# cancernet.launch = torchrun that survives the repeated TERM of a preemption (cancernet/launch.py)
+# cancernet.cli.launch = torchrun that survives the repeated TERM of a preemption (cancernet/cli/launch.py)
 export PYTHONPATH="$CANCERNET_HOME${PYTHONPATH:+:$PYTHONPATH}"
 
 if [[ -z "${NPROC_PER_NODE:-}" ]]; then  # one process per GPU Slurm gave this node

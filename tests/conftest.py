@@ -10,8 +10,8 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 from cancernet.config import load_config  # noqa: E402  (the package is installed: make setup)
 from cancernet.data.synthetic import write_dataset  # noqa: E402
-from cancernet.distributed import session  # noqa: E402
-from cancernet.runner import run  # noqa: E402
+from cancernet.runtime.distributed import session  # noqa: E402
+from cancernet.train.runner import run  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -93,7 +93,7 @@ class StopAfterSyncs:
 
 def train_stopping(root, out, after_epochs=None, after_syncs=None, overrides=RESUME_COMMON) -> str:
     """Train until a stop request after some epochs (run's epoch-end hook) or looks at the request."""
-    from cancernet.signals import StopFlag
+    from cancernet.runtime.signals import StopFlag
 
     stop = StopAfterSyncs(after_syncs) if after_syncs else StopFlag()
 

@@ -8,9 +8,9 @@ import pytest
 import yaml
 from sklearn.metrics import roc_auc_score
 
-from cancernet.aggregate import aggregate
 from cancernet.config import Config
-from cancernet.errors import UserError
+from cancernet.evaluate.aggregate import aggregate
+from cancernet.runtime.errors import UserError
 
 
 def fake_run(root, seed, fold, auc, folds=3, **changes):

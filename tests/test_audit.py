@@ -5,10 +5,10 @@ import json
 import pandas as pd
 import pytest
 
-from cancernet.audit import describe, leak_audit
 from cancernet.config import DataConfig
 from cancernet.data.formats import prepare
 from cancernet.data.synthetic_pcam import write_pcam_release
+from cancernet.evaluate.audit import describe, leak_audit
 
 
 def test_the_audit_counts_what_crosses_splits():

@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from cancernet.budget import Shape, plan_length
+from cancernet.train.budget import Shape, plan_length
 
 from conftest import make_cfg, session
 
@@ -30,8 +30,8 @@ def test_plan_length_counts_every_validation_and_cuts_the_last_epoch_to_whole_st
 
 @pytest.mark.slow
 def test_a_time_budget_fixes_the_length_the_schedule_ends_with_it_and_a_resume_keeps_it(synth_root, tmp_path, caplog):
-    from cancernet.runner import run
-    from cancernet.signals import StopFlag
+    from cancernet.runtime.signals import StopFlag
+    from cancernet.train.runner import run
 
     out, budget = tmp_path / "run", 15.0
     common = ("train.time_budget=15s", "train.epochs=100", "train.seed=2")

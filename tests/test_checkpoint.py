@@ -10,10 +10,11 @@ import pandas as pd
 import pytest
 import torch
 
-from cancernet import checkpoint, engine
-from cancernet.atomic import write_text
-from cancernet.distributed import DistInfo
-from cancernet.errors import CheckpointError, UserError
+from cancernet.engine import checkpoint
+from cancernet.runtime.atomic import write_text
+from cancernet.runtime.distributed import DistInfo
+from cancernet.runtime.errors import CheckpointError, UserError
+from cancernet.train import loop as engine
 
 from conftest import RESUME_COMMON as COMMON
 from conftest import ROOT, assert_same_run, python_env, train, train_stopping
@@ -130,8 +131,8 @@ def test_stop_after_two_epochs_then_resume_matches_uninterrupted(synth_root, tmp
 def test_checkpoint_every_skips_last_pt_between_saves_but_a_stop_and_the_end_still_save(
     synth_root, tmp_path, uninterrupted
 ):
-    from cancernet.runner import run
-    from cancernet.signals import StopFlag
+    from cancernet.runtime.signals import StopFlag
+    from cancernet.train.runner import run
 
     from conftest import make_cfg, session
 
@@ -210,7 +211,7 @@ def test_every_epoch_trains_the_images_in_a_new_order(synth_root, tmp_path, monk
 )
 @pytest.mark.slow
 def test_best_pt_is_the_best_validated_epoch_not_the_last(synth_root, tmp_path, monkeypatch, scripted, best):
-    from cancernet import runner
+    from cancernet.train import runner
 
     real, rows = runner.epoch_row, iter(scripted)
 

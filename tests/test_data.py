@@ -12,7 +12,7 @@ from cancernet.data.augment import Augment, Preprocess
 from cancernet.data.kaggle import read_labels, read_patch
 from cancernet.data.splits import make_splits
 from cancernet.data.synthetic import render_patch
-from cancernet.errors import DataError
+from cancernet.runtime.errors import DataError
 
 from conftest import train
 
@@ -237,8 +237,8 @@ def test_hed_stain_augmentation_recolours_each_pixel_in_place():
 
 def test_folder_and_packed_paths_augment_an_image_identically(packed_root):
     from cancernet.data.datasets import to_device
-    from cancernet.data.loaders import make_loader, set_epoch
-    from cancernet.distributed import DistInfo
+    from cancernet.engine.loaders import make_loader, set_epoch
+    from cancernet.runtime.distributed import DistInfo
 
     from conftest import make_cfg
 
@@ -290,8 +290,8 @@ def test_centre_crop_keeps_the_labelled_centre_at_full_resolution():
 
 
 def test_evaluation_batches_have_eval_batch_size(synth_root):
-    from cancernet.data.loaders import make_loader
-    from cancernet.distributed import DistInfo
+    from cancernet.engine.loaders import make_loader
+    from cancernet.runtime.distributed import DistInfo
 
     from conftest import make_cfg
 
@@ -320,7 +320,7 @@ def test_k_fold_partitions_train_and_val_keeps_groups_whole_and_the_test_split_f
 
 
 def test_a_fold_outside_the_folds_or_a_val_fraction_with_folds_is_refused(synth_root):
-    from cancernet.errors import ConfigError
+    from cancernet.runtime.errors import ConfigError
 
     from conftest import make_cfg
 

@@ -8,8 +8,8 @@ import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
 
-from cancernet import checkpoint
-from cancernet.distributed import DistInfo, broadcast_buffers, gather_objects, gather_rows, session
+from cancernet.engine import checkpoint
+from cancernet.runtime.distributed import DistInfo, broadcast_buffers, gather_objects, gather_rows, session
 
 
 def _worker(rank: int, world: int, init_file: str, ckpt: str, results) -> None:

@@ -14,10 +14,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from cancernet.config import Config, OptimConfig, TrainConfig
 from cancernet.data.augment import dihedral, dihedral_views, sample_uniforms
 from cancernet.data.datasets import EpochSampler, ShardSampler
-from cancernet.distributed import DistInfo
-from cancernet.ema import ModelEma
-from cancernet.engine import StepParts, optimizer_step, train_one_epoch
-from cancernet.optim import LrSchedule
+from cancernet.runtime.distributed import DistInfo
+from cancernet.train.ema import ModelEma
+from cancernet.train.loop import StepParts, optimizer_step, train_one_epoch
+from cancernet.train.optim import LrSchedule
 
 
 class Tiny(nn.Module):
@@ -118,8 +118,8 @@ class _Dispatch(TorchDispatchMode):
 
 
 def _packed_training(packed_root, tmp_path, *overrides):
-    from cancernet.rundir import RunDir
-    from cancernet.training import build
+    from cancernet.engine.rundir import RunDir
+    from cancernet.train.state import build
 
     from conftest import make_cfg
 
@@ -381,7 +381,7 @@ def test_label_smoothing_is_applied_to_the_training_loss():
 
 def test_tta_averages_the_probability_over_exactly_the_eight_dihedral_views():
     """Each view made here independently (numpy's rot90 and fliplr); the model is not invariant."""
-    from cancernet.engine import predict_scores
+    from cancernet.engine.predict import predict_scores
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 6 * 6, 2)).eval()
@@ -398,7 +398,7 @@ def test_tta_averages_the_probability_over_exactly_the_eight_dihedral_views():
 
 
 def test_the_lr_scales_with_the_global_batch_linearly_or_by_its_root_up_to_the_cap():
-    from cancernet.optim import describe_lr, effective_lr
+    from cancernet.train.optim import describe_lr, effective_lr
 
     base = OptimConfig(lr=5e-4, base_batch=256)
     for scale, expected in (("none", [5e-4] * 3), ("linear", [5e-4, 2e-3, 8e-3]), ("sqrt", [5e-4, 1e-3, 2e-3])):

@@ -9,10 +9,10 @@ import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
 
-from cancernet import features
 from cancernet.config import ModelConfig
-from cancernet.errors import ConfigError
-from cancernet.models import build_model
+from cancernet.models.classifier import build_model
+from cancernet.runtime.errors import ConfigError
+from cancernet.train import features
 
 from conftest import make_cfg, train
 
@@ -73,7 +73,7 @@ def test_a_cached_run_equals_an_uncached_one_and_a_new_backbone_gets_a_new_store
 
 
 def _fill(rank, world, init, cfg, table, results):
-    from cancernet.distributed import DistInfo
+    from cancernet.runtime.distributed import DistInfo
 
     tdist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     try:

@@ -40,7 +40,7 @@ def test_cuda_packed_training_with_amp(cuda, packed_root, tmp_path, amp):
 
 
 def test_auto_precision_on_this_gpu_is_recorded(cuda, packed_root, tmp_path):
-    from cancernet.numerics import resolve_amp
+    from cancernet.engine.numerics import resolve_amp
 
     train(
         packed_root,
@@ -57,7 +57,7 @@ def test_auto_precision_on_this_gpu_is_recorded(cuda, packed_root, tmp_path):
 
 
 def test_deterministic_gpu_runs_give_the_same_weights_bit_for_bit(cuda, packed_root, tmp_path):
-    from cancernet import numerics
+    from cancernet.engine import numerics
 
     weights = []
     try:
@@ -85,10 +85,10 @@ def test_deterministic_gpu_runs_give_the_same_weights_bit_for_bit(cuda, packed_r
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_no_host_device_sync_inside_a_training_step(cuda, packed_root, tmp_path, amp):
     """Every synchronising CUDA call warns under sync debug mode; each must fall at a sync point."""
-    from cancernet.distributed import DistInfo
-    from cancernet.engine import train_one_epoch
-    from cancernet.rundir import RunDir
-    from cancernet.training import build
+    from cancernet.engine.rundir import RunDir
+    from cancernet.runtime.distributed import DistInfo
+    from cancernet.train.loop import train_one_epoch
+    from cancernet.train.state import build
 
     cfg = make_cfg(
         packed_root,
@@ -152,7 +152,7 @@ def test_compiled_model_keeps_clean_checkpoint_keys(cuda, synth_root, tmp_path):
 
 def test_checkpoint_copies_from_the_gpu_land_before_training_goes_on(cuda):
     """The copies to pinned memory do not block; copy() must still return them complete."""
-    from cancernet.checkpoint import CheckpointWriter
+    from cancernet.engine.checkpoint import CheckpointWriter
 
     weight = torch.randn(4096, 4096, device="cuda")
     expected = weight.cpu()
@@ -169,8 +169,8 @@ def test_slide_heatmap_on_cuda_matches_the_cpu(cuda, synth_root, tmp_path):
     import numpy as np
     from test_wsi import regions
 
-    from cancernet.distributed import DistInfo
-    from cancernet.metrics import roc_auc
+    from cancernet.evaluate.metrics import roc_auc
+    from cancernet.runtime.distributed import DistInfo
     from cancernet.wsi.predict import load_scorer, predict_slides
     from cancernet.wsi.synthetic import write_slide
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from cancernet.__main__ import main
-from cancernet.console import main_guard
 from cancernet.data.kaggle import read_patch
-from cancernet.distributed import DistInfo
-from cancernet.inference import load_model, predict_folder
+from cancernet.evaluate.inference import load_model, predict_folder
+from cancernet.runtime.console import main_guard
+from cancernet.runtime.distributed import DistInfo
 
 from conftest import ROOT, python_env, train
 
@@ -206,7 +206,7 @@ def test_operating_points_are_chosen_and_applied_on_predictions_made_the_same_wa
     }
     assert tta_point["tta"] and tta_point["method"] == "target_sensitivity"
     # each point is chosen on validation predictions made the way it will be applied
-    from cancernet.metrics import threshold_for_sensitivity
+    from cancernet.evaluate.metrics import threshold_for_sensitivity
 
     for name, used in (("val.csv", point), ("val_tta.csv", tta_point)):
         val = pd.read_csv(run_dir / "predictions" / name)

@@ -1,17 +1,17 @@
-"""python -m cancernet.launch: the preflight that checks a run once before torchrun spawns its ranks."""
+"""python -m cancernet.cli.launch: the preflight that checks a run once before torchrun spawns its ranks."""
 
 import subprocess
 import sys
 
 import pytest
 
-from cancernet.launch import preflight
+from cancernet.cli.launch import preflight
 
 from conftest import ROOT, python_env
 
 
 def launch(tmp_path, *overrides) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "cancernet.launch", "--standalone", "--nproc_per_node=2", "--max-restarts=3"]
+    command = [sys.executable, "-m", "cancernet.cli.launch", "--standalone", "--nproc_per_node=2", "--max-restarts=3"]
     command += ["train_ddp.py", "--config", "configs/cpu_test.yaml", f"train.out_dir={tmp_path / 'run'}", *overrides]
     env = {**python_env(), "TORCH_HOME": str(tmp_path / "empty-cache")}  # no weights cached here
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
@@ -32,7 +32,7 @@ def test_a_run_that_cannot_start_is_one_line_and_exit_2_before_any_rank_starts(t
     proc = launch(tmp_path, f"data.root={synth_root}", *overrides)
     assert proc.returncode == 2, proc.stderr[-2000:]
     (line,) = proc.stderr.strip().splitlines()  # no traceback, no restarts, no worker's output
-    assert line.startswith("cancernet.launch: ") and says in line, line
+    assert line.startswith("cancernet.cli.launch: ") and says in line, line
     assert not (tmp_path / "run").exists()  # nothing started, nothing written
 
 

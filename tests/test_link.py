@@ -15,7 +15,7 @@ from cancernet.config import DataConfig
 from cancernet.data.kaggle import find_bad_images, image_path, read_patch
 from cancernet.data.link import link_pcam
 from cancernet.data.synthetic_pcam import write_pcam_release
-from cancernet.errors import DataError
+from cancernet.runtime.errors import DataError
 
 from conftest import ROOT, copy_dataset, make_cfg
 
@@ -71,8 +71,8 @@ def test_link_pcam_recovers_every_slide_invents_none_and_reports_duplicates(link
 
 
 def test_pcam_splits_for_kaggle_patches_come_from_the_link(linked):
-    from cancernet.data.loaders import load_table
-    from cancernet.distributed import DistInfo
+    from cancernet.engine.loaders import load_table
+    from cancernet.runtime.distributed import DistInfo
 
     base, _, _ = linked
     cfg = make_cfg(base / "kaggle", "x", f"data.groups_csv={base / 'kaggle' / 'pcam_slides.csv'}", "data.split_by=pcam")

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from cancernet.metrics import binary_report, roc_auc, threshold_for_sensitivity, youden_threshold
+from cancernet.evaluate.metrics import binary_report, roc_auc, threshold_for_sensitivity, youden_threshold
 
 
 @pytest.fixture

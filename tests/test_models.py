@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 import torch
 
-from cancernet import models
 from cancernet.config import ModelConfig, OptimConfig, load_config
-from cancernet.errors import ConfigError, UserError
-from cancernet.models import build_model, count_parameters
-from cancernet.optim import build_optimizer, param_groups
+from cancernet.models import classifier as models
+from cancernet.models.classifier import build_model, count_parameters
+from cancernet.runtime.errors import ConfigError, UserError
+from cancernet.train.optim import build_optimizer, param_groups
 
 from conftest import CONFIGS
 
@@ -102,7 +102,7 @@ def _stepped(groups: list[dict]) -> torch.optim.Optimizer:
 
 @pytest.mark.parametrize("saved_as", ["merged groups", "one group per stage (older checkpoints)"])
 def test_a_resume_that_regroups_the_parameters_keeps_each_ones_moments(saved_as):
-    from cancernet.optim import OptimizerState, legacy_order
+    from cancernet.train.optim import OptimizerState, legacy_order
 
     model = build_model(ModelConfig(arch="resnet18", pretrained="none", channels_last=False), 32)
     names = dict(model.net.named_parameters())
@@ -127,8 +127,8 @@ def test_a_resume_that_regroups_the_parameters_keeps_each_ones_moments(saved_as)
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", [*FAMILIES, *TIMM_FAMILIES])
 def test_each_family_trains_resumes_predicts_and_exports(arch, synth_root, tmp_path):
-    from cancernet.distributed import DistInfo
-    from cancernet.inference import Exported, export, load_model, predict_folder
+    from cancernet.evaluate.inference import Exported, export, load_model, predict_folder
+    from cancernet.runtime.distributed import DistInfo
 
     from conftest import train
 
@@ -183,7 +183,7 @@ def test_fixed_size_models_get_the_image_size_or_a_clear_error(tmp_path):
 
 
 def test_gradcam_finds_the_last_convolutional_stage_or_says_it_cannot():
-    from cancernet.gradcam import GradCamUnavailable, gradcam
+    from cancernet.evaluate.gradcam import GradCamUnavailable, gradcam
 
     for arch in ("resnet18", "densenet121", "convnext_tiny"):
         model = build_model(ModelConfig(arch=arch, pretrained="none", channels_last=False), 64)

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from cancernet import numerics
-from cancernet.numerics import cpu_flags, resolve_amp
+from cancernet.engine import numerics
+from cancernet.engine.numerics import cpu_flags, resolve_amp
 
 CPU = torch.device("cpu")
 
@@ -70,7 +70,7 @@ def test_deterministic_mode_turns_autotuning_off_and_deterministic_kernels_on():
 def test_a_run_records_the_precision_auto_chose_and_trains_with_the_deterministic_kernels(synth_root, tmp_path):
     import yaml
 
-    from cancernet.runner import run
+    from cancernet.train.runner import run
 
     from conftest import make_cfg, session
 

@@ -13,7 +13,7 @@ from cancernet.data.datasets import FolderDataset, PackedDataset
 from cancernet.data.formats import open_source_pack as open_pack
 from cancernet.data.formats import prepare
 from cancernet.data.kaggle import read_patch
-from cancernet.errors import DataError
+from cancernet.runtime.errors import DataError
 
 from conftest import ROOT, python_env, train
 from conftest import copy_dataset as _copy
@@ -185,7 +185,7 @@ def test_the_pack_is_staged_once_per_node_reused_and_read_from_there(synth_root,
 
 
 def test_a_shared_memory_too_small_for_the_loader_workers_is_said_in_one_line(tmp_path):
-    from cancernet.data.loaders import shared_memory_shortfall
+    from cancernet.engine.loaders import shared_memory_shortfall
 
     assert shared_memory_shortfall(27_648 * 256, 6, 4, 4, str(tmp_path)) is None  # a disk: room enough
     line = shared_memory_shortfall(2**40, 6, 4, 4, str(tmp_path))

@@ -14,7 +14,7 @@ from cancernet.data.formats import prepare
 from cancernet.data.pcam import SOURCE as PCAM
 from cancernet.data.pcam import SizedGzip
 from cancernet.data.synthetic_pcam import write_pcam_release as write_release
-from cancernet.errors import DataError
+from cancernet.runtime.errors import DataError
 
 from conftest import train
 

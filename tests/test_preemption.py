@@ -35,7 +35,7 @@ def torchrun(root, out, log, *overrides) -> subprocess.Popen:
         [
             sys.executable,
             "-m",
-            "cancernet.launch",
+            "cancernet.cli.launch",
             "--standalone",
             "--nproc_per_node=2",
             "train_ddp.py",
@@ -83,7 +83,7 @@ def test_term_to_torchrun_mid_epoch_with_loader_workers_stops_cleanly_and_resume
     for rank in (0, 1):
         assert f"[rank{rank}] WARNING stopped in epoch 2 after" in text, text[-3000:]
     # the launcher waited for them, then exits 128 + 15 with one line (docs/SLURM.md)
-    assert code == 143 and "cancernet.launch: stopped by signal 15" in text, text[-3000:]
+    assert code == 143 and "cancernet.cli.launch: stopped by signal 15" in text, text[-3000:]
     assert text.index("stopped by signal 15") > max(text.index(f"[rank{r}] WARNING stopped in") for r in (0, 1))
     saved = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert saved["epoch"] == 1 and 4 * 8 <= saved["mid_epoch"]["samples"] < 34 * 8

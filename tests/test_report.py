@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from sklearn import metrics as skm
 
-from cancernet.metrics import (
+from cancernet.evaluate.metrics import (
     bootstrap_cis,
     brier,
     expected_calibration_error,
@@ -17,7 +17,7 @@ from cancernet.metrics import (
     nll_from_log_odds,
     youden_threshold,
 )
-from cancernet.report import FIGURES, group_metrics, most_confident
+from cancernet.evaluate.report import FIGURES, group_metrics, most_confident
 
 from conftest import ROOT, python_env, train
 
@@ -149,7 +149,7 @@ def test_the_report_shows_the_most_confident_of_each_kind():
 
 def test_sample_grid_names_the_split_it_shows(synth_root):
     from cancernet.data.kaggle import image_path, read_patch
-    from cancernet.grids import sample_grid
+    from cancernet.evaluate.grids import sample_grid
 
     ids = pd.read_csv(synth_root / "train_labels.csv", dtype={"id": str}).head(8)
     frame = ids.assign(prob=np.linspace(0, 1, 8))
@@ -217,7 +217,7 @@ def test_evaluate_command_rewrites_the_report(run_dir):
 
 def test_evaluate_command_on_a_non_run_is_a_clear_error(tmp_path, capsys, monkeypatch):
     from cancernet.__main__ import main
-    from cancernet.console import main_guard
+    from cancernet.runtime.console import main_guard
 
     monkeypatch.setattr(sys, "argv", ["cancernet", "evaluate", "--run", str(tmp_path)])
     assert main_guard(main) == 2 and "not a run directory" in capsys.readouterr().err
@@ -232,8 +232,8 @@ def test_gradcam_heat_lies_in_the_labelled_centre_of_synthetic_tumours(run_dir, 
 
     from cancernet.data.augment import Preprocess
     from cancernet.data.kaggle import image_path, read_patch
-    from cancernet.gradcam import gradcam
-    from cancernet.inference import load_model
+    from cancernet.evaluate.gradcam import gradcam
+    from cancernet.evaluate.inference import load_model
 
     model, cfg, _ = load_model(run_dir / "checkpoints" / "best.pt", torch.device("cpu"))
     test = pd.read_csv(run_dir / "predictions" / "test.csv", dtype={"id": str})
@@ -248,7 +248,7 @@ def test_gradcam_heat_lies_in_the_labelled_centre_of_synthetic_tumours(run_dir, 
 
 
 def test_gradcam_figure_title_fits_inside_the_figure():
-    from cancernet import grids
+    from cancernet.evaluate import grids
 
     rng = np.random.default_rng(0)
     picked = pd.DataFrame(
@@ -263,7 +263,7 @@ def test_gradcam_figure_title_fits_inside_the_figure():
 
 
 def test_reliability_diagram_shows_how_many_patches_each_point_stands_for():
-    from cancernet import plots
+    from cancernet.evaluate import plots
 
     rng = np.random.default_rng(0)
     # one bin of 400 patches, one of 40, one of 2

@@ -173,7 +173,7 @@ def test_a_two_node_job_stops_with_a_whole_checkpoint_requeues_and_resumes(clust
 
 def test_an_array_of_folds_runs_one_resumable_run_per_task_and_aggregates(cluster, synth_root, tmp_path):
     """3 tasks = 3 folds x 1 seed, one process each; then one report over them."""
-    from cancernet.aggregate import aggregate
+    from cancernet.evaluate.aggregate import aggregate
 
     env_extra = {"FOLDS": "3", "SEEDS": "4"}
     job = sbatch(

@@ -11,11 +11,11 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from cancernet.archs import HUB_MODELS, hub_model
 from cancernet.config import ModelConfig
-from cancernet.errors import ConfigError, UserError
-from cancernet.models import build_model
-from cancernet.timm_models import TimmBackbone
+from cancernet.models.archs import HUB_MODELS, hub_model
+from cancernet.models.classifier import build_model
+from cancernet.models.timm import TimmBackbone
+from cancernet.runtime.errors import ConfigError, UserError
 
 from conftest import CONFIGS, ROOT, python_env
 
@@ -95,7 +95,7 @@ def test_a_hub_model_missing_from_an_offline_cache_says_how_to_fetch_it(tmp_path
 
 
 def test_a_timm_name_is_checked_and_close_names_suggested():
-    from cancernet.archs import check_arch
+    from cancernet.models.archs import check_arch
 
     assert check_arch("timm:vit_small_patch16_224.augreg_in21k") == "timm:vit_small_patch16_224.augreg_in21k"
     with pytest.raises(ConfigError, match="'model.arch'.*not a timm model.*did you mean timm:resnet18"):

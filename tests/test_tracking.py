@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from cancernet import tracking
+from cancernet.train import tracking
 
 from conftest import train
 from wandb_log import history, records, run_ids

@@ -12,8 +12,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from cancernet.data.loaders import make_loader
-from cancernet.distributed import DistInfo
+from cancernet.engine.loaders import make_loader
+from cancernet.runtime.distributed import DistInfo
 
 from conftest import make_cfg
 
@@ -47,17 +47,15 @@ def test_evaluation_workers_start_from_a_single_threaded_server_that_ignores_sto
         busy.set()
 
 
-def test_validation_starts_its_workers_once_and_runs_while_the_checkpoint_is_written(
-    synth_root, tmp_path, monkeypatch
-):
+def test_validation_starts_its_workers_once_and_runs_while_the_checkpoint_is_written(synth_root, tmp_path, monkeypatch):
     """An epoch pays neither a new set of validation workers nor the previous checkpoint's write
     (350 MB for ResNet34 with Adam and EMA): the write goes on in the background while the model,
     its tensors already copied, validates."""
-    from cancernet import checkpoint
-    from cancernet.engine import EpochStats, EpochTotals
-    from cancernet.rundir import RunDir
-    from cancernet.runner import save_checkpoints, validate_epoch
-    from cancernet.training import build
+    from cancernet.engine import checkpoint
+    from cancernet.engine.rundir import RunDir
+    from cancernet.train.loop import EpochStats, EpochTotals
+    from cancernet.train.runner import save_checkpoints, validate_epoch
+    from cancernet.train.state import build
 
     cfg = make_cfg(synth_root, tmp_path, "data.num_workers=1", "train.eval_batch_size=16")
     t = build(cfg, DistInfo(), RunDir(tmp_path))

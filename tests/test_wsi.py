@@ -12,8 +12,8 @@ import torch
 from test_inference import cli
 
 from cancernet.__main__ import main
-from cancernet.console import main_guard
-from cancernet.metrics import roc_auc
+from cancernet.evaluate.metrics import roc_auc
+from cancernet.runtime.console import main_guard
 from cancernet.wsi.synthetic import ellipse, write_slide, write_slide_set
 
 from conftest import train

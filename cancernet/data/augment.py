@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import DataConfig
-from .patch import PATCH_SIZE
+from cancernet.data.config import DataConfig
+from cancernet.data.patch import PATCH_SIZE
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from .kaggle import read_patch
-from .packed import Pack
+from cancernet.data.kaggle import read_patch
+from cancernet.data.packed import Pack
 
 
 class FolderDataset(Dataset):

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import DataConfig
-from ..errors import ConfigError
-from . import kaggle, pcam
-from .packed import Pack, PackWriter, open_pack, stage
-from .source import Source
+from cancernet.data import kaggle, pcam
+from cancernet.data.config import DataConfig
+from cancernet.data.packed import Pack, PackWriter, open_pack, stage
+from cancernet.data.source import Source
+from cancernet.runtime.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -13,12 +13,12 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from ..config import DataConfig
-from ..errors import BadImageError, DataError
-from ..signals import ignore_stop_signals
-from .packed import Pack, PackWriter, write_rows
-from .patch import PATCH_SHAPE, pixel_hash
-from .source import Source
+from cancernet.data.config import DataConfig
+from cancernet.data.packed import Pack, PackWriter, write_rows
+from cancernet.data.patch import PATCH_SHAPE, pixel_hash
+from cancernet.data.source import Source
+from cancernet.runtime.errors import BadImageError, DataError
+from cancernet.runtime.signals import ignore_stop_signals
 
 
 def labels_csv(root: str | Path) -> Path:

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..atomic import write_text
-from ..errors import DataError
-from ..signals import ignore_stop_signals
-from .kaggle import read_labels
-from .pcam import RELEASE_SPLITS, check_release, hash_split, release_file
+from cancernet.data.kaggle import read_labels
+from cancernet.data.pcam import RELEASE_SPLITS, check_release, hash_split, release_file
+from cancernet.runtime.atomic import write_text
+from cancernet.runtime.errors import DataError
+from cancernet.runtime.signals import ignore_stop_signals
 
 log = logging.getLogger(__name__)
 # a patch in several PCam splits (a duplicate) counts in the most held-out one: test, then valid

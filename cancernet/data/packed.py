@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError
-from .patch import PATCH_SHAPE
+from cancernet.data.patch import PATCH_SHAPE
+from cancernet.runtime.errors import DataError
 
 ROW_BYTES = int(np.prod(PATCH_SHAPE))
 VERSION = 2

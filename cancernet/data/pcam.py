@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..config import DataConfig
-from ..errors import DataError
-from .packed import Pack, PackWriter, write_rows
-from .patch import PATCH_SHAPE, pixel_hash
-from .source import Source
+from cancernet.data.config import DataConfig
+from cancernet.data.packed import Pack, PackWriter, write_rows
+from cancernet.data.patch import PATCH_SHAPE, pixel_hash
+from cancernet.data.source import Source
+from cancernet.runtime.errors import DataError
 
 log = logging.getLogger(__name__)
 RELEASE_SPLITS = {"train": "train", "valid": "val", "test": "test"}  # release name -> ours

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..config import DataConfig
-from .packed import Pack, PackWriter
+from cancernet.data.config import DataConfig
+from cancernet.data.packed import Pack, PackWriter
 
 
 class Source:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..errors import DataError
+from cancernet.runtime.errors import DataError
 
 PCAM_SPLITS = {"train": "train", "valid": "val", "test": "test"}  # link-pcam's pcam_split -> ours
 

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from .patch import LABEL_END, LABEL_START, PATCH_SIZE, pixel_hash, stamp
+from cancernet.data.patch import LABEL_END, LABEL_START, PATCH_SIZE, pixel_hash, stamp
 
 SIZE, CENTRE = PATCH_SIZE, (LABEL_START, LABEL_END)  # the label looks at pixels [32, 64) in both axes
 _YY, _XX = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)

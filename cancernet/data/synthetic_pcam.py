@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .patch import PATCH_SHAPE, pixel_hash, stamp
-from .synthetic import _render_many, _write_many
+from cancernet.data.patch import PATCH_SHAPE, pixel_hash, stamp
+from cancernet.data.synthetic import _render_many, _write_many
 
 SPLITS = ("train", "valid", "test")
 

@@ -11,11 +11,11 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from ..atomic import write_text
-from ..errors import DataError
-from ..metrics import bootstrap_cis, roc_auc
-from .predict import RESULT, Scorer, list_slides, predict_slides
-from .slide import cell_share
+from cancernet.evaluate.metrics import bootstrap_cis, roc_auc
+from cancernet.runtime.atomic import write_text
+from cancernet.runtime.errors import DataError
+from cancernet.wsi.predict import RESULT, Scorer, list_slides, predict_slides
+from cancernet.wsi.slide import cell_share
 
 log = logging.getLogger(__name__)
 PAGE_SLIDES = 12  # slides on the report page: the highest and lowest scored of each class
@@ -147,7 +147,7 @@ def evaluate_slides(
     write_text(out / "slides.csv", frame.to_csv(index=False, float_format="%.6g"))
     write_text(out / "slides.json", json.dumps(metrics, indent=2))
     if entries:
-        from .figures import slides_page
+        from cancernet.wsi.figures import slides_page
 
         shown = sorted(entries, key=lambda e: (-e["label"], -e["summary"]["score"]))
         if len(shown) > PAGE_SLIDES:  # the best and worst of each class
@@ -164,7 +164,7 @@ def evaluate_slides(
             title += f", cell AUC {metrics['cell_auc']:.3f}"
         slides_page(out / "slides_report.png", shown, title)
     if "slide_auc" in metrics:
-        from ..plots import roc
+        from cancernet.evaluate.plots import roc
 
         roc(frame["label"], frame["score"]).savefig(out / "slides_roc.png", dpi=100)
     log.info("evaluate-slides: %s", json.dumps({k: v for k, v in metrics.items() if k != "checkpoint"}))

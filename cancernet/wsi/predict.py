@@ -21,18 +21,18 @@ import pandas as pd
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .. import checkpoint
-from ..config import Config, from_dict, merge, parse_overrides
-from ..data.augment import Preprocess
-from ..data.datasets import ShardSampler
-from ..distributed import DistInfo, broadcast_object
-from ..engine import evaluate
-from ..errors import DataError, UserError
-from ..inference import checkpoint_threshold
-from ..models import build_for_weights
-from ..signals import loader_workers
-from .slide import SLIDE_SUFFIXES, Plan, level0_mpp, plan_slide, write_pyramid
-from .tiles import UNREADABLE, SlideTiles, Waited, cat_blocks
+from cancernet.config import Config, from_dict, merge, parse_overrides
+from cancernet.data.augment import Preprocess
+from cancernet.data.datasets import ShardSampler
+from cancernet.engine import checkpoint
+from cancernet.engine.predict import evaluate
+from cancernet.evaluate.inference import checkpoint_threshold
+from cancernet.models.classifier import build_for_weights
+from cancernet.runtime.distributed import DistInfo, broadcast_object
+from cancernet.runtime.errors import DataError, UserError
+from cancernet.runtime.signals import loader_workers
+from cancernet.wsi.slide import SLIDE_SUFFIXES, Plan, level0_mpp, plan_slide, write_pyramid
+from cancernet.wsi.tiles import UNREADABLE, SlideTiles, Waited, cat_blocks
 
 log = logging.getLogger(__name__)
 RESULT = "slide.json"  # written last: its presence marks a slide done
@@ -150,9 +150,9 @@ def score_slide(scorer: Scorer, plan: Plan) -> tuple[SlideTiles, dict, float]:
             **loader_workers(scorer.num_workers),
         )
     )
-    from ..runner import progress_bar
+    from cancernet.runtime.console import progress_bar
 
-    bar = progress_bar(scorer.cfg, dist, len(loader), Path(plan.path).stem)
+    bar = progress_bar(scorer.cfg.train.progress, dist.is_main, len(loader), Path(plan.path).stem)
     try:
         rows = evaluate(
             scorer.model, loader, scorer.preprocess, dist, scorer.amp, scorer.tta, scorer.temperature, progress=bar
@@ -207,7 +207,7 @@ def summarise(
 
 def write_outputs(target: Path, plan: Plan, thumb, tiles: SlideTiles, heatmap: np.ndarray, summary: dict, tiff: bool):
     """Rank 0: every file into a temporary folder, renamed to OUT/<slide> when complete."""
-    from .figures import heatmap_figure
+    from cancernet.wsi.figures import heatmap_figure
 
     prob = heatmap[tiles.rows, tiles.cols]
     tmp = target.with_name(f".{target.name}.partial")

@@ -15,9 +15,9 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from ..config import SlideConfig
-from ..data.patch import PATCH_SIZE
-from ..errors import DataError
+from cancernet.config import SlideConfig
+from cancernet.data.patch import PATCH_SIZE
+from cancernet.runtime.errors import DataError
 
 TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic and BigTIFF, both byte orders
 # what OpenSlide reads (https://openslide.org/formats/); a folder argument is searched for these

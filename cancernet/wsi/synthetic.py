@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..data.patch import LABEL_END, LABEL_START, PATCH_MPP
-from ..data.synthetic import NORMAL_COLOUR, STROMA_COLOUR, TUMOUR_COLOUR, _nucleus
-from .slide import write_pyramid
+from cancernet.data.patch import LABEL_END, LABEL_START, PATCH_MPP
+from cancernet.data.synthetic import NORMAL_COLOUR, STROMA_COLOUR, TUMOUR_COLOUR, _nucleus
+from cancernet.wsi.slide import write_pyramid
 
 CELL = LABEL_END - LABEL_START  # 32 training pixels
 STRIP = 8 * CELL  # rows rendered at a time (memory stays small for large slides)

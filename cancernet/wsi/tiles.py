@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..data.patch import PATCH_SIZE
-from .slide import Plan, open_slide
+from cancernet.data.patch import PATCH_SIZE
+from cancernet.wsi.slide import Plan, open_slide
 
 UNREADABLE = -2  # the label of tiles whose region OpenSlide failed to read
 

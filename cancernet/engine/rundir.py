@@ -1,0 +1,99 @@
+"""RunDir: every path of a run directory (train.out_dir), and the readers of its files, in one place."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    def __init__(self, root: str | Path):
+        object.__setattr__(self, "root", Path(root))
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.csv"
+
+    @property
+    def splits(self) -> Path:
+        return self.root / "splits.csv"
+
+    @property
+    def bad_images(self) -> Path:
+        return self.root / "bad_images.csv"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def last(self) -> Path:
+        return self.checkpoints / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.checkpoints / "best.pt"
+
+    def checkpoint(self, name: str) -> Path:
+        """best | last | any path."""
+        return {"best": self.best, "last": self.last}.get(name, Path(name))
+
+    def predictions(self, split: str, tta: bool = False) -> Path:
+        return self.root / "predictions" / f"{split}{'_tta' if tta else ''}.csv"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
+
+    @property
+    def metrics(self) -> Path:
+        return self.report / "metrics.json"
+
+    def figure(self, name: str) -> Path:
+        return self.report / f"{name}.png"
+
+    @property
+    def index_html(self) -> Path:
+        return self.report / "index.html"
+
+    def read_splits(self) -> pd.DataFrame | None:
+        """splits.csv (id, split), or None before the run wrote it."""
+        return pd.read_csv(self.splits, dtype={"id": str}) if self.splits.is_file() else None
+
+    def read_summary(self) -> pd.DataFrame | None:
+        """summary.csv (one row per epoch), or None when there is none yet."""
+        return pd.read_csv(self.summary) if self.summary.is_file() else None
+
+    def load_config(self, overrides: list[str] = ()):
+        """The run's config.yaml with key=value overrides (a cancernet.config.Config)."""
+        from cancernet.config import load_config
+        from cancernet.runtime.errors import UserError
+
+        if not self.config.is_file():
+            raise UserError(f"{self.root} is not a run directory (no config.yaml)")
+        return load_config(self.config, overrides)
+
+    def read_meta(self) -> dict:
+        """config.yaml's meta section: git commit, torch version, world size, what a time budget fixed."""
+        return (yaml.safe_load(self.config.read_text()) or {}).get("meta", {}) if self.config.is_file() else {}
+
+    def holds_a_run(self) -> bool:
+        return any(p.exists() for p in (self.config, self.summary, self.splits, self.checkpoints))
+
+    def clear(self) -> None:
+        """Remove the files a run writes (train.overwrite=true); anything else stays."""
+        for path in (self.config, self.summary, self.splits, self.bad_images):
+            path.unlink(missing_ok=True)
+        for folder in (self.checkpoints, self.root / "predictions", self.report):
+            shutil.rmtree(folder, ignore_errors=True)

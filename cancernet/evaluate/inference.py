@@ -1,0 +1,168 @@
+"""Inference from a checkpoint: predict a folder (Kaggle submission), operating point, export."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from cancernet.config import Config
+from cancernet.data.augment import Preprocess
+from cancernet.data.datasets import FolderDataset, ShardSampler
+from cancernet.data.kaggle import check_ids
+from cancernet.data.patch import PATCH_SHAPE
+from cancernet.engine import checkpoint
+from cancernet.engine.predict import evaluate
+from cancernet.models.classifier import build_for_weights, tumour_log_odds
+from cancernet.runtime.atomic import atomic_path, write_text
+from cancernet.runtime.distributed import DistInfo
+from cancernet.runtime.errors import DataError, UserError
+from cancernet.runtime.signals import loader_workers
+
+log = logging.getLogger(__name__)
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
+EXPORT_FILES = ("model.ts", "model.pt2", "weights.pt", "model.json")
+
+
+def load_model(path: str | Path, device: torch.device) -> tuple[nn.Module, Config, checkpoint.Checkpoint]:
+    """The model of a checkpoint, in eval mode, with the config it was trained with."""
+    ckpt = checkpoint.Checkpoint.load(path)
+    cfg = ckpt.config()
+    model = build_for_weights(cfg)
+    ckpt.load_weights(model)
+    return model.to(device).eval(), cfg, ckpt
+
+
+def list_images(folder: str | Path, ids_csv: str | Path | None) -> tuple[list[str], list[Path]]:
+    """ids and paths: every .tif/.png of folder (sorted), or the ids of ids_csv in its order."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"--images {folder} is not a folder")
+    found = {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+    if ids_csv is None:
+        if not found:
+            raise DataError(f"no .tif or .png images in {folder}")
+        return list(found), list(found.values())
+    ids_frame = pd.read_csv(ids_csv, dtype={"id": str}, keep_default_na=False)
+    if "id" not in ids_frame.columns:
+        raise DataError(f"--ids {ids_csv} has no 'id' column")
+    check_ids(ids_frame["id"], f"--ids {ids_csv}")
+    ids = ids_frame["id"].tolist()
+    duplicated = ids_frame["id"][ids_frame["id"].duplicated()]
+    if len(duplicated):
+        raise DataError(f"--ids {ids_csv} lists id {duplicated.iloc[0]!r} twice")
+    missing = [i for i in ids if i not in found]
+    if missing:
+        raise DataError(
+            f"image for id {missing[0]!r} not found in {folder} as .tif or .png ({len(missing)} of {len(ids)} missing)"
+        )
+    return ids, [found[i] for i in ids]
+
+
+def predict_folder(
+    model: nn.Module,
+    cfg: Config,
+    dist: DistInfo,
+    paths: list[Path],
+    batch_size: int,
+    num_workers: int,
+    tta: bool,
+    amp: str,
+    temperature: float = 1.0,
+) -> np.ndarray:
+    """P(tumour) of every path, in order; ranks share the work, every rank gets all of it."""
+    loader = DataLoader(
+        FolderDataset(paths, None),
+        batch_size=batch_size,
+        sampler=ShardSampler(len(paths), dist.rank, dist.world_size),
+        pin_memory=dist.device.type == "cuda",
+        **loader_workers(num_workers),
+    )
+    preprocess = Preprocess.from_config(cfg.data, channels_last=cfg.model.channels_last).to(dist.device)
+    return evaluate(model, loader, preprocess, dist, amp, tta=tta, temperature=temperature)["prob"]
+
+
+def submission(ids: list[str], probs: np.ndarray, threshold: float | None) -> pd.DataFrame:
+    """Kaggle's format: id,label with label = P(tumour), or a 0/1 label at a threshold."""
+    label = probs if threshold is None else (probs >= threshold).astype(int)
+    return pd.DataFrame({"id": ids, "label": label})
+
+
+def checkpoint_threshold(ckpt: checkpoint.Checkpoint, tta: bool, temperature: float) -> float:
+    """The stored operating point for predictions made this way (plain or TTA, same temperature)."""
+    path, point = ckpt.path, ckpt.operating_point(tta)
+    if not point:
+        how = "--tta " if tta else ""
+        raise UserError(
+            f"checkpoint {path} holds no operating point chosen on {'TTA' if tta else 'plain'} "
+            f"predictions; run `python -m cancernet evaluate --run RUN {how}[--target-sensitivity S]` "
+            "first, or pass --threshold"
+        )
+    if point.get("tta", False) != tta:
+        raise UserError(
+            f"checkpoint {path}: its operating point was chosen on {'TTA' if point.get('tta') else 'plain'} "
+            f"predictions; these are {'TTA' if tta else 'plain'}: re-run evaluate with the same --tta"
+        )
+    if abs(float(point.get("temperature", 1.0)) - temperature) > 1e-9:
+        raise UserError(
+            f"checkpoint {path}: its operating point was chosen on probabilities at temperature "
+            f"{point.get('temperature', 1.0):.4g}, these use {temperature:.4g}: drop --no-calibration "
+            "or pass --threshold"
+        )
+    return float(point["threshold"])
+
+
+class Exported(nn.Module):
+    """uint8 NHWC patches (N, 96, 96, 3) in, P(tumour) (N,) out: the validated preprocessing inside."""
+
+    def __init__(self, model: nn.Module, cfg: Config, temperature: float = 1.0):
+        super().__init__()
+        self.preprocess = Preprocess.from_config(cfg.data, nhwc=True)
+        self.model, self.temperature = model, temperature
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return tumour_log_odds(self.model(self.preprocess(images)), self.temperature).sigmoid()
+
+
+def export(ckpt: Path, out_dir: Path, calibrated: bool = True) -> dict:
+    """model.ts (TorchScript) and model.pt2 (torch.export), both with preprocessing (and the fitted
+    temperature) inside; weights.pt (plain state dict); model.json (what they expect and return)."""
+    model, cfg, saved = load_model(ckpt, torch.device("cpu"))
+    temperature = saved.temperature(calibrated)
+    wrapped = Exported(model, cfg, temperature).eval()
+    example = torch.randint(0, 256, (2, *PATCH_SHAPE), dtype=torch.uint8)
+    with torch.no_grad():
+        traced = torch.jit.trace(wrapped, example, check_trace=False)
+    # torch.export: TorchScript's successor (TorchScript is deprecated from torch 2.9 on)
+    program = torch.export.export(wrapped, (example,), dynamic_shapes={"images": {0: torch.export.Dim("batch")}})
+    out_dir = Path(out_dir)
+    with atomic_path(out_dir / "model.ts") as tmp:
+        traced.save(str(tmp))
+    with atomic_path(out_dir / "model.pt2") as tmp:
+        torch.export.save(program, str(tmp))
+    with atomic_path(out_dir / "weights.pt") as tmp:
+        torch.save(model.state_dict(), tmp)
+    info = {
+        "arch": cfg.model.arch,
+        "head": cfg.model.head,
+        "image_size": cfg.data.image_size,
+        "mean": cfg.data.mean,
+        "std": cfg.data.std,
+        "source": str(ckpt),
+        "epoch": saved.epoch,
+        "temperature": temperature,
+        "operating_point": saved.operating_point(tta=False),
+        "model.ts / model.pt2": "input uint8 (N, 96, 96, 3) RGB patches (NHWC, as decoded); output "
+        "float32 (N,) P(tumour) = sigmoid((logit_1 - logit_0) / temperature); "
+        "resize and normalisation inside",
+        "weights.pt": "state dict of cancernet.models.classifier.build_model(model config, image_size); input float "
+        "(N, 3, S, S) normalised with mean/std; output (N, 2) logits",
+    }
+    write_text(out_dir / "model.json", json.dumps(info, indent=2))
+    return info

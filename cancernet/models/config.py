@@ -1,0 +1,20 @@
+"""The `model:` section of the config: the network, its weights and how it is compiled and wrapped."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cancernet.runtime.schema import choice
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet34"  # any torchvision classifier
+    pretrained: str = "imagenet"  # imagenet | none | path to a state dict
+    weights_url: str | None = None  # mirror folder for the ImageNet weight files
+    freeze_backbone: bool = False
+    head: str = choice("linear", "seed", "linear")
+    channels_last: bool = True
+    compile: bool = False
+    compile_scope: str = choice("model", "model", "ddp")  # compile the bare model inside DDP, or DDP itself
+    sync_bn: bool = False  # SyncBatchNorm across ranks (CUDA)
