@@ -287,7 +287,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(synth_root, tm
 
 SLOW_SAVE = """
 import sys, time, torch
-from cancernet import checkpoint
+from cancernet.engine import checkpoint
 real = torch.save
 calls = {"n": 0}
 def slow(obj, f):

@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from cancernet.config import ModelConfig
 from cancernet.models.classifier import build_model
 from cancernet.runtime.errors import ConfigError
+from cancernet.data.stored import open_store
 from cancernet.train import features
 
 from conftest import make_cfg, train
@@ -93,7 +94,7 @@ def test_two_ranks_fill_one_store_with_every_row_once(synth_root, tmp_path):
     table = read_labels(synth_root, 30)
     results = mp.Manager().dict()
     mp.spawn(_fill, args=(2, str(tmp_path / "init"), cfg, table, results), nprocs=2, join=True)
-    store = features._open(tmp_path / "cache" / results[0].split("/")[-1])
+    store = open_store(tmp_path / "cache" / results[0].split("/")[-1])
     assert results[0] == results[1] and len(store.ids) == 30 and store.views == 8
     with open(store.path / "features.npy", "rb") as f:
         stored = store.read_rows(np.arange(30), f.fileno())
