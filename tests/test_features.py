@@ -10,9 +10,9 @@ import torch.distributed as tdist
 import torch.multiprocessing as mp
 
 from cancernet.config import ModelConfig
+from cancernet.data.stored import open_store
 from cancernet.models.classifier import build_model
 from cancernet.runtime.errors import ConfigError
-from cancernet.data.stored import open_store
 from cancernet.train import features
 
 from conftest import make_cfg, train
