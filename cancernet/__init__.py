@@ -13,5 +13,6 @@ LAYERS = (
     ("evaluate",),  # metrics, reports, calibration, inference on patches, aggregation
     ("train", "wsi"),  # the training run / whole slides
     ("bench",),  # benchmarks of all of the above
-    ("cli", "__main__"),  # the commands
+    ("cli",),  # the commands and the launcher
+    ("__main__",),  # python -m cancernet
 )

@@ -294,13 +294,26 @@ def from_dict(values: dict[str, Any]) -> Config:
     return _build(Config, values, "")
 
 
+SHIPPED = Path(__file__).parent / "configs"  # configs/ of the repository, installed with the package
+
+
+def config_path(name: str | Path) -> Path:
+    """A config file, or the name of a shipped one (`base`, `base.yaml`: cancernet/configs/)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = SHIPPED / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
+    if path.parent == Path(".") and shipped.is_file():
+        return shipped
+    known = ", ".join(sorted(p.stem for p in SHIPPED.glob("*.yaml")))
+    raise ConfigError(f"config file {path} does not exist (shipped configs: {known})")
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Load a YAML config (or the defaults when path is None) and apply key=value overrides."""
     values: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+        path = config_path(path)
         try:
             values = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:

@@ -43,7 +43,7 @@ def test_a_pcam_run_reports_the_release_duplicates_that_cross_its_splits(tmp_pat
     # the command gives the same, and writes it beside the report
     import sys
 
-    from cancernet.__main__ import main
+    from cancernet.cli import main
 
     argv, sys.argv = sys.argv, ["cancernet", "audit", str(out)]
     try:

@@ -82,7 +82,7 @@ def test_two_process_validation_scores_one_model_on_every_shard(ddp_run, tmp_pat
     """Each rank ends an epoch with BatchNorm statistics of its own last batch; validation must use
     rank 0's (those saved in last.pt) on both shards: its val loss then equals a single-process
     evaluation of last.pt."""
-    from cancernet.__main__ import main
+    from cancernet.cli import main
     from cancernet.runtime.console import main_guard
 
     run = tmp_path / "copy"

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from cancernet.__main__ import main
+from cancernet.cli import main
 from cancernet.data.kaggle import read_patch
 from cancernet.evaluate.inference import load_model, predict_folder
 from cancernet.runtime.console import main_guard

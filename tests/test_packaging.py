@@ -13,7 +13,7 @@ import pytest
 
 from cancernet.wsi.synthetic import ellipse, write_slide
 
-from conftest import ROOT, python_env, train
+from conftest import ROOT, python_env
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +44,11 @@ def wheel(tmp_path_factory) -> Path:
 def test_the_wheel_holds_every_module_of_the_package(wheel):
     source = {p.relative_to(ROOT).as_posix() for p in (ROOT / "cancernet").rglob("*.py")}
     with zipfile.ZipFile(wheel) as whl:
-        packed = {n for n in whl.namelist() if n.endswith(".py")}
+        names = set(whl.namelist())
+    packed = {n for n in names if n.endswith(".py")}
     assert source - packed == set()  # every module, every subpackage (cancernet/wsi was missing once)
+    shipped = {p.relative_to(ROOT).as_posix() for p in (ROOT / "cancernet" / "configs").glob("*.yaml")}
+    assert "cancernet/configs/base.yaml" in shipped and shipped <= names  # `--config base` works
 
 
 @pytest.mark.slow
@@ -74,8 +77,11 @@ def test_an_installed_wheel_runs_from_outside_the_source_tree(wheel, synth_root,
     helped = subprocess.run([cancernet, "--help"], cwd=away, capture_output=True, text=True)
     assert helped.returncode == 0 and "predict-slide" in helped.stdout, helped.stderr[-2000:]
 
+    # the installed entry point trains from a shipped config named, not a path (none exists here)
     run = tmp_path / "run"
-    train(synth_root, run, "train.epochs=1", "data.limit=128")
+    overrides = [f"data.root={synth_root}", f"train.out_dir={run}", "train.epochs=1", "data.limit=128"]
+    proc = subprocess.run([cancernet, "train", "--config", "cpu_test", *overrides], cwd=away, capture_output=True)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
     shape = (12, 16)
     tissue = ellipse(shape, (6, 8), (5, 7))
     slide = write_slide(away / "case.tif", tissue, ellipse(shape, (5, 6), (2, 3)) & tissue, seed=1)

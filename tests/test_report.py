@@ -216,7 +216,7 @@ def test_evaluate_command_rewrites_the_report(run_dir):
 
 
 def test_evaluate_command_on_a_non_run_is_a_clear_error(tmp_path, capsys, monkeypatch):
-    from cancernet.__main__ import main
+    from cancernet.cli import main
     from cancernet.runtime.console import main_guard
 
     monkeypatch.setattr(sys, "argv", ["cancernet", "evaluate", "--run", str(tmp_path)])

@@ -11,7 +11,7 @@ import tifffile
 import torch
 from test_inference import cli
 
-from cancernet.__main__ import main
+from cancernet.cli import main
 from cancernet.evaluate.metrics import roc_auc
 from cancernet.runtime.console import main_guard
 from cancernet.wsi.synthetic import ellipse, write_slide, write_slide_set

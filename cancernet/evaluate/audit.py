@@ -68,3 +68,25 @@ def describe(audit: dict) -> str:
 def audit_run(cfg: Config, table: pd.DataFrame) -> dict:
     hashes, source = pixel_hashes(cfg, table["id"].tolist())
     return leak_audit(table, hashes, source)
+
+
+def audit_saved_run(run_dir, overrides: list[str] = ()) -> dict:
+    """The audit command: the leak audit of a run directory's splits.csv, written to
+    report/audit.json."""
+    import json
+
+    from cancernet.engine.loaders import load_table
+    from cancernet.engine.rundir import RunDir
+    from cancernet.runtime.atomic import write_text
+    from cancernet.runtime.distributed import DistInfo
+    from cancernet.runtime.errors import UserError
+
+    run = RunDir(run_dir)
+    cfg = run.load_config(list(overrides))
+    saved = run.read_splits()
+    if saved is None:
+        raise UserError(f"{run.root} has no splits.csv: nothing to audit")
+    table, _ = load_table(cfg, DistInfo(), saved)
+    audit = audit_run(cfg, table)
+    write_text(run.report / "audit.json", json.dumps(audit, indent=1))
+    return audit

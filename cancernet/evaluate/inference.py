@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +129,47 @@ class Exported(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return tumour_log_odds(self.model(self.preprocess(images)), self.temperature).sigmoid()
+
+
+def predict_to_csv(
+    checkpoint_path: str | Path,
+    images: str | Path,
+    out: str | Path,
+    dist: DistInfo,
+    *,
+    ids_csv: str | Path | None = None,
+    tta: bool = False,
+    calibrated: bool = True,
+    threshold: float | None = None,
+    threshold_from_checkpoint: bool = False,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    amp: str = "auto",
+) -> None:
+    """Every patch of a folder through a checkpoint: rank 0 writes id,label (P(tumour), or 0/1 at
+    a threshold) atomically; under torchrun the ranks split the images."""
+    from cancernet.engine.numerics import resolve_amp
+
+    ids, paths = list_images(images, ids_csv)
+    model, cfg, ckpt = load_model(checkpoint_path, dist.device)
+    temperature = ckpt.temperature(calibrated)
+    if threshold_from_checkpoint:
+        threshold = checkpoint_threshold(ckpt, tta, temperature)
+    amp, _ = resolve_amp(amp, dist.device)
+    start = time.perf_counter()
+    probs = predict_folder(model, cfg, dist, paths, batch_size, num_workers, tta, amp, temperature)
+    if dist.is_main:
+        write_text(out, submission(ids, probs, threshold).to_csv(index=False, float_format="%.8g"))
+        seconds = time.perf_counter() - start
+        log.info(
+            "wrote %d predictions%s to %s in %.1fs (%.0f patches/s; temperature %.3g)",
+            len(ids),
+            f" (labels at threshold {threshold:.4f})" if threshold is not None else "",
+            out,
+            seconds,
+            len(ids) / seconds,
+            temperature,
+        )
 
 
 def export(ckpt: Path, out_dir: Path, calibrated: bool = True) -> dict:

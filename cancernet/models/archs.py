@@ -7,6 +7,7 @@ from __future__ import annotations
 import difflib
 import functools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cancernet.runtime.errors import ConfigError
@@ -51,11 +52,6 @@ HUB_MODELS: dict[str, HubModel] = {
 }
 
 
-def is_timm(arch: str) -> bool:
-    """A timm registry model or a timm model on the Hub (not a torchvision one)."""
-    return arch.startswith((TIMM, *_HUB_ALIASES))
-
-
 def hub_id(arch: str) -> str | None:
     """ORG/NAME of an hf-hub: arch, else None."""
     for prefix in _HUB_ALIASES:
@@ -82,21 +78,22 @@ def arch_names() -> tuple[str, ...]:
     return tuple(models.list_models(module=models))
 
 
-def check_arch(name: str, key: str = "model.arch") -> str:
-    """name, or a ConfigError naming key and the closest known names."""
-    if name.startswith(TIMM):
-        import timm
+def _check_timm(name: str, key: str) -> None:
+    import timm
 
-        bare = name[len(TIMM) :]
-        if not timm.is_model(bare):
-            close = difflib.get_close_matches(bare.split(".")[0], timm.list_models(), n=4, cutoff=0.6)
-            hint = f"; did you mean {', '.join(TIMM + c for c in close)}?" if close else ""
-            raise ConfigError(f"config key '{key}': {bare!r} is not a timm model (timm.list_models()){hint}")
-        return name
-    if hub_id(name) is not None:
-        if not re.fullmatch(r"[\w.\-]+/[\w.\-]+(@[\w.\-]+)?", hub_id(name)):
-            raise ConfigError(f"config key '{key}': {name!r} is not of the form hf-hub:ORG/NAME")
-        return name
+    bare = name[len(TIMM) :]
+    if not timm.is_model(bare):
+        close = difflib.get_close_matches(bare.split(".")[0], timm.list_models(), n=4, cutoff=0.6)
+        hint = f"; did you mean {', '.join(TIMM + c for c in close)}?" if close else ""
+        raise ConfigError(f"config key '{key}': {bare!r} is not a timm model (timm.list_models()){hint}")
+
+
+def _check_hub(name: str, key: str) -> None:
+    if not re.fullmatch(r"[\w.\-]+/[\w.\-]+(@[\w.\-]+)?", hub_id(name)):
+        raise ConfigError(f"config key '{key}': {name!r} is not of the form hf-hub:ORG/NAME")
+
+
+def _check_torchvision(name: str, key: str) -> None:
     names = arch_names()
     if name not in names:
         close = difflib.get_close_matches(name, names, n=4, cutoff=0.5)
@@ -105,4 +102,32 @@ def check_arch(name: str, key: str = "model.arch") -> str:
             f"config key '{key}': {name!r} is not a torchvision classification model (nor timm:NAME or "
             f"hf-hub:ORG/NAME){hint}"
         )
+
+
+@dataclass(frozen=True)
+class Family:
+    """A kind of model.arch name: how it is recognised and checked. Its construction, weights'
+    preprocessing and download are models/classifier.py's tables, keyed by `name`."""
+
+    name: str
+    prefixes: tuple[str, ...]  # () = the default: a bare name
+    check: Callable[[str, str], None]
+
+
+# The model families, the default last. A new family: one line here, its three functions in
+# models/classifier.py (FAMILY_BUILD, FAMILY_PREPROCESSING, FAMILY_FETCH).
+FAMILIES = (
+    Family("timm", (TIMM,), _check_timm),
+    Family("timm", _HUB_ALIASES, _check_hub),  # timm models on the Hugging Face Hub
+    Family("torchvision", (), _check_torchvision),
+)
+
+
+def family_of(arch: str) -> Family:
+    return next(f for f in FAMILIES if not f.prefixes or arch.startswith(f.prefixes))
+
+
+def check_arch(name: str, key: str = "model.arch") -> str:
+    """name, or a ConfigError naming key and the closest known names."""
+    family_of(name).check(name, key)
     return name

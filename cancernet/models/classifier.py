@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
-from cancernet.models.archs import check_arch, is_timm
+from cancernet.models.archs import check_arch, family_of
 from cancernet.models.config import ModelConfig
 from cancernet.runtime.errors import UserError
 
@@ -194,19 +194,68 @@ def _build_timm_net(cfg: ModelConfig, image_size: int) -> nn.Sequential:
     return nn.Sequential(OrderedDict(backbone=backbone, head=make_head(cfg.head, backbone.num_features)))
 
 
+def _build_torchvision(cfg: ModelConfig, image_size: int) -> tuple[nn.Module, str]:
+    try:
+        net = _build_net(cfg.arch, image_size)
+    except (ValueError, AssertionError, RuntimeError) as e:
+        raise UserError(f"model.arch={cfg.arch} cannot be built for data.image_size={image_size}: {e}") from None
+    head = head_name(net, cfg.arch)
+    _load_backbone_weights(net, cfg, head, image_size)
+    net.set_submodule(head, make_head(cfg.head, net.get_submodule(head).in_features))
+    return net, head
+
+
+def _torchvision_preprocessing(cfg: ModelConfig) -> dict:
+    weights = imagenet_weights(cfg.arch)
+    transform = weights.transforms()
+    return {
+        "mean": list(transform.mean),
+        "std": list(transform.std),
+        "image_size": int(transform.crop_size[0]),
+        "source": f"torchvision's {weights}",
+    }
+
+
+def _timm_preprocessing(cfg: ModelConfig) -> dict:
+    from cancernet.models import timm as timm_models
+
+    found = timm_models.pretrained_cfg(cfg.arch)
+    return {
+        "mean": [float(v) for v in found.get("mean", IMAGENET_MEAN)],
+        "std": [float(v) for v in found.get("std", IMAGENET_STD)],
+        "image_size": int(found.get("input_size", (3, 224, 224))[-1]),
+        "source": f"timm's pretrained config of {cfg.arch}",
+    }
+
+
+def _torchvision_fetch(arch: str, mirror: str | None) -> str:
+    imagenet_state_dict(arch, mirror)
+    return f"ImageNet weights for {arch} are in the torch hub cache (TORCH_HOME)"
+
+
+def _timm_fetch(arch: str, mirror: str | None) -> str:
+    from cancernet.models import timm as timm_models
+
+    folder = timm_models.fetch(arch)
+    repo = folder.parents[1]  # .../hub/models--ORG--NAME/snapshots/<revision>
+    return (
+        f"{arch} is in the Hugging Face cache: {folder}. On a cluster without internet copy {repo} to the "
+        "same place under its HF_HOME (or share HF_HOME), and run with HF_HUB_OFFLINE=1"
+    )
+
+
+# Each model family's construction (net and the name of its head module), the preprocessing its
+# pretrained weights expect, and the download of those weights; models/archs.py's FAMILIES
+# recognises and checks the names.
+FAMILY_BUILD = {"torchvision": _build_torchvision, "timm": lambda cfg, size: (_build_timm_net(cfg, size), "head")}
+FAMILY_PREPROCESSING = {"torchvision": _torchvision_preprocessing, "timm": _timm_preprocessing}
+FAMILY_FETCH = {"torchvision": _torchvision_fetch, "timm": _timm_fetch}
+
+
 def build_model(cfg: ModelConfig, image_size: int) -> PatchClassifier:
     """The classifier for model.arch at data.image_size, with its head and pretrained weights."""
     check_arch(cfg.arch)
-    if is_timm(cfg.arch):
-        net, head = _build_timm_net(cfg, image_size), "head"
-    else:
-        try:
-            net = _build_net(cfg.arch, image_size)
-        except (ValueError, AssertionError, RuntimeError) as e:
-            raise UserError(f"model.arch={cfg.arch} cannot be built for data.image_size={image_size}: {e}") from None
-        head = head_name(net, cfg.arch)
-        _load_backbone_weights(net, cfg, head, image_size)
-        net.set_submodule(head, make_head(cfg.head, net.get_submodule(head).in_features))
+    net, head = FAMILY_BUILD[family_of(cfg.arch).name](cfg, image_size)
     model = PatchClassifier(net, head, cfg.freeze_backbone)
     _probe(model, cfg.arch, image_size)
     if cfg.channels_last:
@@ -217,24 +266,14 @@ def build_model(cfg: ModelConfig, image_size: int) -> PatchClassifier:
 def weights_preprocessing(cfg: ModelConfig) -> dict:
     """The mean, std and input size the architecture's pretrained weights were trained with:
     timm's pretrained config (the Hub's config.json for hf-hub models), or torchvision's weights'."""
-    if is_timm(cfg.arch):
-        from cancernet.models import timm as timm_models
+    return FAMILY_PREPROCESSING[family_of(cfg.arch).name](cfg)
 
-        found = timm_models.pretrained_cfg(cfg.arch)
-        return {
-            "mean": [float(v) for v in found.get("mean", IMAGENET_MEAN)],
-            "std": [float(v) for v in found.get("std", IMAGENET_STD)],
-            "image_size": int(found.get("input_size", (3, 224, 224))[-1]),
-            "source": f"timm's pretrained config of {cfg.arch}",
-        }
-    weights = imagenet_weights(cfg.arch)
-    transform = weights.transforms()
-    return {
-        "mean": list(transform.mean),
-        "std": list(transform.std),
-        "image_size": int(transform.crop_size[0]),
-        "source": f"torchvision's {weights}",
-    }
+
+def fetch_weights(arch: str, mirror: str | None = None) -> str:
+    """Download arch's pretrained weights into their cache (a machine with network, e.g. a
+    cluster's login node); returns where they are and how to use them offline."""
+    check_arch(arch, "--arch")
+    return FAMILY_FETCH[family_of(arch).name](arch, mirror)
 
 
 def resolve_preprocessing(cfg):

@@ -1,0 +1,168 @@
+"""Commands for whole slides: predict-slide, evaluate-slides, synth-slides."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+from cancernet.cli.options import calibration_option, device_options, takes_overrides, tta_option
+from cancernet.runtime.console import setup_logging
+
+log = logging.getLogger("cancernet")
+
+
+def _scorer(args, dist):
+    from cancernet.engine.numerics import resolve_amp
+    from cancernet.wsi.predict import load_scorer
+
+    overrides = list(args.overrides)
+    if args.stride is not None:
+        overrides.append(f"slide.stride={args.stride}")
+    if args.progress is not None:
+        overrides.append(f"train.progress={args.progress}")
+    amp, _ = resolve_amp(args.amp, dist.device)
+    return load_scorer(
+        args.checkpoint,
+        dist,
+        overrides,
+        args.train_mpp,
+        calibrated=not args.no_calibration,
+        threshold=args.threshold,
+        tta=args.tta,
+        amp=amp,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+    )
+
+
+def _slides_outcome(outcome: dict, out) -> int:
+    failed = outcome["failed"]
+    n = sum(len(v) for v in outcome.values())
+    log.info(
+        "%d slides: %d done, %d done before, %d failed -> %s",
+        n,
+        len(outcome["done"]),
+        len(outcome["skipped"]),
+        len(failed),
+        out,
+    )
+    if failed:
+        print(f"error: {len(failed)} of {n} slides failed: " + "; ".join(str(p) for p, _ in failed), file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_predict_slide(args) -> int:
+    from pathlib import Path
+
+    from cancernet.runtime.distributed import session
+    from cancernet.wsi.predict import list_slides, predict_slides
+
+    with session(args.device, "auto") as dist:
+        setup_logging(dist.rank)
+        scorer = _scorer(args, dist)
+        outcome = predict_slides(scorer, list_slides(args.slides), Path(args.out), args.mpp, args.tiff)
+        return _slides_outcome(outcome, args.out) if dist.is_main else (1 if outcome["failed"] else 0)
+
+
+def cmd_evaluate_slides(args) -> int:
+    from pathlib import Path
+
+    from cancernet.runtime.distributed import session
+    from cancernet.wsi.evaluate import evaluate_slides
+
+    with session(args.device, "auto") as dist:
+        setup_logging(dist.rank)
+        scorer = _scorer(args, dist)
+        metrics = evaluate_slides(
+            scorer,
+            Path(args.slides),
+            Path(args.labels),
+            Path(args.out),
+            args.masks and Path(args.masks),
+            args.mask_downsample,
+            args.mpp,
+            args.tiff,
+        )
+        return 1 if metrics and metrics["failed"] else 0
+
+
+def cmd_synth_slides(args) -> int:
+    from cancernet.wsi.synthetic import write_slide_set
+
+    start = time.perf_counter()
+    frame = write_slide_set(args.out, args.n, args.rows, args.cols, args.mpp, args.seed, args.tumour_rate)
+    log.info(
+        "wrote %d synthetic slides (%d with tumour) to %s in %.1fs",
+        len(frame),
+        frame["label"].sum(),
+        args.out,
+        time.perf_counter() - start,
+    )
+    return 0
+
+
+def _slide_options(p) -> None:
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True, help="folder: one sub-folder of outputs per slide")
+    tta_option(p)
+    p.add_argument("--stride", type=int, default=None, help="tile step in training pixels (slide.stride, default 32)")
+    p.add_argument(
+        "--mpp",
+        type=float,
+        default=None,
+        help="level-0 microns per pixel of every slide given: for slides whose metadata lack it (or are wrong)",
+    )
+    p.add_argument(
+        "--train-mpp",
+        type=float,
+        default=None,
+        help="the patch resolution the model was trained at, for checkpoints without data.mpp",
+    )
+    p.add_argument("--tiff", action="store_true", help="also write heatmap.tif, a pyramidal TIFF QuPath can overlay")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="for the tumour area (default: the checkpoint's validation-chosen operating point)",
+    )
+    calibration_option(p)
+    device_options(p, "slide-reading processes")
+    p.add_argument("--progress", choices=["auto", "on", "off"], default=None)
+    takes_overrides(p, "slide.score=max")
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "predict-slide",
+        help="a checkpoint over whole slides (OpenSlide): tumour heatmaps, "
+        "tiles.csv, slide.json per slide; a folder resumes where it stopped",
+    )
+    p.add_argument("slides", nargs="+", help="slide files or folders of slides")
+    _slide_options(p)
+    p.set_defaults(func=cmd_predict_slide)
+    p = sub.add_parser(
+        "evaluate-slides",
+        help="slide-level ROC AUC (bootstrap CI) and cell-level AUC against "
+        "tumour masks, over a folder of labelled slides",
+    )
+    p.add_argument("--slides", required=True, help="folder of slides")
+    p.add_argument("--labels", required=True, help="CSV slide,label (slide: file name or stem; 1 = tumour)")
+    p.add_argument("--masks", default=None, help="folder of tumour masks <slide>.png (nonzero = tumour)")
+    p.add_argument("--mask-downsample", type=float, default=None, help="level-0 pixels per mask pixel")
+    _slide_options(p)
+    p.set_defaults(func=cmd_evaluate_slides)
+    p = sub.add_parser(
+        "synth-slides",
+        help="synthetic pyramidal TIFF slides with known tumour regions, their "
+        "masks and slides.csv (evaluate-slides' input)",
+    )
+    p.add_argument("out")
+    p.add_argument("--n", type=int, default=4)
+    p.add_argument("--rows", type=int, default=48, help="cells (32 training px) down")
+    p.add_argument("--cols", type=int, default=64, help="cells across")
+    p.add_argument("--mpp", type=float, default=0.486, help="level-0 microns per pixel")
+    p.add_argument("--tumour-rate", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synth_slides)
