@@ -54,6 +54,7 @@ class TrainConfig:
     time_budget: str | None = field(default=None, metadata={"check": "duration"})  # e.g. 14m, 4h: fixes the length
     # last.pt at most this often (e.g. 10m; null: every epoch); the final epoch and a stop always save
     checkpoint_every: str | None = field(default=None, metadata={"check": "duration"})
+    select_metric: str = choice("val_auc", "val_auc", "val_loss", "val_acc")  # what makes best.pt the best
     ema_decay: float = bounded(0.0, 0, 1, hi_open=True)  # EMA of the weights; 0 = off
     ema_warmup: int = bounded(0, 0)  # training samples over which the EMA's decay ramps up from 0; 0 = none
     device: str = choice("auto", "auto", "cpu", "cuda")

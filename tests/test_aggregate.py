@@ -1,6 +1,7 @@
 """One report over runs of the same kind (aggregate.py): numbers, out-of-fold AUC, refusals."""
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -71,3 +72,21 @@ def test_runs_that_differ_in_more_than_seed_and_fold_are_refused_naming_the_keys
         aggregate([a, b], tmp_path / "agg")
     with pytest.raises(UserError, match="no finished run"):
         aggregate([a, tmp_path / "nothing"], tmp_path / "agg")
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("optim.lr", 0.5),
+        ("data.image_size", 64),
+        ("model.arch", "resnet18"),
+        ("train.epochs", 7),
+        ("data.augment", "none"),
+    ],
+)
+def test_runs_that_differ_in_one_setting_besides_seed_and_fold_are_refused(tmp_path, key, value):
+    """One changed setting is enough to make two runs different experiments, not two seeds of one."""
+    a = fake_run(tmp_path / "a", 0, 0, 0.9)
+    b = fake_run(tmp_path / "b", 1, 1, 0.9, **{key: value})
+    with pytest.raises(UserError, match="differ in more than seed and fold.*" + re.escape(key)):
+        aggregate([a, b], tmp_path / "agg")

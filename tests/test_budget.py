@@ -69,3 +69,32 @@ def test_a_time_budget_fixes_the_length_the_schedule_ends_with_it_and_a_resume_k
     assert plan["train_images_per_s"] == pytest.approx(trained / fixed_after["epoch_s"], rel=1e-2)
     meta = yaml.safe_load((out / "config.yaml").read_text())["meta"]
     assert meta["time_budget"]["samples"] == plan["samples"] and meta["time_budget"]["epochs"] > 1
+
+
+def test_the_final_plan_gives_only_what_is_left_of_the_budget():
+    """Fixed after the first whole epoch: the plan counts the seconds already spent (training,
+    validation, checkpoint). Granting the whole budget again from there would overrun a 4-hour
+    run by its first epoch and have it killed before its test evaluation."""
+    from types import SimpleNamespace
+
+    from cancernet.runtime.distributed import DistInfo
+    from cancernet.train.budget import TimeBudget
+
+    warmup = {"final": False, "planned_at_sample": 0, "samples": 20_000, "eval_images_per_s_per_rank": 100.0}
+    state = SimpleNamespace(budget_plan=warmup, history=[{"val_s": 2.0, "ckpt_s": 0.5}], train_s=20.0)
+    schedule = SimpleNamespace(total=20_000)
+    t = SimpleNamespace(
+        state=state,
+        dist=DistInfo(),
+        cfg=SimpleNamespace(train=SimpleNamespace(time_budget="100s")),
+        parts=SimpleNamespace(schedule=schedule),
+        epochs=20,
+    )
+    budget = TimeBudget.__new__(TimeBudget)
+    budget.t, budget.seconds, budget.shape = t, 100.0, SHAPE
+    budget.refine(0, {"samples_seen": 1000, "epoch_s": 20.0, "val_s": 2.0, "ckpt_s": 0.5})
+    plan = state.budget_plan
+    # 22.5 s spent; 50 samples/s; 2.5 s per validation and checkpoint: 0.95 x 77.5 s left
+    assert plan["final"] and plan["samples"] == plan_length(0.95 * 77.5, 1000, SHAPE, 50.0, 2.5)
+    assert 80.0 < plan["estimated_s"] <= 100.0
+    assert schedule.total == plan["samples"]  # the LR schedule ends where the plan does

@@ -45,6 +45,23 @@ def test_auto_caches_only_what_can_be_stored_and_on_says_why_it_cannot(synth_roo
         features.decide(make_cfg(synth_root, "x", *PROBE, "data.augment=seed", "train.feature_cache=on"))
 
 
+@pytest.mark.parametrize(
+    "change", ["data.image_size=64", "data.crop=64", "data.augment=none", "data.mean=[0.5,0.5,0.5]"]
+)
+def test_a_store_is_never_reused_for_other_inputs_or_another_view_set(synth_root, change):
+    """Stored features are what the backbone gave for one preprocessing and one set of views: a run
+    at another size, crop, normalisation, or with one view instead of the 8 dihedral ones (silently
+    unaugmented training) must get a store of its own."""
+    model = build_model(ModelConfig(arch="resnet18", pretrained="none", freeze_backbone=True), 48)
+    ids = [f"{i:040x}" for i in range(10)]
+    base = make_cfg(synth_root, "x", *PROBE, "data.image_size=48", "data.std=[0.2,0.2,0.2]", "data.mean=[0.4,0.4,0.4]")
+    other = make_cfg(
+        synth_root, "x", *PROBE, "data.image_size=48", "data.std=[0.2,0.2,0.2]", "data.mean=[0.4,0.4,0.4]", change
+    )
+    assert features.fingerprint(base, model, ids)[0] == features.fingerprint(base, model, ids)[0]
+    assert features.fingerprint(other, model, ids)[0] != features.fingerprint(base, model, ids)[0]
+
+
 @pytest.mark.slow
 def test_a_cached_run_equals_an_uncached_one_and_a_new_backbone_gets_a_new_store(synth_root, tmp_path, caplog):
     import logging

@@ -1,8 +1,10 @@
 """SIGTERM to the launcher in the middle of an epoch, with loader workers, twice (as Slurm's
-preemption does: it signals every process, and the batch script or srun forwards it once more).
-torchrun passes it to each trainer's whole process group, loader workers included. Every rank must
-stop at the next sync point, last.pt must hold the position inside the epoch, and the resumed run
-must end equal to an uninterrupted one."""
+preemption does: it signals every process, and the batch script or srun forwards it once more),
+and again while the ranks stop and checkpoint. torchrun passes it to each trainer's whole process
+group, loader workers included, which must read on: with the default train.sync_every a rank takes
+up to 10 more steps before it reaches the sync point where every rank stops. last.pt must hold the
+position inside the epoch, counted from the epoch's start also when the epoch was resumed and
+stopped again, and the twice-resumed run must end equal to an uninterrupted one."""
 
 import signal
 import subprocess
@@ -23,8 +25,7 @@ COMMON = (
     "train.batch_size=4",
     "train.epochs=2",
     "train.seed=5",
-    "train.sync_every=1",
-    "train.log_every=1",
+    # train.sync_every: the default (10); no log lines, which would add sync points
     "data.image_size=32",
     "train.ema_decay=0.9",
 )
@@ -63,21 +64,23 @@ def uninterrupted(packed_root, tmp_path_factory):
     return out / "run"
 
 
-def test_term_to_torchrun_mid_epoch_with_loader_workers_stops_cleanly_and_resumes_exactly(
-    packed_root, tmp_path, uninterrupted
-):
-    out, log_path = tmp_path / "run", tmp_path / "torchrun.log"
-    with open(log_path, "w") as log:
-        proc = torchrun(packed_root, out, log)
-        deadline = time.time() + 180
-        while "epoch 2 [4/" not in log_path.read_text():
-            assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)  # torchrun alone would exit now and leave its workers behind
-        code = proc.wait(timeout=120)
-    text = log_path.read_text()
+def stop(proc: subprocess.Popen, log_path, after: str) -> int:
+    """TERM twice once `after` is in the log, then twice more while the ranks stop and save."""
+    deadline = time.time() + 180
+    while after not in log_path.read_text():
+        assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # torchrun alone would exit now and leave its workers behind
+    for _ in range(2):  # later signals, during the stop and the checkpoint, change nothing
+        time.sleep(0.3)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout=120)
+
+
+def assert_stopped_cleanly(text: str, code: int) -> None:
     # no loader worker died and no rank raised: both stopped at the same sync point and checkpointed
     assert "killed by signal" not in text and "[rank0]: Traceback" not in text and "[rank1]: Traceback" not in text
     for rank in (0, 1):
@@ -85,9 +88,30 @@ def test_term_to_torchrun_mid_epoch_with_loader_workers_stops_cleanly_and_resume
     # the launcher waited for them, then exits 128 + 15 with one line (docs/SLURM.md)
     assert code == 143 and "cancernet.cli.launch: stopped by signal 15" in text, text[-3000:]
     assert text.index("stopped by signal 15") > max(text.index(f"[rank{r}] WARNING stopped in") for r in (0, 1))
+
+
+def test_term_to_torchrun_mid_epoch_with_loader_workers_stops_cleanly_twice_and_resumes_exactly(
+    packed_root, tmp_path, uninterrupted
+):
+    out = tmp_path / "run"
+    log_path = tmp_path / "first.log"
+    with open(log_path, "w") as log:
+        proc = torchrun(packed_root, out, log)
+        code = stop(proc, log_path, after="epoch 1/2 train_loss")  # the line that ends epoch 1
+    assert_stopped_cleanly(log_path.read_text(), code)
     saved = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
-    assert saved["epoch"] == 1 and 4 * 8 <= saved["mid_epoch"]["samples"] < 34 * 8
+    first = saved["mid_epoch"]["samples"]
+    assert saved["epoch"] == 1 and 0 < first < 34 * 8 and first % (10 * 8) == 0  # at a sync point
     assert len(pd.read_csv(out / "summary.csv")) == 1
+
+    log_path = tmp_path / "second.log"
+    with open(log_path, "w") as log:  # resumed inside epoch 2, and stopped again inside it
+        code = stop(torchrun(packed_root, out, log), log_path, after="resumed from")
+    assert_stopped_cleanly(log_path.read_text(), code)
+    saved = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    second = saved["mid_epoch"]["samples"]
+    assert saved["epoch"] == 1 and first < second < 34 * 8, (first, second)  # from the epoch's start
+
     with open(tmp_path / "resume.log", "w") as log:
         assert torchrun(packed_root, out, log).wait(timeout=300) == 0, (tmp_path / "resume.log").read_text()[-3000:]
     assert "resumed from" in (tmp_path / "resume.log").read_text()

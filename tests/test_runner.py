@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from conftest import train
 
@@ -43,3 +44,22 @@ def test_groups_fractions_eval_every_and_warmup_shape_the_run(synth_root, tmp_pa
     metrics = json.loads((out / "report" / "metrics.json").read_text())
     assert metrics["groups"]["n_groups"] == splits.loc[splits["split"] == "test", "group"].nunique()
     assert math.isfinite(metrics["groups"]["roc_auc_max"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("metric, best_epoch", [("val_auc", 2), ("val_loss", None)])
+def test_best_pt_is_the_epoch_train_select_metric_ranks_highest(synth_root, tmp_path, monkeypatch, metric, best_epoch):
+    """Validation AUC is scripted to peak at epoch 2 while the loss goes on falling: best.pt follows
+    train.select_metric, and says what chose it."""
+    from cancernet.train import runner
+
+    aucs = iter([0.70, 0.95, 0.90, 0.80])
+    monkeypatch.setattr(runner, "roc_auc", lambda labels, probs: next(aucs))
+    out = tmp_path / "run"
+    train(synth_root, out, "train.epochs=4", "data.limit=300", f"train.select_metric={metric}")
+    summary = pd.read_csv(out / "summary.csv")
+    if best_epoch is None:  # the lowest validation loss
+        best_epoch = int(summary.loc[summary["val_loss"].idxmin(), "epoch"])
+        assert best_epoch != 2, "the scripted AUC's best epoch: this run cannot tell the metrics apart"
+    best = torch.load(out / "checkpoints" / "best.pt", weights_only=True)
+    assert best["epoch"] == best_epoch and best["selected_by"] == metric

@@ -79,3 +79,38 @@ def test_validation_starts_its_workers_once_and_runs_while_the_checkpoint_is_wri
         t.writer.wait()
     assert workers[0] == workers[1]  # the same processes, not a new start per epoch
     assert "model" in torch.load(t.run.last, weights_only=False)  # the background write is whole
+
+
+STARTS_AND_IS_SIGNALLED = """
+import os, signal, sys, time
+import torch
+from cancernet.runtime.signals import fork_server
+context = fork_server()
+import multiprocessing.forkserver as forkserver
+server = forkserver._forkserver._forkserver_pid
+os.kill(server, signal.SIGTERM)  # the job's process group signalled while the server starts up
+os.kill(server, signal.SIGUSR1)
+loader = torch.utils.data.DataLoader(list(range(8)), batch_size=4, num_workers=1, multiprocessing_context=context)
+print(sum(int(b.sum()) for b in loader), server)
+"""
+
+
+def test_a_stop_signal_while_the_fork_server_starts_does_not_end_it(tmp_path):
+    """A preemption that comes just as a (requeued) run starts its first loader: the server must
+    not die before it ignores the stop signals, or the rank's first worker start fails with
+    EOFError (seen in the resume-then-stop-again test)."""
+    import subprocess
+    import sys
+
+    from conftest import python_env
+
+    for _ in range(3):
+        proc = subprocess.run(
+            [sys.executable, "-c", STARTS_AND_IS_SIGNALLED],
+            cwd=tmp_path,
+            env=python_env(),
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.split()[0] == "28"  # 0 + 1 + ... + 7, read by a worker the server started

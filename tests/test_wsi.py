@@ -1,6 +1,7 @@
 """Whole-slide inference on synthetic pyramidal TIFFs whose tumour cells are known exactly."""
 
 import json
+import os
 import shutil
 import sys
 
@@ -299,3 +300,40 @@ def test_tissue_mask_thresholds_saturation_and_fills_only_small_holes():
     assert not mask[90:150, 160:250].any()  # left open
     assert not mask[:15].any() and mask[100:120, 30:140].all()
     assert otsu(np.full((10, 10), 7, np.uint8)) == 255.0  # a blank thumbnail has no tissue
+
+
+def test_a_checkpoint_retrained_at_the_same_path_predicts_done_slides_again(ckpt, slide, tmp_path, capsys, monkeypatch):
+    """best.pt replaced by another model at the same path, with the same size and modification
+    time (a copy that keeps them, `cp -p`, `rsync -a`): the slide's old map is not reused."""
+    local = tmp_path / "best.pt"
+    torch.save(torch.load(ckpt, weights_only=True), local)  # as torch.save writes it: a change keeps its size
+    code, _, err = predict(capsys, monkeypatch, local, tmp_path / "maps", slide[0])
+    assert code == 0, err
+    before = np.load(tmp_path / "maps" / "case" / "heatmap.npy")
+    stat = local.stat()
+    state = torch.load(local, weights_only=True)
+    state["model"] = {k: v.neg() if v.is_floating_point() and v.ndim > 1 else v for k, v in state["model"].items()}
+    torch.save(state, local)
+    os.utime(local, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert local.stat().st_size == stat.st_size and local.stat().st_mtime_ns == stat.st_mtime_ns
+    code, log, err = predict(capsys, monkeypatch, local, tmp_path / "maps", slide[0])
+    assert code == 0, err
+    assert "done before with other settings (checkpoint_sha256)" in log
+    after = np.load(tmp_path / "maps" / "case" / "heatmap.npy")
+    assert not np.allclose(before, after, equal_nan=True)
+
+
+def test_tta_maps_are_made_from_the_eight_views_slide_json_says(ckpt, slide, tmp_path, capsys, monkeypatch):
+    """--tta averages each tile's 8 dihedral views: its map is not the plain one, stays close to it
+    (same model, same tiles), and slide.json says how it was made."""
+    maps = {}
+    for name, extra in (("plain", ()), ("tta", ("--tta",))):
+        code, _, err = predict(capsys, monkeypatch, ckpt, tmp_path / name, slide[0], *extra)
+        assert code == 0, err
+        maps[name] = np.load(tmp_path / name / "case" / "heatmap.npy")
+        assert json.loads((tmp_path / name / "case" / "slide.json").read_text())["settings"]["tta"] == (name == "tta")
+    scored = np.isfinite(maps["plain"])
+    assert np.array_equal(scored, np.isfinite(maps["tta"]))
+    difference = np.abs(maps["tta"][scored] - maps["plain"][scored])
+    assert difference.max() > 1e-3  # the views were scored: a plain map under a tta label fails here
+    assert np.corrcoef(maps["tta"][scored], maps["plain"][scored])[0, 1] > 0.8

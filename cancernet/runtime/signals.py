@@ -24,6 +24,8 @@ import contextlib
 import functools
 import logging
 import multiprocessing
+import multiprocessing.forkserver
+import multiprocessing.resource_tracker
 import signal
 import sys
 from dataclasses import dataclass
@@ -90,4 +92,15 @@ def fork_server():
     # finds them imported and takes milliseconds, not the seconds of importing torchvision & co.
     loaded = sorted(m for m in sys.modules if m.split(".")[0] == "cancernet" and not m.endswith("__main__"))
     context.set_forkserver_preload(["cancernet.runtime._forkserver", *loaded])
+    # Started now, with the stop signals blocked: the server inherits the mask through fork and
+    # exec, so a TERM sent to the job's process group while it starts (a preemption right after a
+    # requeued run resumes) cannot end it before it ignores them; the rank gets the signal as soon
+    # as the server is up (it stays pending meanwhile).
+    # (The resource tracker first: starting it unblocks SIGTERM.)
+    multiprocessing.resource_tracker.ensure_running()
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     return context

@@ -54,6 +54,15 @@ def prepare_run_dir(cfg: Config, dist: DistInfo, run: RunDir):
     return resume_from
 
 
+# train.select_metric: the epoch whose (auc, loss, acc) on validation ranks highest is best.pt;
+# ties (common once AUC or accuracy saturate) go to the lower val loss, or to the higher AUC.
+SELECT = {
+    "val_auc": lambda auc, loss, acc: (auc, -loss),
+    "val_loss": lambda auc, loss, acc: (-loss, auc),
+    "val_acc": lambda auc, loss, acc: (acc, -loss),
+}
+
+
 def run(
     cfg: Config,
     dist: DistInfo,
@@ -171,10 +180,12 @@ def train_epoch(
     validate = (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == t.epochs
     row = validate_epoch(t, epoch, stats) if validate else epoch_row(epoch, stats, None, t, 0.0)
     t.state.epoch, t.state.mid_epoch = epoch + 1, None
-    # Best by val AUC; ties (common once AUC saturates) go to the lower val loss.
-    is_best = validate and (row.val_auc, -row.val_loss) > (t.state.best_auc, -t.state.best_val_loss)
+    select = SELECT[cfg.train.select_metric]
+    best = (t.state.best_auc, t.state.best_val_loss, t.state.best_val_acc)
+    is_best = validate and select(row.val_auc, row.val_loss, row.val_acc) > select(*best)
     if is_best:
-        t.state.best_auc, t.state.best_val_loss, t.state.best_epoch = row.val_auc, row.val_loss, epoch + 1
+        t.state.best_auc, t.state.best_val_loss, t.state.best_val_acc = row.val_auc, row.val_loss, row.val_acc
+        t.state.best_epoch = epoch + 1
     # last.pt every epoch, or when train.checkpoint_every has passed (rank 0's clock decides for all)
     last = (
         epoch + 1 == t.epochs or t.cfg.train.checkpoint_every is None or _any_rank(t.checkpoint_due(), dist, main=True)

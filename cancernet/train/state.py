@@ -68,6 +68,7 @@ class RunState:
     position: int = 0  # training samples seen since the run began (all ranks)
     best_auc: float = -math.inf
     best_val_loss: float = math.inf
+    best_val_acc: float = -math.inf
     best_epoch: int = 0
     history: list[dict] = field(default_factory=list)
     mid_epoch: dict | None = None  # MidEpoch of a run stopped inside an epoch
@@ -152,6 +153,8 @@ class Training:
             "ema" if self.parts.ema is not None else "model",
             best_auc=self.state.best_auc,
             best_val_loss=self.state.best_val_loss,
+            best_val_acc=self.state.best_val_acc,
+            selected_by=self.cfg.train.select_metric,
             **{checkpoint.PREPROCESS: self.preprocess_facts},
         )
 

@@ -8,6 +8,7 @@ OUT/<slide>/ atomically, so a folder of slides resumes where it stopped.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -53,16 +54,16 @@ class Scorer:
     threshold: float | None = None
     batch_size: int = 256
     num_workers: int = 4
+    checkpoint_sha256: str | None = None  # of the file: a checkpoint retrained at the same path differs
 
     def settings(self, mpp: float) -> dict:
         """What a slide's outputs depend on besides the slide: a done slide is skipped only when its
-        slide.json holds these same settings (another checkpoint or stride predicts it again)."""
+        slide.json holds these same settings (another checkpoint, the same one retrained, or
+        another stride predicts it again)."""
         path = Path(self.checkpoint)
-        stat = path.stat() if path.is_file() else None
         return {
-            "checkpoint": str(path.resolve()) if stat else self.checkpoint,
-            "checkpoint_bytes": stat.st_size if stat else None,
-            "checkpoint_mtime_ns": stat.st_mtime_ns if stat else None,
+            "checkpoint": str(path.resolve()) if path.is_file() else self.checkpoint,
+            "checkpoint_sha256": self.checkpoint_sha256,
             "train_mpp": self.train_mpp,
             "mpp": mpp,
             "tta": self.tta,
@@ -92,6 +93,10 @@ def train_mpp_of(ckpt: checkpoint.Checkpoint, override: float | None) -> float:
 def load_scorer(path: str | Path, dist: DistInfo, overrides: list[str], train_mpp: float | None, **kwargs) -> Scorer:
     """A Scorer for a checkpoint; overrides (slide.*=..., train.progress=...) adjust its config."""
     ckpt = checkpoint.Checkpoint.load(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
     cfg = from_dict(merge(ckpt.config_dict, parse_overrides(overrides)))
     model = build_for_weights(cfg)
     ckpt.load_weights(model)
@@ -108,6 +113,7 @@ def load_scorer(path: str | Path, dist: DistInfo, overrides: list[str], train_mp
         cfg=cfg,
         dist=dist,
         checkpoint=str(path),
+        checkpoint_sha256=digest.hexdigest(),
         train_mpp=train_mpp_of(ckpt, train_mpp),
         temperature=temperature,
         threshold=threshold,
