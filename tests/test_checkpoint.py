@@ -49,10 +49,10 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch
     def broken(obj, f):
         with open(f, "wb") as fh:
             fh.write(b"partial")
-        raise OSError("disk full")
+        raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", broken)
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*last.pt: No space left on device"):
         checkpoint.save(path, {"epoch": 2})
     assert torch.load(path, weights_only=True) == {"epoch": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]

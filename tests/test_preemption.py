@@ -31,7 +31,7 @@ COMMON = (
 )
 
 
-def torchrun(root, out, log, *overrides) -> subprocess.Popen:
+def torchrun(root, out, log, *overrides, env=None) -> subprocess.Popen:
     return subprocess.Popen(
         [
             sys.executable,
@@ -48,7 +48,7 @@ def torchrun(root, out, log, *overrides) -> subprocess.Popen:
             *overrides,
         ],
         cwd=ROOT,
-        env=python_env(),
+        env=env or python_env(),
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -116,3 +116,43 @@ def test_term_to_torchrun_mid_epoch_with_loader_workers_stops_cleanly_twice_and_
         assert torchrun(packed_root, out, log).wait(timeout=300) == 0, (tmp_path / "resume.log").read_text()[-3000:]
     assert "resumed from" in (tmp_path / "resume.log").read_text()
     assert_same_run(uninterrupted, out, epochs=[1, 2])
+
+
+# Loaded into both ranks through PYTHONPATH: rank 0 cannot write last.pt (a full disk).
+DISK_FULL = """
+import builtins, errno, os
+_import = builtins.__import__
+def _patched(name, *args, **kwargs):
+    module = _import(name, *args, **kwargs)
+    if name == "torch" and hasattr(module, "save") and not hasattr(module.save, "full"):
+        real = module.save
+        def save(obj, f, *a, **k):
+            if os.environ.get("RANK") == "0" and isinstance(f, (str, os.PathLike)) and ".last." in os.fspath(f):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(obj, f, *a, **k)
+        save.full = True
+        module.save = save
+    return module
+builtins.__import__ = _patched
+"""
+
+
+def test_a_checkpoint_that_cannot_be_written_ends_the_run_with_one_line_instead_of_hanging(packed_root, tmp_path):
+    # Seen in CI on a nearly full disk: rank 0 raised, then waited forever at exit for its loader
+    # workers (they ignore TERM), so torchrun never saw it fail and rank 1 sat in a collective.
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(DISK_FULL)
+    env = {**python_env(), "PYTHONPATH": str(tmp_path / "inject")}
+    log_path = tmp_path / "run.log"
+    with open(log_path, "w") as log:
+        proc = torchrun(packed_root, tmp_path / "run", log, env=env)
+        try:
+            code = proc.wait(timeout=180)
+        finally:
+            if proc.poll() is None:  # hung: leave nothing behind
+                proc.kill()
+                subprocess.run(["pkill", "-9", "-f", str(tmp_path / "run")])
+    text = log_path.read_text()
+    assert code != 0 and "error: cannot write checkpoint" in text and "No space left on device" in text, text[-3000:]
+    assert "epoch 1/2 train_loss" in text and "epoch 2/2" not in text
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()  # no half file under the name

@@ -94,8 +94,11 @@ def snapshot(obj: Any, memo: dict | None = None, reuse: dict | None = None) -> A
 
 def save(path: str | Path, state: dict[str, Any]) -> None:
     """Write state to path atomically: readers see the old file or the new one, never half."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+    except OSError as e:  # a full disk or quota: one line naming the file (the old one stays whole)
+        raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}") from e
 
 
 class CheckpointWriter:

@@ -5,8 +5,10 @@ trainer's whole process group, and under Slurm's process tracking every process 
 it directly. DataLoader workers and process pools are in that group: PyTorch's worker handler
 exits only on a TERM from the worker's own parent, so without this a stop would kill the workers
 and the trainer would crash with "DataLoader worker ... is killed by signal" instead of
-checkpointing. Workers still exit when their loader shuts them down (end of iteration, or the
-trainer exiting) or when their parent dies (PyTorch's watchdog), and SIGKILL still ends them.
+checkpointing. Workers exit when their loader shuts them down (end of iteration, or the loader
+collected); those still alive when the rank exits (after an error, whose traceback holds the
+loader) are killed then: multiprocessing's own exit handler would TERM them, which they ignore,
+and wait for them forever (the rank would never exit, so torchrun would never see it fail).
 
 Loader workers are forked from a fork server, not from the rank: a rank has threads (gloo's or
 NCCL's, the checkpoint writer, a pin-memory thread), and a fork taken while one of them holds a
@@ -20,6 +22,7 @@ when its parent, the server, goes.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import logging
@@ -103,4 +106,10 @@ def fork_server():
         multiprocessing.forkserver.ensure_running()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    atexit.register(_kill_workers)  # runs before multiprocessing's handler (registered earlier)
     return context
+
+
+def _kill_workers() -> None:
+    for child in multiprocessing.active_children():
+        child.kill()
