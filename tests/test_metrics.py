@@ -50,3 +50,45 @@ def test_threshold_for_sensitivity_reaches_the_target(scores):
     labels, probs = scores
     t = threshold_for_sensitivity(labels, probs, 0.95)
     assert (probs[labels == 1] >= t).mean() >= 0.95
+
+
+def test_every_metric_in_the_table_matches_scikit_learn_at_its_threshold(scores):
+    from cancernet.evaluate.metrics import METRICS
+
+    labels, probs = scores
+    pred = (probs >= 0.3).astype(int)
+    expected = {
+        "roc_auc": skm.roc_auc_score(labels, probs),
+        "average_precision": skm.average_precision_score(labels, probs),
+        "accuracy": skm.accuracy_score(labels, pred),
+        "balanced_accuracy": skm.balanced_accuracy_score(labels, pred),
+        "sensitivity": skm.recall_score(labels, pred),
+        "specificity": skm.recall_score(labels, pred, pos_label=0),
+        "brier": skm.brier_score_loss(labels, probs),
+    }
+    for key, value in expected.items():
+        assert METRICS[key](labels, probs, 0.3) == pytest.approx(value), key
+    # ECE: |mean P - share of tumours| per 1/15-wide bin, weighted by the bin's share
+    bins = np.minimum((probs * 15).astype(int), 14)
+    ece = sum((bins == b).mean() * abs(probs[bins == b].mean() - labels[bins == b].mean()) for b in np.unique(bins))
+    assert METRICS["ece"](labels, probs) == pytest.approx(ece)
+    assert np.isnan(METRICS["roc_auc"](np.ones(5), np.linspace(0, 1, 5)))  # one class: no AUC
+
+
+def test_the_report_page_and_headline_show_every_metric_of_the_table_with_its_interval(scores):
+    import pandas as pd
+
+    from cancernet.evaluate import report
+    from cancernet.evaluate.metrics import CALIBRATION, HEADLINE, METRICS, OPERATING
+
+    labels, probs = scores
+    metrics = report.compute_metrics(pd.DataFrame({"label": labels, "prob": probs}), {"threshold": 0.4}, 200)
+    metrics.update(brier=0.1, ece=0.02, temperature=1.0, split="test")
+    line, page = report.headline(metrics), report.index_html(metrics, [])
+    for key in (*HEADLINE, *OPERATING, *CALIBRATION):
+        spec = METRICS[key]
+        value = metrics[key] if key not in OPERATING else metrics["at_val_threshold"][key]
+        assert f"{spec.short} {spec.show(value)}" in line and spec.name in page, key
+        if spec.interval:
+            ci = (metrics if key not in OPERATING else metrics["at_val_threshold"])[f"{key}_ci"]
+            assert ci[0] <= value <= ci[1] and f"[{ci[0]:.3f}, {ci[1]:.3f}]" in line, key

@@ -16,14 +16,13 @@ import yaml
 from matplotlib.figure import Figure
 
 from cancernet.engine.rundir import RunDir
-from cancernet.evaluate.metrics import roc_auc
+from cancernet.evaluate.metrics import CALIBRATION, HEADLINE, METRICS, OPERATING, roc_auc
 from cancernet.runtime.atomic import atomic_path, write_text
 from cancernet.runtime.errors import UserError
 
 # what may differ between the runs of one aggregate (the seed and fold, and where each run lives)
 MAY_DIFFER = {"train.seed", "data.fold", "train.out_dir", "train.resume", "train.overwrite", "wandb.name"}
-METRICS = ("roc_auc", "average_precision", "accuracy", "balanced_accuracy", "brier", "ece")
-AT_THRESHOLD = ("sensitivity", "specificity")
+SUMMARISED = (*HEADLINE, *CALIBRATION)  # each run's, at 0.5; and OPERATING at its val-chosen threshold
 
 
 def _flat(config: dict) -> dict:
@@ -69,13 +68,13 @@ def aggregate(roots: list[str | Path], out: str | Path) -> dict:
     for r in runs:
         m, cfg = r["metrics"], r["config"]
         row = {"run": r["root"], "seed": cfg["train"]["seed"], "fold": cfg["data"].get("fold", 0), "n_test": m["n"]}
-        row.update({k: m.get(k) for k in METRICS})
-        row.update({f"{k}_ci": m.get(f"{k}_ci") for k in ("roc_auc", "accuracy", "balanced_accuracy")})
-        row.update({f"val_threshold_{k}": m["at_val_threshold"][k] for k in AT_THRESHOLD})
+        row.update({k: m.get(k) for k in SUMMARISED})
+        row.update({f"{k}_ci": m.get(f"{k}_ci") for k in SUMMARISED if METRICS[k].interval})
+        row.update({f"val_threshold_{k}": m["at_val_threshold"][k] for k in OPERATING})
         rows.append(row)
     per_run = pd.DataFrame(rows)
     summary = {"runs": len(runs), "metrics": {}}
-    for key in (*METRICS, *(f"val_threshold_{k}" for k in AT_THRESHOLD)):
+    for key in (*SUMMARISED, *(f"val_threshold_{k}" for k in OPERATING)):
         values = per_run[key].astype(float)
         summary["metrics"][key] = {
             "mean": float(values.mean()),

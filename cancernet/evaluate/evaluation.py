@@ -22,10 +22,11 @@ from cancernet.engine.rundir import RunDir
 from cancernet.evaluate import report
 from cancernet.evaluate.audit import audit_run
 from cancernet.evaluate.metrics import (
+    CALIBRATION,
+    HEADLINE,
+    METRICS,
     apply_temperature,
     at_threshold,
-    brier,
-    expected_calibration_error,
     fit_temperature,
     nll_from_log_odds,
     threshold_for_sensitivity,
@@ -85,8 +86,7 @@ def calibration_summary(val: pd.DataFrame, evaluated: pd.DataFrame, temperature:
         probs = apply_temperature(evaluated["log_odds"], t)
         return {
             "val_nll": nll_from_log_odds(val["label"], val["log_odds"], t),
-            "brier": brier(evaluated["label"], probs),
-            "ece": expected_calibration_error(evaluated["label"], probs),
+            **{k: METRICS[k](evaluated["label"], probs) for k in CALIBRATION},
         }
 
     return {"temperature": temperature, "fitted_on": "val", "before": measures(1.0), "after": measures(temperature)}
@@ -159,8 +159,7 @@ def evaluate_checkpoint(
     metrics.update(
         checkpoint=str(path),
         temperature=temperature,
-        brier=brier(evaluated["label"], evaluated["prob"]),
-        ece=expected_calibration_error(evaluated["label"], evaluated["prob"]),
+        **{k: METRICS[k](evaluated["label"], evaluated["prob"]) for k in CALIBRATION},
         run=run_facts(setup, ckpt, extra_facts),
         leak_audit=audit_run(cfg, table),
     )
@@ -206,9 +205,7 @@ def evaluate_checkpoint(
     )
     if tracker is not None:
         tracker.log_images(figures)
-        tracker.log_summary(
-            {f"{split}/{k}": metrics[k] for k in ("accuracy", "roc_auc", "average_precision", "brier", "ece")}
-        )
+        tracker.log_summary({f"{split}/{k}": metrics[k] for k in (*HEADLINE, *CALIBRATION) if k in metrics})
     return metrics
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 from scipy.optimize import minimize_scalar
@@ -52,17 +55,62 @@ def at_threshold(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dic
     }
 
 
+@dataclass(frozen=True)
+class Metric:
+    """One metric as every report shows it: its key in metrics.json (and in aggregate.json and the
+    W&B summary), its name on a page, its value from labels and P(tumour) at a threshold, whether
+    it carries a 95% bootstrap interval (`<key>_ci`), and how it is printed."""
+
+    key: str
+    name: str
+    short: str  # the headline's word
+    compute: Callable[[np.ndarray, np.ndarray, float], float]
+    interval: bool = True
+    fmt: str = ".3f"
+    thresholded: bool = False  # depends on the threshold (else on the ranking or the probabilities)
+
+    def __call__(self, labels, probs, threshold: float = 0.5) -> float:
+        return self.compute(np.asarray(labels).astype(int), np.asarray(probs, dtype=float), threshold)
+
+    def show(self, value: float) -> str:
+        return format(value, self.fmt)
+
+
+def _at(name: str) -> Callable[[np.ndarray, np.ndarray, float], float]:
+    """A metric read from at_threshold()'s confusion matrix."""
+    return lambda labels, probs, t: at_threshold(labels, probs, t)[name]
+
+
+# The table report, evaluation, aggregate and the slide report read: a new metric is one line here
+# (bootstrap_cis computes the intervals of the ranking metrics and of THRESHOLD_METRICS).
+METRICS: dict[str, Metric] = {
+    m.key: m
+    for m in (
+        Metric("roc_auc", "ROC AUC", "AUC", lambda y, p, t: roc_auc(y, p)),
+        Metric("average_precision", "average precision", "AP", lambda y, p, t: average_precision(y, p)),
+        *(Metric(k, k.replace("_", " "), k.replace("_", " "), _at(k), thresholded=True) for k in THRESHOLD_METRICS),
+        Metric("brier", "Brier score", "Brier", lambda y, p, t: brier(y, p), interval=False, fmt=".4f"),
+        Metric("ece", "ECE (15 bins)", "ECE", lambda y, p, t: expected_calibration_error(y, p), False, ".4f"),
+    )
+}
+HEADLINE = ("roc_auc", "average_precision", "accuracy", "balanced_accuracy")  # at 0.5, with intervals
+OPERATING = ("sensitivity", "specificity")  # at each operating point
+CALIBRATION = ("brier", "ece")  # after the temperature
+
+
+def average_precision(labels: np.ndarray, probs: np.ndarray) -> float:
+    """Average precision, or NaN when only one class is present."""
+    return float(skm.average_precision_score(labels, probs)) if len(np.unique(labels)) == 2 else float("nan")
+
+
 def binary_report(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> dict:
     """Accuracy, ROC AUC, AP, per-class precision/recall/f1/support and confusion matrix."""
     labels, probs = np.asarray(labels).astype(int), np.asarray(probs, dtype=float)
     pred = (probs >= threshold).astype(int)
     precision, recall, f1, support = skm.precision_recall_fscore_support(labels, pred, labels=[0, 1], zero_division=0)
-    both = len(np.unique(labels)) == 2
     return {
         "n": int(len(labels)),
-        "accuracy": float(skm.accuracy_score(labels, pred)),
-        "roc_auc": roc_auc(labels, probs),
-        "average_precision": float(skm.average_precision_score(labels, probs)) if both else float("nan"),
+        **{key: METRICS[key](labels, probs, threshold) for key in HEADLINE},
         "per_class": {
             str(c): {
                 "precision": float(precision[c]),

@@ -23,6 +23,10 @@ from cancernet.engine.rundir import RunDir
 from cancernet.evaluate import grids, plots
 from cancernet.evaluate.audit import describe
 from cancernet.evaluate.metrics import (
+    CALIBRATION,
+    HEADLINE,
+    METRICS,
+    OPERATING,
     THRESHOLD_METRICS,
     at_threshold,
     binary_report,
@@ -64,23 +68,18 @@ def compute_metrics(
     CIs (`<metric>_ci`), and slide-level AUCs when groups (id -> group) are given."""
     labels, probs = evaluated["label"].to_numpy(), evaluated["prob"].to_numpy()
     threshold = point["threshold"]
-    at_half = at_threshold(labels, probs, 0.5)
     out = {
         **binary_report(labels, probs, 0.5),
-        "balanced_accuracy": at_half["balanced_accuracy"],
-        "at_0.5": at_half,
+        "at_0.5": at_threshold(labels, probs, 0.5),
         "at_val_threshold": at_threshold(labels, probs, threshold),
         "val_threshold": {"value": threshold, **point},
     }
     if bootstrap:
         cis = bootstrap_cis(labels, probs, {"at_0.5": 0.5, "at_val_threshold": threshold}, bootstrap, seed)
         out.update(
-            roc_auc_ci=cis["roc_auc"],
-            average_precision_ci=cis["average_precision"],
-            accuracy_ci=cis["at_0.5/accuracy"],
-            balanced_accuracy_ci=cis["at_0.5/balanced_accuracy"],
-            bootstrap={"resamples": bootstrap, "seed": seed, "level": 0.95},
+            {f"{k}_ci": cis[f"at_0.5/{k}" if METRICS[k].thresholded else k] for k in HEADLINE if METRICS[k].interval}
         )
+        out["bootstrap"] = {"resamples": bootstrap, "seed": seed, "level": 0.95}
         for key in ("at_0.5", "at_val_threshold"):
             out[key].update({f"{m}_ci": cis[f"{key}/{m}"] for m in THRESHOLD_METRICS})
     if groups is not None:
@@ -88,19 +87,7 @@ def compute_metrics(
             evaluated.assign(group=groups.reindex(evaluated["id"]).to_numpy()), bootstrap, seed
         )
     if brief:
-        keep = (
-            "n",
-            "accuracy",
-            "balanced_accuracy",
-            "balanced_accuracy_ci",
-            "roc_auc",
-            "roc_auc_ci",
-            "average_precision",
-            "average_precision_ci",
-            "at_val_threshold",
-            "val_threshold",
-            "groups",
-        )
+        keep = ("n", *HEADLINE, *(f"{k}_ci" for k in HEADLINE), "at_val_threshold", "val_threshold", "groups")
         out = {k: v for k, v in out.items() if k in keep}
     return out
 
@@ -252,18 +239,21 @@ def _ci(metrics: dict, key: str) -> str:
     return f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
 
 
+def _shown(metrics: dict, key: str) -> str:
+    spec = METRICS[key]
+    return f"{spec.short} {spec.show(metrics[key])}{_ci(metrics, key)}"
+
+
 def headline(metrics: dict) -> str:
     """'AUC 0.931 [0.920, 0.942], ...': the log line and the report page's first line."""
     point = metrics["at_val_threshold"]
     text = (
-        f"AUC {metrics['roc_auc']:.3f}{_ci(metrics, 'roc_auc')}, AP {metrics['average_precision']:.3f}"
-        f"{_ci(metrics, 'average_precision')}, accuracy {metrics['accuracy']:.3f}{_ci(metrics, 'accuracy')}, balanced "
-        f"accuracy {metrics['balanced_accuracy']:.3f}{_ci(metrics, 'balanced_accuracy')} at 0.5; "
-        f"at the val-chosen threshold {point['threshold']:.3f}: sensitivity {point['sensitivity']:.3f}"
-        f"{_ci(point, 'sensitivity')}, specificity {point['specificity']:.3f}{_ci(point, 'specificity')}"
+        ", ".join(_shown(metrics, k) for k in HEADLINE)
+        + f" at 0.5; at the val-chosen threshold {point['threshold']:.3f}: "
+        + ", ".join(_shown(point, k) for k in OPERATING)
     )
     if "brier" in metrics:
-        text += f"; Brier {metrics['brier']:.4f}, ECE {metrics['ece']:.4f} (T = {metrics['temperature']:.3f})"
+        text += f"; {', '.join(_shown(metrics, k) for k in CALIBRATION)} (T = {metrics['temperature']:.3f})"
     if "groups" in metrics:
         g = metrics["groups"]
         text += f"; slide-level AUC (max) {g['roc_auc_max']:.3f}{_ci(g, 'roc_auc_max')} over {g['n_groups']} slides"
@@ -294,23 +284,24 @@ def index_html(metrics: dict, images: list[str]) -> str:
         ("checkpoint", metrics.get("checkpoint")),
     ]
     rows = [
-        ("ROC AUC" + _ci(metrics, "roc_auc"), metrics["roc_auc"]),
-        ("average precision" + _ci(metrics, "average_precision"), metrics["average_precision"]),
-        ("accuracy (t = 0.5)" + _ci(metrics, "accuracy"), metrics["accuracy"]),
-        ("balanced accuracy (t = 0.5)" + _ci(metrics, "balanced_accuracy"), metrics["balanced_accuracy"]),
+        (
+            METRICS[k].name + (" (t = 0.5)" if METRICS[k].thresholded else "") + _ci(metrics, k),
+            metrics[k],
+        )
+        for k in HEADLINE
     ]
     for key, name in (("at_0.5", "t = 0.5"), ("at_val_threshold", "t chosen on val")):
         point = metrics[key]
         rows += [
-            (f"sensitivity, {name} ({point['threshold']:.4f})" + _ci(point, "sensitivity"), point["sensitivity"]),
-            (f"specificity, {name}" + _ci(point, "specificity"), point["specificity"]),
+            (
+                f"{METRICS[k].name}, {name}" + (f" ({point['threshold']:.4f})" if i == 0 else "") + _ci(point, k),
+                point[k],
+            )
+            for i, k in enumerate(OPERATING)
         ]
     if "brier" in metrics:
-        rows += [
-            ("Brier score", metrics["brier"]),
-            ("ECE (15 bins)", metrics["ece"]),
-            ("temperature (fitted on val)", metrics["temperature"]),
-        ]
+        rows += [(METRICS[k].name, metrics[k]) for k in CALIBRATION]
+        rows.append(("temperature (fitted on val)", metrics["temperature"]))
     if "groups" in metrics:
         g = metrics["groups"]
         rows += [

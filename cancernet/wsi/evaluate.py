@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from cancernet.evaluate.metrics import bootstrap_cis, roc_auc
+from cancernet.evaluate.metrics import METRICS, bootstrap_cis
 from cancernet.runtime.atomic import write_text
 from cancernet.runtime.errors import DataError
 from cancernet.wsi.predict import RESULT, Scorer, list_slides, predict_slides
@@ -113,7 +113,7 @@ def evaluate_slides(
             cell_y.append(truth[scored])
             cell_p.append(heatmap[scored])
             if truth[scored].any() and not truth[scored].all():
-                row["cell_auc"] = roc_auc(truth[scored], heatmap[scored])
+                row["cell_auc"] = METRICS["roc_auc"](truth[scored], heatmap[scored])
             if found is not None:
                 entry["mask"] = np.asarray(Image.open(found).convert("L")) > 0
         elif masks is not None:
@@ -131,7 +131,7 @@ def evaluate_slides(
         "checkpoint": scorer.checkpoint,
     }
     if len(frame) and 0 < metrics["positives"] < len(frame):
-        metrics["slide_auc"] = roc_auc(frame["label"].to_numpy(), frame["score"].to_numpy())
+        metrics["slide_auc"] = METRICS["roc_auc"](frame["label"], frame["score"])
         resamples = scorer.cfg.report.bootstrap
         if resamples:
             ci = bootstrap_cis(frame["label"].to_numpy(), frame["score"].to_numpy(), {}, resamples)
@@ -143,7 +143,7 @@ def evaluate_slides(
         y, p = np.concatenate(cell_y), np.concatenate(cell_p)
         metrics.update(cells=int(len(y)), cells_tumour=int(y.sum()))
         if 0 < y.sum() < len(y):
-            metrics["cell_auc"] = roc_auc(y, p)
+            metrics["cell_auc"] = METRICS["roc_auc"](y, p)
     write_text(out / "slides.csv", frame.to_csv(index=False, float_format="%.6g"))
     write_text(out / "slides.json", json.dumps(metrics, indent=2))
     if entries:
