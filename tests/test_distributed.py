@@ -8,7 +8,10 @@ import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
 
+from cancernet.config import Config
 from cancernet.engine import checkpoint
+from cancernet.engine.inference import Predictor, sha256_of
+from cancernet.models.classifier import build_for_weights
 from cancernet.runtime.distributed import DistInfo, broadcast_buffers, gather_objects, gather_rows, session
 
 
@@ -27,7 +30,18 @@ def _worker(rank: int, world: int, init_file: str, ckpt: str, results) -> None:
         # stale, here: the file does not exist for it); every rank then scores with its weights
         model = torch.nn.Linear(3, 2)
         shared = checkpoint.load_on_main(ckpt if rank == 0 else ckpt + ".missing", model, dist)
+        # the inference handle (predict, predict-slide, export) the same way, with an override
+        path = ckpt.replace("best.pt", "classifier.pt")
+        predictor = Predictor.load(path if rank == 0 else path + ".missing", dist, ["slide.top_k=3"])
         results[rank] = {
+            "predictor": {
+                "sha256": predictor.sha256,
+                "weights": float(sum(p.double().sum() for p in predictor.model.state_dict().values())),
+                "top_k": predictor.cfg.slide.top_k,
+                "temperature": predictor.temperature,
+                "threshold": predictor.threshold(tta=False),
+                "eval": not predictor.model.training,
+            },
             "gathered": gathered.tolist(),
             "running_mean": bn.running_mean.tolist(),
             "objects": gather_objects({"rank": rank}, dist),
@@ -46,8 +60,18 @@ def two_ranks(tmp_path_factory):
     folder = tmp_path_factory.mktemp("dist")
     weights = torch.nn.Linear(3, 2).state_dict()
     checkpoint.save(folder / "best.pt", {"model": weights, "config": {}, "temperature": 1.5, "optimizer": {"x": 1}})
+    cfg = Config()
+    cfg.model.arch, cfg.model.pretrained, cfg.data.image_size = "resnet18", "none", 32
+    model = build_for_weights(cfg)
+    point = {"threshold": 0.3, "tta": False, "temperature": 2.0}
+    state = {"model": model.state_dict(), "config": cfg.to_dict(), "temperature": 2.0, "operating_point": point}
+    checkpoint.save(folder / "classifier.pt", state)
     mp.spawn(_worker, args=(2, str(folder / "init"), str(folder / "best.pt"), results), nprocs=2, join=True)
-    return dict(results) | {"saved": weights["weight"].tolist()}
+    summed = float(sum(p.double().sum() for p in model.state_dict().values()))
+    return dict(results) | {
+        "saved": weights["weight"].tolist(),
+        "classifier": (sha256_of(folder / "classifier.pt"), summed),
+    }
 
 
 def test_uneven_shards_gather_to_exactly_the_rows_there_are(two_ranks):
@@ -69,6 +93,14 @@ def test_only_rank_0_reads_the_final_checkpoint_and_every_rank_gets_its_weights(
         assert two_ranks[rank]["weight"] == two_ranks["saved"]
         assert two_ranks[rank]["temperature"] == 1.5
     assert not two_ranks[1]["has_optimizer"]  # the training state is not sent around
+
+
+def test_the_inference_handle_is_read_by_rank_0_and_the_same_on_every_rank(two_ranks):
+    sha, summed = two_ranks["classifier"]
+    for rank in (0, 1):  # rank 1's path does not exist: it gets everything from rank 0
+        p = two_ranks[rank]["predictor"]
+        assert p["sha256"] == sha and p["weights"] == pytest.approx(summed, rel=1e-12)
+        assert p["top_k"] == 3 and p["temperature"] == 2.0 and p["threshold"] == 0.3 and p["eval"]
 
 
 def _leaving(rank: int, world: int, port: int, folder: str, results) -> None:

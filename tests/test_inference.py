@@ -9,7 +9,8 @@ import torch
 
 from cancernet.cli import main
 from cancernet.data.kaggle import read_patch
-from cancernet.evaluate.inference import load_model, predict_folder
+from cancernet.engine.inference import Predictor
+from cancernet.evaluate.inference import predict_folder
 from cancernet.runtime.console import main_guard
 from cancernet.runtime.distributed import DistInfo
 
@@ -104,21 +105,8 @@ def test_each_probability_belongs_to_the_image_named_beside_it(synth_root, ckpt,
     )
     assert code == 0, err
     sub = pd.read_csv(tmp_path / "s.csv", dtype={"id": str})
-    model, cfg, saved = load_model(ckpt, torch.device("cpu"))
-    alone = [
-        predict_folder(
-            model,
-            cfg,
-            DistInfo(),
-            [synth_root / "train" / f"{i}.tif"],
-            1,
-            0,
-            tta=False,
-            amp="off",
-            temperature=saved.temperature(),
-        )[0]
-        for i in sub["id"]
-    ]
+    predictor = Predictor.load(ckpt, DistInfo())
+    alone = [predict_folder(predictor, [synth_root / "train" / f"{i}.tif"], 1, 0)[0] for i in sub["id"]]
     assert sub["id"].tolist() == chosen["id"].tolist()
     assert np.allclose(sub["label"].to_numpy(), alone, atol=1e-6)
     assert np.std(alone) > 1e-3  # the images do get different probabilities
@@ -274,10 +262,9 @@ def test_export_gives_the_checkpoints_outputs(synth_root, ckpt, tmp_path):
     assert all(name in proc.stdout + proc.stderr for name in ("model.ts", "model.pt2", "weights.pt", "model.json"))
     ids = _some_ids(synth_root, 12, seed=3)["id"].tolist()
     paths = [synth_root / "train" / f"{i}.tif" for i in ids]
-    model, cfg, saved = load_model(ckpt, torch.device("cpu"))
-    expected = predict_folder(
-        model, cfg, DistInfo(), paths, 8, 0, tta=False, amp="off", temperature=saved.temperature()
-    )
+    predictor = Predictor.load(ckpt, DistInfo())
+    model, saved = predictor.model, predictor.ckpt
+    expected = predict_folder(predictor, paths, 8, 0)
     scripted = torch.jit.load(str(tmp_path / "export" / "model.ts"))
     program = torch.export.load(str(tmp_path / "export" / "model.pt2")).module()
     batch = torch.from_numpy(np.stack([read_patch(p) for p in paths]))  # uint8 NHWC

@@ -127,7 +127,8 @@ def test_a_resume_that_regroups_the_parameters_keeps_each_ones_moments(saved_as)
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", [*FAMILIES, *TIMM_FAMILIES])
 def test_each_family_trains_resumes_predicts_and_exports(arch, synth_root, tmp_path):
-    from cancernet.evaluate.inference import Exported, export, load_model, predict_folder
+    from cancernet.engine.inference import Predictor
+    from cancernet.evaluate.inference import Exported, export, predict_folder
     from cancernet.runtime.distributed import DistInfo
 
     from conftest import train
@@ -151,12 +152,12 @@ def test_each_family_trains_resumes_predicts_and_exports(arch, synth_root, tmp_p
     )
     ckpt = out / "checkpoints" / "best.pt"
     info = export(ckpt, tmp_path / "export")
-    model, cfg, state = load_model(ckpt, torch.device("cpu"))
+    predictor = Predictor.load(ckpt, DistInfo())
+    model, cfg = predictor.model, predictor.cfg
     ids = pd.read_csv(synth_root / "train_labels.csv", dtype={"id": str})["id"][:6]
     paths = [synth_root / "train" / f"{i}.tif" for i in ids]
-    expected = predict_folder(
-        model, cfg, DistInfo(), paths, 6, 0, tta=False, amp="off", temperature=info["temperature"]
-    )
+    assert predictor.temperature == info["temperature"]
+    expected = predict_folder(predictor, paths, 6, 0)
     batch = torch.from_numpy(np.stack([models_read(p) for p in paths]))
     program = torch.export.load(str(tmp_path / "export" / "model.pt2")).module()
     with torch.no_grad():

@@ -49,7 +49,8 @@ def test_prepare_packs_real_patches_byte_for_byte(real_root):
 
 @pytest.mark.slow
 def test_train_and_predict_read_real_patches(real_root, tmp_path):
-    from cancernet.evaluate.inference import load_model, predict_folder
+    from cancernet.engine.inference import Predictor
+    from cancernet.evaluate.inference import predict_folder
     from cancernet.runtime.distributed import DistInfo
 
     from conftest import train
@@ -69,7 +70,7 @@ def test_train_and_predict_read_real_patches(real_root, tmp_path):
         )
         == "done"
     )
-    model, cfg, _ = load_model(out / "checkpoints" / "best.pt", torch.device("cpu"))
+    predictor = Predictor.load(out / "checkpoints" / "best.pt", DistInfo())
     paths = [real_root / "train" / f"{i}.tif" for i in _ids()]
-    probs = predict_folder(model, cfg, DistInfo(), paths, 8, 0, tta=False, amp="off")
+    probs = predict_folder(predictor, paths, 8, 0)
     assert probs.shape == (20,) and np.isfinite(probs).all()

@@ -232,10 +232,12 @@ def test_gradcam_heat_lies_in_the_labelled_centre_of_synthetic_tumours(run_dir, 
 
     from cancernet.data.augment import Preprocess
     from cancernet.data.kaggle import image_path, read_patch
+    from cancernet.engine.inference import Predictor
     from cancernet.evaluate.gradcam import gradcam
-    from cancernet.evaluate.inference import load_model
+    from cancernet.runtime.distributed import DistInfo
 
-    model, cfg, _ = load_model(run_dir / "checkpoints" / "best.pt", torch.device("cpu"))
+    predictor = Predictor.load(run_dir / "checkpoints" / "best.pt", DistInfo())
+    model, cfg = predictor.model, predictor.cfg
     test = pd.read_csv(run_dir / "predictions" / "test.csv", dtype={"id": str})
     positives = test[(test["label"] == 1) & (test["prob"] > 0.5)]["id"].head(16)
     images = torch.from_numpy(np.stack([read_patch(image_path(synth_root, i)) for i in positives])).permute(0, 3, 1, 2)

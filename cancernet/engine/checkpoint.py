@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -254,26 +255,45 @@ def weights_state(weights: dict, config: dict, epoch: int, which: str, **facts) 
     return {MODEL: weights, CONFIG: config, EPOCH: epoch, WEIGHTS: which, **facts}
 
 
-def load_on_main(path: str | Path, model: nn.Module, dist: DistInfo) -> Checkpoint:
-    """Rank 0 reads the checkpoint and loads its weights into model; the other ranks get the
-    weights by broadcast, and the rest (config, temperature, operating points) without the
-    training part. No other rank opens the file: on NFS-like filesystems a node may still see
-    the file rank 0 just replaced (stale directory cache) or get ESTALE, and the gathered
-    metrics would mix two models without an error. A collective: every rank calls it.
-    """
+def read_on_main(path: str | Path, dist: DistInfo, extra: Callable[[], dict] | None = None) -> Checkpoint:
+    """Rank 0 reads the checkpoint; the other ranks get what it holds besides the weights and the
+    training part (config, temperature, operating points; extra() computed on rank 0). No other
+    rank opens the file: on NFS-like filesystems a node may still see the file rank 0 just
+    replaced (stale directory cache) or get ESTALE, and gathered metrics would mix two models
+    without an error. A collective: every rank calls it; an error is raised on every rank."""
     ckpt, shared = None, None
     if dist.is_main:
         try:
             ckpt = Checkpoint.load(path)
-            ckpt.load_weights(model)
+            ckpt.state.update(extra() if extra else {})
             shared = {k: v for k, v in ckpt.state.items() if k not in (MODEL, *TRAINING_PARTS)}
-        except CheckpointError as e:
+        except (CheckpointError, OSError) as e:
             shared = {"error": str(e)}
     shared = broadcast_object(shared, dist)
     if "error" in shared:
         raise CheckpointError(shared["error"])  # on every rank, so none waits for the others
-    broadcast_weights(unwrap(model), dist)
     return ckpt if dist.is_main else Checkpoint(shared, path)
+
+
+def load_weights_on_main(ckpt: Checkpoint, model: nn.Module, dist: DistInfo) -> None:
+    """Rank 0 loads ckpt's weights into model (from read_on_main), the others get them by broadcast."""
+    error = None
+    if dist.is_main:
+        try:
+            ckpt.load_weights(model)
+        except CheckpointError as e:
+            error = str(e)
+    error = broadcast_object(error, dist)
+    if error:
+        raise CheckpointError(error)
+    broadcast_weights(unwrap(model), dist)
+
+
+def load_on_main(path: str | Path, model: nn.Module, dist: DistInfo) -> Checkpoint:
+    """read_on_main, then its weights into model on every rank."""
+    ckpt = read_on_main(path, dist)
+    load_weights_on_main(ckpt, model, dist)
+    return ckpt
 
 
 def _setting(config: dict, key: str, default=None):

@@ -11,33 +11,21 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from cancernet.config import Config
 from cancernet.data.augment import Preprocess
-from cancernet.data.datasets import FolderDataset, ShardSampler
+from cancernet.data.datasets import FolderDataset
 from cancernet.data.kaggle import check_ids
 from cancernet.data.patch import PATCH_SHAPE
-from cancernet.engine import checkpoint
-from cancernet.engine.predict import evaluate
-from cancernet.models.classifier import build_for_weights, tumour_log_odds
+from cancernet.engine.inference import Predictor, scoring_loader
+from cancernet.models.classifier import tumour_log_odds
 from cancernet.runtime.atomic import atomic_path, write_text
 from cancernet.runtime.distributed import DistInfo
-from cancernet.runtime.errors import DataError, UserError
-from cancernet.runtime.signals import loader_workers
+from cancernet.runtime.errors import DataError
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
 EXPORT_FILES = ("model.ts", "model.pt2", "weights.pt", "model.json")
-
-
-def load_model(path: str | Path, device: torch.device) -> tuple[nn.Module, Config, checkpoint.Checkpoint]:
-    """The model of a checkpoint, in eval mode, with the config it was trained with."""
-    ckpt = checkpoint.Checkpoint.load(path)
-    cfg = ckpt.config()
-    model = build_for_weights(cfg)
-    ckpt.load_weights(model)
-    return model.to(device).eval(), cfg, ckpt
 
 
 def list_images(folder: str | Path, ids_csv: str | Path | None) -> tuple[list[str], list[Path]]:
@@ -67,56 +55,17 @@ def list_images(folder: str | Path, ids_csv: str | Path | None) -> tuple[list[st
 
 
 def predict_folder(
-    model: nn.Module,
-    cfg: Config,
-    dist: DistInfo,
-    paths: list[Path],
-    batch_size: int,
-    num_workers: int,
-    tta: bool,
-    amp: str,
-    temperature: float = 1.0,
+    predictor: Predictor, paths: list[Path], batch_size: int, num_workers: int, tta: bool = False, amp: str = "off"
 ) -> np.ndarray:
     """P(tumour) of every path, in order; ranks share the work, every rank gets all of it."""
-    loader = DataLoader(
-        FolderDataset(paths, None),
-        batch_size=batch_size,
-        sampler=ShardSampler(len(paths), dist.rank, dist.world_size),
-        pin_memory=dist.device.type == "cuda",
-        **loader_workers(num_workers),
-    )
-    preprocess = Preprocess.from_config(cfg.data, channels_last=cfg.model.channels_last).to(dist.device)
-    return evaluate(model, loader, preprocess, dist, amp, tta=tta, temperature=temperature)["prob"]
+    loader = scoring_loader(FolderDataset(paths, None), predictor.dist, batch_size, num_workers)
+    return predictor.predict(loader, amp, tta)["prob"]
 
 
 def submission(ids: list[str], probs: np.ndarray, threshold: float | None) -> pd.DataFrame:
     """Kaggle's format: id,label with label = P(tumour), or a 0/1 label at a threshold."""
     label = probs if threshold is None else (probs >= threshold).astype(int)
     return pd.DataFrame({"id": ids, "label": label})
-
-
-def checkpoint_threshold(ckpt: checkpoint.Checkpoint, tta: bool, temperature: float) -> float:
-    """The stored operating point for predictions made this way (plain or TTA, same temperature)."""
-    path, point = ckpt.path, ckpt.operating_point(tta)
-    if not point:
-        how = "--tta " if tta else ""
-        raise UserError(
-            f"checkpoint {path} holds no operating point chosen on {'TTA' if tta else 'plain'} "
-            f"predictions; run `python -m cancernet evaluate --run RUN {how}[--target-sensitivity S]` "
-            "first, or pass --threshold"
-        )
-    if point.get("tta", False) != tta:
-        raise UserError(
-            f"checkpoint {path}: its operating point was chosen on {'TTA' if point.get('tta') else 'plain'} "
-            f"predictions; these are {'TTA' if tta else 'plain'}: re-run evaluate with the same --tta"
-        )
-    if abs(float(point.get("temperature", 1.0)) - temperature) > 1e-9:
-        raise UserError(
-            f"checkpoint {path}: its operating point was chosen on probabilities at temperature "
-            f"{point.get('temperature', 1.0):.4g}, these use {temperature:.4g}: drop --no-calibration "
-            "or pass --threshold"
-        )
-    return float(point["threshold"])
 
 
 class Exported(nn.Module):
@@ -151,13 +100,12 @@ def predict_to_csv(
     from cancernet.engine.numerics import resolve_amp
 
     ids, paths = list_images(images, ids_csv)
-    model, cfg, ckpt = load_model(checkpoint_path, dist.device)
-    temperature = ckpt.temperature(calibrated)
+    predictor = Predictor.load(checkpoint_path, dist, calibrated=calibrated)
     if threshold_from_checkpoint:
-        threshold = checkpoint_threshold(ckpt, tta, temperature)
+        threshold = predictor.threshold(tta)
     amp, _ = resolve_amp(amp, dist.device)
     start = time.perf_counter()
-    probs = predict_folder(model, cfg, dist, paths, batch_size, num_workers, tta, amp, temperature)
+    probs = predict_folder(predictor, paths, batch_size, num_workers, tta, amp)
     if dist.is_main:
         write_text(out, submission(ids, probs, threshold).to_csv(index=False, float_format="%.8g"))
         seconds = time.perf_counter() - start
@@ -168,15 +116,15 @@ def predict_to_csv(
             out,
             seconds,
             len(ids) / seconds,
-            temperature,
+            predictor.temperature,
         )
 
 
 def export(ckpt: Path, out_dir: Path, calibrated: bool = True) -> dict:
     """model.ts (TorchScript) and model.pt2 (torch.export), both with preprocessing (and the fitted
     temperature) inside; weights.pt (plain state dict); model.json (what they expect and return)."""
-    model, cfg, saved = load_model(ckpt, torch.device("cpu"))
-    temperature = saved.temperature(calibrated)
+    predictor = Predictor.load(ckpt, DistInfo(), calibrated=calibrated)
+    model, cfg, saved, temperature = predictor.model, predictor.cfg, predictor.ckpt, predictor.temperature
     wrapped = Exported(model, cfg, temperature).eval()
     example = torch.randint(0, 256, (2, *PATCH_SHAPE), dtype=torch.uint8)
     with torch.no_grad():

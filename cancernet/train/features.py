@@ -28,15 +28,13 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from cancernet.config import Config
-from cancernet.data.augment import Preprocess, dihedral
+from cancernet.data.augment import dihedral
 from cancernet.data.stored import FeatureStore, open_store
 from cancernet.engine.predict import autocast
 from cancernet.runtime.distributed import DistInfo, all_reduce_sum, barrier
 from cancernet.runtime.errors import ConfigError, UserError
-from cancernet.runtime.signals import loader_workers
 
 log = logging.getLogger(__name__)
 VIEWS = {"dihedral": 8, "none": 1}  # the augmentations whose every outcome can be stored
@@ -157,19 +155,13 @@ def _feature_dim(cfg: Config, model: nn.Module, dist: DistInfo) -> int:
 
 def _fill(cfg: Config, dist: DistInfo, model: nn.Module, table: pd.DataFrame, folder: Path, views: int, dim: int):
     """This rank's rows: images rank, rank + world, ...; every view of each; pwrite into the file."""
-    from cancernet.data.datasets import ShardSampler
     from cancernet.data.packed import npy_layout
+    from cancernet.engine.inference import preprocessing, scoring_loader
     from cancernet.engine.loaders import image_dataset
 
     dataset, batched = image_dataset(cfg, table["id"].tolist(), table["label"].to_numpy())
-    sampler = ShardSampler(len(table), dist.rank, dist.world_size)
-    batch, workers = cfg.train.eval_batch_size, loader_workers(cfg.data.num_workers)
-    loader = (
-        DataLoader(dataset, batch_size=None, sampler=_Batches(list(sampler), batch), **workers)
-        if batched
-        else DataLoader(dataset, batch_size=batch, sampler=sampler, **workers)
-    )
-    preprocess = Preprocess.from_config(cfg.data, channels_last=cfg.model.channels_last).to(dist.device)
+    loader = scoring_loader(dataset, dist, cfg.train.eval_batch_size, cfg.data.num_workers, batched)
+    preprocess = preprocessing(cfg, dist.device)
     _, _, offset = npy_layout(folder / "features.npy")
     fd = os.open(folder / "features.npy", os.O_WRONLY)
     model.eval()
@@ -189,16 +181,3 @@ def _fill(cfg: Config, dist: DistInfo, model: nn.Module, table: pd.DataFrame, fo
     finally:
         os.fsync(fd)
         os.close(fd)
-
-
-class _Batches:
-    """Index lists of `size` from a list (a sampler for batch-reading datasets)."""
-
-    def __init__(self, indices: list[int], size: int):
-        self.indices, self.size = indices, size
-
-    def __iter__(self):
-        return (self.indices[i : i + self.size] for i in range(0, len(self.indices), self.size))
-
-    def __len__(self) -> int:
-        return -(-len(self.indices) // self.size)

@@ -8,7 +8,6 @@ OUT/<slide>/ atomically, so a folder of slides resumes where it stopped.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -20,18 +19,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from torch import nn
-from torch.utils.data import DataLoader
 
-from cancernet.config import Config, from_dict, merge, parse_overrides
-from cancernet.data.augment import Preprocess
-from cancernet.data.datasets import ShardSampler
+from cancernet.config import Config
 from cancernet.engine import checkpoint
+from cancernet.engine.inference import Predictor, preprocessing, scoring_loader
 from cancernet.engine.predict import evaluate
-from cancernet.evaluate.inference import checkpoint_threshold
-from cancernet.models.classifier import build_for_weights
 from cancernet.runtime.distributed import DistInfo, broadcast_object
 from cancernet.runtime.errors import DataError, UserError
-from cancernet.runtime.signals import loader_workers
 from cancernet.wsi.slide import SLIDE_SUFFIXES, Plan, level0_mpp, plan_slide, write_pyramid
 from cancernet.wsi.tiles import UNREADABLE, SlideTiles, Waited, cat_blocks
 
@@ -74,7 +68,7 @@ class Scorer:
 
     @property
     def preprocess(self) -> nn.Module:
-        return Preprocess.from_config(self.cfg.data, channels_last=self.cfg.model.channels_last).to(self.dist.device)
+        return preprocessing(self.cfg, self.dist.device)
 
 
 def train_mpp_of(ckpt: checkpoint.Checkpoint, override: float | None) -> float:
@@ -92,30 +86,21 @@ def train_mpp_of(ckpt: checkpoint.Checkpoint, override: float | None) -> float:
 
 def load_scorer(path: str | Path, dist: DistInfo, overrides: list[str], train_mpp: float | None, **kwargs) -> Scorer:
     """A Scorer for a checkpoint; overrides (slide.*=..., train.progress=...) adjust its config."""
-    ckpt = checkpoint.Checkpoint.load(path)
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    cfg = from_dict(merge(ckpt.config_dict, parse_overrides(overrides)))
-    model = build_for_weights(cfg)
-    ckpt.load_weights(model)
-    temperature = ckpt.temperature(kwargs.pop("calibrated", True))
+    predictor = Predictor.load(path, dist, overrides, kwargs.pop("calibrated", True))
     threshold = kwargs.pop("threshold", None)
-    tta = kwargs.get("tta", False)
     if threshold is None:
         try:
-            threshold = checkpoint_threshold(ckpt, tta, temperature)
+            threshold = predictor.threshold(kwargs.get("tta", False))
         except UserError as e:
             log.warning("tumour area not measured: %s", e)
     return Scorer(
-        model=model.to(dist.device).eval(),
-        cfg=cfg,
+        model=predictor.model,
+        cfg=predictor.cfg,
         dist=dist,
         checkpoint=str(path),
-        checkpoint_sha256=digest.hexdigest(),
-        train_mpp=train_mpp_of(ckpt, train_mpp),
-        temperature=temperature,
+        checkpoint_sha256=predictor.sha256,
+        train_mpp=train_mpp_of(predictor.ckpt, train_mpp),
+        temperature=predictor.temperature,
         threshold=threshold,
         **kwargs,
     )
@@ -146,16 +131,8 @@ def score_slide(scorer: Scorer, plan: Plan) -> tuple[SlideTiles, dict, float]:
     """Every rank: score its blocks; all ranks get every tile's probability (in tile order)."""
     s, dist = scorer.cfg.slide, scorer.dist
     tiles = SlideTiles(plan, s.block)
-    loader = Waited(
-        DataLoader(
-            tiles,
-            batch_size=max(1, scorer.batch_size // s.block**2),
-            sampler=ShardSampler(len(tiles), dist.rank, dist.world_size),
-            collate_fn=cat_blocks,
-            pin_memory=dist.device.type == "cuda",
-            **loader_workers(scorer.num_workers),
-        )
-    )
+    batch = max(1, scorer.batch_size // s.block**2)
+    loader = Waited(scoring_loader(tiles, dist, batch, scorer.num_workers, collate_fn=cat_blocks))
     from cancernet.runtime.console import progress_bar
 
     bar = progress_bar(scorer.cfg.train.progress, dist.is_main, len(loader), Path(plan.path).stem)
