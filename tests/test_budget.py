@@ -42,7 +42,7 @@ def test_a_time_budget_fixes_the_length_the_schedule_ends_with_it_and_a_resume_k
 
     with session("cpu") as dist:
         assert run(make_cfg(synth_root, out, *common), dist, stop, stop_after_epoch_3) == "stopped"
-    plan = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["budget_plan"]
+    plan = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["run_state"]["budget_plan"]
     assert plan["final"] and plan["budget_s"] == budget  # measured at the warm-up, fixed after epoch 2
     caplog.clear()
     with session("cpu") as dist:
@@ -77,23 +77,24 @@ def test_the_final_plan_gives_only_what_is_left_of_the_budget():
     run by its first epoch and have it killed before its test evaluation."""
     from types import SimpleNamespace
 
+    from cancernet.config import OptimConfig
     from cancernet.runtime.distributed import DistInfo
     from cancernet.train.budget import TimeBudget
+    from cancernet.train.optim import LrSchedule
+    from cancernet.train.plan import RunPlan
 
     warmup = {"final": False, "planned_at_sample": 0, "samples": 20_000, "eval_images_per_s_per_rank": 100.0}
-    state = SimpleNamespace(budget_plan=warmup, history=[{"val_s": 2.0, "ckpt_s": 0.5}], train_s=20.0)
-    schedule = SimpleNamespace(total=20_000)
+    run_plan = RunPlan(SHAPE.per_epoch, SHAPE.cap // SHAPE.per_epoch, warmup)
+    state = SimpleNamespace(history=[{"val_s": 2.0, "ckpt_s": 0.5}], train_s=20.0)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    schedule = LrSchedule(optimizer, OptimConfig(), 1.0, lambda: run_plan.samples, 0)
     t = SimpleNamespace(
-        state=state,
-        dist=DistInfo(),
-        cfg=SimpleNamespace(train=SimpleNamespace(time_budget="100s")),
-        parts=SimpleNamespace(schedule=schedule),
-        epochs=20,
+        state=state, dist=DistInfo(), cfg=SimpleNamespace(train=SimpleNamespace(time_budget="100s")), plan=run_plan
     )
     budget = TimeBudget.__new__(TimeBudget)
     budget.t, budget.seconds, budget.shape = t, 100.0, SHAPE
     budget.refine(0, {"samples_seen": 1000, "epoch_s": 20.0, "val_s": 2.0, "ckpt_s": 0.5})
-    plan = state.budget_plan
+    plan = run_plan.budget
     # 22.5 s spent; 50 samples/s; 2.5 s per validation and checkpoint: 0.95 x 77.5 s left
     assert plan["final"] and plan["samples"] == plan_length(0.95 * 77.5, 1000, SHAPE, 50.0, 2.5)
     assert 80.0 < plan["estimated_s"] <= 100.0

@@ -145,7 +145,7 @@ def test_each_family_trains_resumes_predicts_and_exports(arch, synth_root, tmp_p
     train(synth_root, out, *common, "train.epochs=1")
     train(synth_root, out, *common, "train.epochs=2")  # resumes: same groups, moments carried over
     last = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
-    assert last["epoch"] == 2 and len(last["history"]) == 2
+    assert last["epoch"] == 2 and len(last["run_state"]["history"]) == 2
     optim = OptimConfig(layer_decay=0.8, head_lr_mult=5)
     assert len(last["optimizer"]["param_groups"]) == len(
         param_groups(build_model(ModelConfig(arch=arch, pretrained="none"), 32), optim)

@@ -100,7 +100,7 @@ def test_term_to_torchrun_mid_epoch_with_loader_workers_stops_cleanly_twice_and_
         code = stop(proc, log_path, after="epoch 1/2 train_loss")  # the line that ends epoch 1
     assert_stopped_cleanly(log_path.read_text(), code)
     saved = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
-    first = saved["mid_epoch"]["samples"]
+    first = saved["run_state"]["mid_epoch"]["samples"]
     assert saved["epoch"] == 1 and 0 < first < 34 * 8 and first % (10 * 8) == 0  # at a sync point
     assert len(pd.read_csv(out / "summary.csv")) == 1
 
@@ -109,7 +109,7 @@ def test_term_to_torchrun_mid_epoch_with_loader_workers_stops_cleanly_twice_and_
         code = stop(torchrun(packed_root, out, log), log_path, after="resumed from")
     assert_stopped_cleanly(log_path.read_text(), code)
     saved = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
-    second = saved["mid_epoch"]["samples"]
+    second = saved["run_state"]["mid_epoch"]["samples"]
     assert saved["epoch"] == 1 and first < second < 34 * 8, (first, second)  # from the epoch's start
 
     with open(tmp_path / "resume.log", "w") as log:

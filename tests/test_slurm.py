@@ -160,7 +160,7 @@ def test_a_two_node_job_stops_with_a_whole_checkpoint_requeues_and_resumes(clust
     stopped = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     log = log_of(tmp_path, job)
     assert "[rank0] WARNING stop" in log and "[rank1] WARNING stop" in log, log[-3000:]
-    assert stopped["mid_epoch"] is not None or stopped["epoch"] >= 1
+    assert stopped["run_state"]["mid_epoch"] is not None or stopped["epoch"] >= 1
     info = cluster.wait(job, timeout=300)
     log = log_of(tmp_path, job)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]

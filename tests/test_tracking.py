@@ -47,7 +47,7 @@ def test_offline_run_holds_one_val_auc_per_epoch_equal_to_summary(synth_root, tm
     images = {key.split("/")[1] for row in history(log) for key in row if key.startswith("report/")}
     assert {"roc", "confusion_matrix", "sample_grid"} <= images
     saved = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
-    assert run_ids(log) == {saved["wandb_id"]}
+    assert run_ids(log) == {saved["run_state"]["wandb_id"]}
     (artifact,) = [r.artifact for r in records(log) if r.WhichOneof("record_type") == "artifact"]
     assert artifact.type == "model" and [m.path for m in artifact.manifest.contents] == ["best.pt"]
     assert "optimizer" not in torch.load(out / "checkpoints" / "best.pt", weights_only=True)  # weights only
@@ -70,7 +70,7 @@ def test_an_offline_node_with_an_api_key_falls_back_to_offline_in_bounded_time(
     assert "could not start in online mode" in caplog.text and "logging is off" not in caplog.text
     (log,) = _logs(offline)
     assert [row["epoch"] for row in history(log) if "val_auc" in row] == [1]
-    assert run_ids(log) == {torch.load(out / "checkpoints" / "last.pt", weights_only=True)["wandb_id"]}
+    assert run_ids(log) == {torch.load(out / "checkpoints" / "last.pt", weights_only=True)["run_state"]["wandb_id"]}
     assert not [r for r in records(log) if r.WhichOneof("record_type") == "artifact"]  # log_model is off
 
 

@@ -147,10 +147,10 @@ class CheckpointWriter:
 # last.pt: the training state (each part's state_dict under its key, RunState's fields at the top
 # level, RNG per rank); best.pt: the weights and what evaluation adds.
 MODEL, CONFIG, OPTIMIZER, SCHEDULER, SCALER, EMA = "model", "config", "optimizer", "scheduler", "scaler", "ema"
-RNG, WORLD_SIZE, EPOCH, WEIGHTS = "rng", "world_size", "epoch", "weights"
+RNG, WORLD_SIZE, EPOCH, WEIGHTS, RUN_STATE = "rng", "world_size", "epoch", "weights", "run_state"
 TEMPERATURE, OPERATING_POINT, OPERATING_POINT_TTA = "temperature", "operating_point", "operating_point_tta"
 PREPROCESS = "preprocess"  # what the model's inputs were made with (mean, std, size), when not data.*
-TRAINING_PARTS = (OPTIMIZER, SCHEDULER, SCALER, EMA, RNG, "history")  # resume only: never sent between ranks
+TRAINING_PARTS = (OPTIMIZER, SCHEDULER, SCALER, EMA, RNG, RUN_STATE, "history")  # resume only: never sent between ranks
 
 
 class Stateful(Protocol):
@@ -193,6 +193,12 @@ class Checkpoint:
     @property
     def epoch(self) -> int:
         return int(self.state.get(EPOCH, 0))
+
+    @property
+    def run_state(self) -> dict:
+        """Where a training run is and what it found (train.state.RunState's fields); files written
+        before it had its own key hold the fields at the top level."""
+        return self.state.get(RUN_STATE, self.state)
 
     @property
     def is_resumable(self) -> bool:
@@ -240,10 +246,12 @@ class Checkpoint:
 
 
 def training_state(parts: dict[str, Stateful], run_state: dict, rng: list, config: dict, world_size: int) -> dict:
-    """last.pt: every part's state under its key, the run's position and findings, each rank's RNG."""
+    """last.pt: every part's state under its key, the run's position and findings under RUN_STATE
+    (and its epoch at the top, as in best.pt), each rank's RNG."""
     return {
         **{key: part.state_dict() for key, part in parts.items()},
-        **run_state,
+        RUN_STATE: run_state,
+        EPOCH: run_state["epoch"],
         RNG: rng,
         CONFIG: config,
         WORLD_SIZE: world_size,

@@ -83,7 +83,8 @@ def eval_rate(
 
 
 class TimeBudget:
-    """The planner: its `sync(epoch)` is the training loop's on_sync for that epoch."""
+    """The planner: its `sync(epoch)` is the training loop's on_sync for that epoch. It reads the
+    run (throughput, time spent) and changes only its plan (t.plan.fix)."""
 
     def __init__(self, t, seconds: float):
         self.t, self.seconds = t, seconds
@@ -107,7 +108,7 @@ class TimeBudget:
 
     def sync(self, epoch: int):
         """on_sync for this epoch: measures, then plans once; returns where this epoch ends."""
-        if self.t.state.budget_plan is not None:
+        if self.t.plan.budget is not None:
             return None
         mid, before = self.t.state.mid_epoch, self.used_s()
         # the window starts at the first sync point (the start-up of the loader and the first,
@@ -115,7 +116,7 @@ class TimeBudget:
         first = {"samples": mid["samples"] if mid else 0, "seconds": 0.0, "synced": False}
 
         def on_sync(in_epoch: int, elapsed: float, last: bool) -> int | None:
-            if self.t.state.budget_plan is not None:
+            if self.t.plan.budget is not None:
                 return None
             if not first["synced"] and not last:
                 first.update(samples=in_epoch, seconds=elapsed, synced=True)
@@ -124,7 +125,7 @@ class TimeBudget:
                 return None
             rate = (in_epoch - first["samples"]) / max(elapsed - first["seconds"], 1e-9)
             self.plan(epoch, epoch * self.shape.per_epoch + in_epoch, before + elapsed, rate)
-            return self.t.state.budget_plan["samples"] - epoch * self.shape.per_epoch
+            return self.t.plan.end_in(epoch)
 
         return on_sync
 
@@ -152,9 +153,9 @@ class TimeBudget:
     def refine(self, epoch: int, row: dict) -> None:
         """After each epoch (every rank): the first whole epoch trained under the warm-up's plan
         re-measures the cost of an epoch, validation and checkpoint included, and fixes the length."""
-        t, plan = self.t, self.t.state.budget_plan
+        t, plan = self.t, self.t.plan.budget
         start = epoch * self.shape.per_epoch
-        if plan is None or plan["final"] or plan["planned_at_sample"] > start or t.epochs <= epoch + 1:
+        if plan is None or plan["final"] or plan["planned_at_sample"] > start or t.plan.epochs <= epoch + 1:
             return
         new = None
         if t.dist.is_main:
@@ -200,8 +201,7 @@ class TimeBudget:
         return plan
 
     def _set(self, plan: dict | None) -> None:
-        self.t.state.budget_plan = broadcast_object(plan, self.t.dist)  # rank 0's, on every rank
-        self.t.parts.schedule.total = self.t.state.budget_plan["samples"]
+        self.t.plan.fix(broadcast_object(plan, self.t.dist))  # rank 0's, on every rank; the schedule reads it
 
     def _validations(self, epoch: int, samples: int) -> int:
         epochs = math.ceil(samples / self.shape.per_epoch)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -147,12 +148,18 @@ class LrSchedule:
         optimizer: torch.optim.Optimizer,
         cfg: OptimConfig,
         base_lr: float,
-        total_samples: int,
+        total_samples: int | Callable[[], int],
         warmup_samples: int,
     ):
+        """total_samples: where the schedule ends, or a function that says it (the run plan's
+        length, which a time budget fixes during the run)."""
         self.optimizer, self.name, self.base_lr = optimizer, cfg.schedule, base_lr
-        self.total, self.warmup = max(total_samples, 1), warmup_samples
+        self._total, self.warmup = total_samples, warmup_samples
         self.position, self.last_factor = 0, self.factor(0)
+
+    @property
+    def total(self) -> int:
+        return max(self._total() if callable(self._total) else self._total, 1)
 
     def factor(self, position: int, step_samples: int = 0) -> float:
         """Multiplier on base_lr for a step taken after `position` samples (step_samples in it)."""

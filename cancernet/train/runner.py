@@ -98,11 +98,11 @@ def run(
         budget = TimeBudget.from_config(t)
         try:
             epoch = t.state.epoch
-            while epoch < t.epochs:  # a time budget may fix the length inside the first epoch
-                planned = t.state.budget_plan
+            while epoch < t.plan.epochs:  # a time budget may fix the length inside the first epoch
+                planned = t.plan.budget
                 if not train_epoch(t, epoch, stop, tracker, budget, on_epoch_end):
                     return "stopped"
-                if planned != t.state.budget_plan:
+                if planned != t.plan.budget:
                     write_config(t, meta)  # config.yaml says what the budget came to
                 epoch += 1
             t.writer.wait()
@@ -128,7 +128,7 @@ def run(
 def write_config(t: Training, meta: dict) -> None:
     """config.yaml: the config as run, what produced it, and the length a time budget fixed."""
     if t.dist.is_main:
-        extra = {**meta, **({"time_budget": t.state.budget_plan} if t.state.budget_plan else {})}
+        extra = {**meta, **({"time_budget": t.plan.budget} if t.plan.budget else {})}
         write_text(t.run.config, resolved_yaml(t.cfg, t.dist.world_size, extra or None))
 
 
@@ -148,7 +148,7 @@ def train_epoch(
         else None
     )
     train = t.loaders["train"]
-    set_epoch(train, epoch, mid.samples if mid else 0, t.epoch_end(epoch))
+    set_epoch(train, epoch, mid.samples if mid else 0, t.plan.end_in(epoch))
     bar = progress_bar(cfg.train.progress, dist.is_main, len(train.loader), f"epoch {epoch + 1}")
     stats = train_one_epoch(
         t.parts,
@@ -177,7 +177,7 @@ def train_epoch(
             stats.stopped_at,
         )
         return False
-    validate = (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == t.epochs
+    validate = (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == t.plan.epochs
     row = validate_epoch(t, epoch, stats) if validate else epoch_row(epoch, stats, None, t, 0.0)
     t.state.epoch, t.state.mid_epoch = epoch + 1, None
     select = SELECT[cfg.train.select_metric]
@@ -187,9 +187,8 @@ def train_epoch(
         t.state.best_auc, t.state.best_val_loss, t.state.best_val_acc = row.val_auc, row.val_loss, row.val_acc
         t.state.best_epoch = epoch + 1
     # last.pt every epoch, or when train.checkpoint_every has passed (rank 0's clock decides for all)
-    last = (
-        epoch + 1 == t.epochs or t.cfg.train.checkpoint_every is None or _any_rank(t.checkpoint_due(), dist, main=True)
-    )
+    every = t.cfg.train.checkpoint_every
+    last = epoch + 1 == t.plan.epochs or every is None or _any_rank(t.checkpoint_due(), dist, main=True)
     save_checkpoints(t, best=is_best, row=row, last=last)
     if budget is not None:
         budget.refine(epoch, t.state.history[-1])
@@ -200,7 +199,7 @@ def train_epoch(
             "epoch %d/%d train_loss %.4f train_acc %.4f val_loss %.4f val_acc %.4f val_auc %.4f%s lr %.3g%s "
             "%.0f img/s %.1fs (val %.1fs, checkpoint %.2fs)",
             epoch + 1,
-            t.epochs,
+            t.plan.epochs,
             row.train_loss,
             row.train_acc,
             row.val_loss,
@@ -252,7 +251,7 @@ def save_checkpoints(t: Training, best: bool, row: EpochRow | None = None, last:
         row.ckpt_s = seconds
         t.state.history.append(dataclasses.asdict(row))
     if t.run.last in copies:
-        copies[t.run.last]["history"] = [dict(r) for r in t.state.history]  # plain rows: no tensor to copy
+        copies[t.run.last]["run_state"]["history"] = [dict(r) for r in t.state.history]  # plain rows: no copy
         t.last_saved = time.monotonic()
     if copies:
         t.writer.start(copies)

@@ -34,8 +34,10 @@ from cancernet.train.optim import (
     effective_lr,
     legacy_order,
 )
+from cancernet.train.plan import RunPlan
 
 log = logging.getLogger(__name__)
+BUDGET_PLAN = "budget_plan"  # last.pt's run state: the length train.time_budget fixed (RunPlan.budget)
 
 
 @dataclass
@@ -74,7 +76,6 @@ class RunState:
     mid_epoch: dict | None = None  # MidEpoch of a run stopped inside an epoch
     wandb_id: str | None = None
     train_s: float = 0.0  # wall time in training epochs, over all sessions
-    budget_plan: dict | None = None  # the length train.time_budget fixed (budget.TimeBudget.plan)
 
 
 @dataclass
@@ -88,6 +89,7 @@ class Training:
     loaders: dict[str, SplitLoader]
     model_without_ddp: torch.nn.Module  # what checkpoints and evaluation use
     parts: StepParts
+    plan: RunPlan  # the run's length: the sampler, the schedule, the loop and the budget read it
     state: RunState = field(default_factory=RunState)
     writer: checkpoint.CheckpointWriter = field(default_factory=checkpoint.CheckpointWriter)
     preprocessing: str = "set in the config"  # where data.mean/std/image_size came from
@@ -104,19 +106,6 @@ class Training:
         """What the model's inputs are made with, stored in every checkpoint (predict and export use it)."""
         d = self.cfg.data
         return {"mean": d.mean, "std": d.std, "image_size": d.image_size, "crop": d.crop, "source": self.preprocessing}
-
-    @property
-    def epochs(self) -> int:
-        """The run's length in epochs: train.epochs, or what the time budget fixed (the last may be short)."""
-        if self.state.budget_plan is None:
-            return self.cfg.train.epochs
-        return math.ceil(self.state.budget_plan["samples"] / self.loaders["train"].sampler.samples_per_epoch())
-
-    def epoch_end(self, epoch: int) -> int | None:
-        """Samples into this epoch where it ends, when the time budget cuts it short; else None."""
-        if self.state.budget_plan is None:
-            return None
-        return self.state.budget_plan["samples"] - epoch * self.loaders["train"].sampler.samples_per_epoch()
 
     @property
     def eval_model(self) -> torch.nn.Module:
@@ -140,9 +129,8 @@ class Training:
         return parts | ({checkpoint.EMA: p.ema} if p.ema is not None else {})
 
     def resume_state(self, rng: list) -> dict:
-        state = checkpoint.training_state(
-            self.stateful(), dataclasses.asdict(self.state), rng, self.cfg.to_dict(), self.dist.world_size
-        )
+        run_state = {**dataclasses.asdict(self.state), BUDGET_PLAN: self.plan.budget}
+        state = checkpoint.training_state(self.stateful(), run_state, rng, self.cfg.to_dict(), self.dist.world_size)
         return {**state, checkpoint.PREPROCESS: self.preprocess_facts}
 
     def best_state(self) -> dict:
@@ -227,9 +215,8 @@ def build(cfg: Config, dist: DistInfo, run: RunDir, saved_splits: pd.DataFrame |
     global_batch = sampler.global_batch * cfg.train.grad_accum
     base_lr = effective_lr(cfg.optim, global_batch)
     per_epoch = sampler.samples_per_epoch()
-    schedule = LrSchedule(
-        optimizer, cfg.optim, base_lr, per_epoch * cfg.train.epochs, int(cfg.optim.warmup_epochs * per_epoch)
-    )
+    plan = RunPlan(per_epoch, cfg.train.epochs)
+    schedule = LrSchedule(optimizer, cfg.optim, base_lr, lambda: plan.samples, int(cfg.optim.warmup_epochs * per_epoch))
     log.info(
         "optimizer %s, global batch %d, lr %.3g%s; %s",
         cfg.optim.name,
@@ -240,7 +227,7 @@ def build(cfg: Config, dist: DistInfo, run: RunDir, saved_splits: pd.DataFrame |
     )
     scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.train.amp == "fp16")
     parts = StepParts(model, optimizer, schedule, scaler, ema)
-    return Training(cfg, dist, run, table, loaders, model_without_ddp, parts, cached=cached)
+    return Training(cfg, dist, run, table, loaders, model_without_ddp, parts, plan, cached=cached)
 
 
 def restore(t: Training, path) -> None:
@@ -254,7 +241,8 @@ def restore(t: Training, path) -> None:
             "or start a new run from these weights with model.pretrained"
         )
     names = [f.name for f in dataclasses.fields(RunState)]
-    if any(name not in ckpt.state for name in ("position", "mid_epoch")):
+    run_state = ckpt.run_state
+    if any(name not in run_state for name in ("position", "mid_epoch")):
         raise CheckpointError(
             f"checkpoint {path} was written by an older cancernet and cannot be resumed "
             "(evaluate, predict and export still read it); start a new train.out_dir"
@@ -266,18 +254,18 @@ def restore(t: Training, path) -> None:
     if not checkpoint.set_rng_state(ckpt.get(checkpoint.RNG) or [], t.dist):
         torch.manual_seed(sample_seed(t.cfg.train.seed, t.dist.rank, ckpt.epoch))
         log.warning("no saved RNG state for rank %d (world size changed): it draws from a new seed", t.dist.rank)
-    t.state = RunState(**{name: ckpt.state[name] for name in names if name in ckpt.state})
-    if t.state.budget_plan is not None:
+    t.state = RunState(**{name: run_state[name] for name in names if name in run_state})
+    budget = run_state.get(BUDGET_PLAN)
+    if budget is not None:
         if t.cfg.train.time_budget:  # the length stays what the budget fixed; the schedule follows it
-            t.parts.schedule.total = t.state.budget_plan["samples"]
+            t.plan.fix(budget)
         else:
             log.warning(
                 "train.time_budget is off now: the run's length is train.epochs=%d again, not the %.2f "
                 "epochs its budget fixed",
                 t.cfg.train.epochs,
-                t.state.budget_plan["epochs"],
+                budget["epochs"],
             )
-            t.state.budget_plan = None
     changes = checkpoint.changed_settings(ckpt.config_dict, t.cfg.to_dict())
     if ckpt.get(checkpoint.WORLD_SIZE, t.dist.world_size) != t.dist.world_size:
         changes.append(f"world size: {ckpt.get(checkpoint.WORLD_SIZE)} -> {t.dist.world_size}")
