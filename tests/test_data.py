@@ -9,7 +9,8 @@ from PIL import Image
 
 from cancernet.config import DataConfig
 from cancernet.data.augment import Augment, Preprocess
-from cancernet.data.kaggle import read_labels, read_patch
+from cancernet.data.kaggle import read_labels
+from cancernet.data.patch import read_patch
 from cancernet.data.splits import make_splits
 from cancernet.data.synthetic import render_patch
 from cancernet.runtime.errors import DataError

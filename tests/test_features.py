@@ -119,7 +119,8 @@ def test_two_ranks_fill_one_store_with_every_row_once(synth_root, tmp_path):
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.data.image_size).eval()
     from cancernet.data.augment import Preprocess, dihedral
-    from cancernet.data.kaggle import image_path, read_patch
+    from cancernet.data.kaggle import image_path
+    from cancernet.data.patch import read_patch
 
     images = torch.from_numpy(np.stack([read_patch(image_path(synth_root, i)) for i in store.ids])).permute(0, 3, 1, 2)
     with torch.no_grad():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cancernet.cli import main
-from cancernet.data.kaggle import read_patch
+from cancernet.data.patch import read_patch
 from cancernet.engine.inference import Predictor
 from cancernet.evaluate.inference import predict_folder
 from cancernet.runtime.console import main_guard

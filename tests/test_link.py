@@ -12,8 +12,9 @@ import pytest
 from PIL import Image
 
 from cancernet.config import DataConfig
-from cancernet.data.kaggle import find_bad_images, image_path, read_patch
+from cancernet.data.kaggle import find_bad_images, image_path
 from cancernet.data.link import link_pcam
+from cancernet.data.patch import read_patch
 from cancernet.data.synthetic_pcam import write_pcam_release
 from cancernet.runtime.errors import DataError
 

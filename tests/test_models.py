@@ -166,7 +166,7 @@ def test_each_family_trains_resumes_predicts_and_exports(arch, synth_root, tmp_p
 
 
 def models_read(path):
-    from cancernet.data.kaggle import read_patch
+    from cancernet.data.patch import read_patch
 
     return read_patch(path)
 

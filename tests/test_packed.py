@@ -12,7 +12,7 @@ from cancernet.data.augment import Preprocess
 from cancernet.data.datasets import FolderDataset, PackedDataset
 from cancernet.data.formats import open_source_pack as open_pack
 from cancernet.data.formats import prepare
-from cancernet.data.kaggle import read_patch
+from cancernet.data.patch import read_patch
 from cancernet.runtime.errors import DataError
 
 from conftest import ROOT, python_env, train

@@ -13,7 +13,7 @@ from cancernet.config import DataConfig
 from cancernet.data.datasets import FolderDataset
 from cancernet.data.formats import open_source_pack as open_pack
 from cancernet.data.formats import prepare
-from cancernet.data.kaggle import read_patch
+from cancernet.data.patch import read_patch
 
 FIXTURE = Path(__file__).parent / "fixtures" / "pcam_real"
 

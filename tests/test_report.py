@@ -148,7 +148,8 @@ def test_the_report_shows_the_most_confident_of_each_kind():
 
 
 def test_sample_grid_names_the_split_it_shows(synth_root):
-    from cancernet.data.kaggle import image_path, read_patch
+    from cancernet.data.kaggle import image_path
+    from cancernet.data.patch import read_patch
     from cancernet.evaluate.grids import sample_grid
 
     ids = pd.read_csv(synth_root / "train_labels.csv", dtype={"id": str}).head(8)
@@ -231,7 +232,8 @@ def test_gradcam_heat_lies_in_the_labelled_centre_of_synthetic_tumours(run_dir, 
     import torch
 
     from cancernet.data.augment import Preprocess
-    from cancernet.data.kaggle import image_path, read_patch
+    from cancernet.data.kaggle import image_path
+    from cancernet.data.patch import read_patch
     from cancernet.engine.inference import Predictor
     from cancernet.evaluate.gradcam import gradcam
     from cancernet.runtime.distributed import DistInfo

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from cancernet.data.kaggle import read_patch
 from cancernet.data.packed import Pack
+from cancernet.data.patch import read_patch
 
 
 class FolderDataset(Dataset):

@@ -117,4 +117,4 @@ def reader(cfg: DataConfig) -> Callable[[str], np.ndarray]:
     fmt = format_of(cfg)
     if fmt.packed:
         return open_source_pack(cfg).read_by_id
-    return lambda image_id: kaggle.read_patch(fmt.source.image_path(cfg, image_id))
+    return functools.partial(fmt.source.read, cfg)

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import re
-import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 from tqdm import tqdm
 
 from cancernet.data.config import DataConfig
 from cancernet.data.packed import Pack, PackWriter, write_rows
-from cancernet.data.patch import PATCH_SHAPE, pixel_hash
+from cancernet.data.patch import PATCH_SHAPE, pixel_hash, read_patch
 from cancernet.data.source import Source
 from cancernet.runtime.errors import BadImageError, DataError
 from cancernet.runtime.signals import ignore_stop_signals
@@ -68,27 +66,6 @@ def check_ids(ids: pd.Series, source: str | Path, first_row: int = 2) -> None:
         )
 
 
-def read_patch(path: str | Path) -> np.ndarray:
-    """Decode one patch to a (96, 96, 3) uint8 array, or raise BadImageError saying why."""
-    path = Path(path)
-    if not path.is_file():
-        raise BadImageError(path, "file is missing")
-    try:
-        with warnings.catch_warnings(), Image.open(path) as im:
-            warnings.simplefilter("ignore")  # PIL's warnings on damaged files; we raise instead
-            im.load()  # full decode: a truncated file fails here, not halfway through training
-            if im.mode != "RGB":
-                raise BadImageError(path, f"mode is {im.mode}, expected RGB")
-            array = np.array(im)
-    except BadImageError:
-        raise
-    except Exception as e:  # PIL raises several types for unreadable/truncated files
-        raise BadImageError(path, f"cannot be decoded ({e})") from None
-    if array.shape != PATCH_SHAPE:
-        raise BadImageError(path, f"size is {array.shape[1]}x{array.shape[0]}, expected 96x96")
-    return array
-
-
 def image_path(root: str | Path, image_id: str, folder: str = "train") -> Path:
     return Path(root) / folder / f"{image_id}.tif"
 
@@ -135,19 +112,6 @@ def find_bad_images(root: str | Path, ids: list[str], workers: int = 0, verify: 
     return {i: r for i, r in zip(ids, reasons) if r is not None}
 
 
-def drop_bad_images(frame: pd.DataFrame, bad: dict[str, str], policy: str, root) -> pd.DataFrame:
-    """Apply data.on_bad_image: fail naming the first bad image, or drop them all."""
-    if not bad:
-        return frame
-    if policy == "fail":
-        first = next(iter(bad))
-        raise DataError(
-            f"bad image {image_path(root, first)}: {bad[first]} "
-            f"({len(bad)} bad image(s) in all; data.on_bad_image=skip skips and lists them)"
-        )
-    return frame[~frame["id"].isin(bad)].reset_index(drop=True)
-
-
 def _pack_chunk(job: tuple[str, str, list[str], int, bool]) -> dict[str, str]:
     """Decode ids into rows [start, start+len) of images.npy; return {id: reason} of bad ones."""
     root, images_file, ids, start, verify = job
@@ -182,6 +146,11 @@ class KaggleFolder(Source):
 
     def find_bad(self, cfg: DataConfig, ids: list[str], workers: int) -> dict[str, str]:
         return find_bad_images(cfg.root, ids, workers, verifies_ids(cfg.verify_ids, ids))
+
+    def known_hashes(self, cfg: DataConfig, ids: list[str]) -> tuple[pd.Series, str] | None:
+        if verifies_ids(cfg.verify_ids, ids):
+            return pd.Series(ids, index=ids), "the ids (verified SHA-1s of the pixels)"
+        return None
 
     def pack(self, cfg: DataConfig, writer: PackWriter, workers: int):
         frame = read_labels(cfg.root)  # the whole CSV: data.limit applies when reading the pack

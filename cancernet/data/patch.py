@@ -4,8 +4,13 @@ about the centre 32x32 (label 1: tumour tissue there)."""
 from __future__ import annotations
 
 import hashlib
+import warnings
+from pathlib import Path
 
 import numpy as np
+from PIL import Image
+
+from cancernet.runtime.errors import BadImageError
 
 PATCH_SIZE = 96
 PATCH_SHAPE = (PATCH_SIZE, PATCH_SIZE, 3)
@@ -33,3 +38,24 @@ def stamp(patch: np.ndarray, serial: int) -> np.ndarray:
     out[0, 0] = (serial & 255, (serial >> 8) & 255, (serial >> 16) & 255)
     out[0, 1, 0] = (serial >> 24) & 255
     return out
+
+
+def read_patch(path: str | Path) -> np.ndarray:
+    """Decode one patch to a (96, 96, 3) uint8 array, or raise BadImageError saying why."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadImageError(path, "file is missing")
+    try:
+        with warnings.catch_warnings(), Image.open(path) as im:
+            warnings.simplefilter("ignore")  # PIL's warnings on damaged files; we raise instead
+            im.load()  # full decode: a truncated file fails here, not halfway through training
+            if im.mode != "RGB":
+                raise BadImageError(path, f"mode is {im.mode}, expected RGB")
+            array = np.array(im)
+    except BadImageError:
+        raise
+    except Exception as e:  # PIL raises several types for unreadable/truncated files
+        raise BadImageError(path, f"cannot be decoded ({e})") from None
+    if array.shape != PATCH_SHAPE:
+        raise BadImageError(path, f"size is {array.shape[1]}x{array.shape[0]}, expected 96x96")
+    return array

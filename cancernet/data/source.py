@@ -14,6 +14,8 @@ import pandas as pd
 
 from cancernet.data.config import DataConfig
 from cancernet.data.packed import Pack, PackWriter
+from cancernet.data.patch import read_patch
+from cancernet.runtime.errors import DataError
 
 
 class Source:
@@ -44,3 +46,25 @@ class Source:
     def find_bad(self, cfg: DataConfig, ids: list[str], workers: int) -> dict[str, str]:
         """reads_files only: {id: reason} of the patches that are missing or unusable."""
         raise NotImplementedError
+
+    def read(self, cfg: DataConfig, image_id: str) -> np.ndarray:
+        """reads_files only: one patch from its file, (96, 96, 3) uint8, or BadImageError."""
+        return read_patch(self.image_path(cfg, image_id))
+
+    def known_hashes(self, cfg: DataConfig, ids: list[str]) -> tuple[pd.Series, str] | None:
+        """(id -> SHA-1 of its pixels, where that came from) when the source knows them without
+        reading the patches (the leak audit); None: read each."""
+        return None
+
+    def drop_bad(self, cfg: DataConfig, table: pd.DataFrame, bad: dict[str, str]) -> pd.DataFrame:
+        """data.on_bad_image: fail naming the first bad patch, or drop them all."""
+        if not bad:
+            return table
+        if cfg.on_bad_image == "fail":
+            first = next(iter(bad))
+            where = self.image_path(cfg, first) if self.reads_files else f"id {first}"
+            raise DataError(
+                f"bad image {where}: {bad[first]} "
+                f"({len(bad)} bad image(s) in all; data.on_bad_image=skip skips and lists them)"
+            )
+        return table[~table["id"].isin(bad)].reset_index(drop=True)

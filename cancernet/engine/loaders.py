@@ -16,7 +16,6 @@ from cancernet.config import Config
 from cancernet.data.augment import Augment, Preprocess
 from cancernet.data.datasets import EpochSampler, FolderDataset, PackedDataset, ShardSampler
 from cancernet.data.formats import format_of, open_source_pack
-from cancernet.data.kaggle import drop_bad_images
 from cancernet.data.patch import PATCH_SHAPE
 from cancernet.data.splits import make_splits, read_groups, reuse_splits
 from cancernet.runtime.distributed import DistInfo, broadcast_object
@@ -44,7 +43,7 @@ def load_table(
         bad = broadcast_object(found, dist)
     if fmt.source.fixed_splits:
         return table, bad
-    frame = drop_bad_images(table, bad, dc.on_bad_image, dc.root)
+    frame = fmt.source.drop_bad(dc, table, bad)
     if bad:
         log.warning("skipping %d bad image(s), listed in bad_images.csv", len(bad))
     known = read_groups(dc.groups_csv, frame["id"]) if dc.groups_csv else None

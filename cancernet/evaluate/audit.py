@@ -11,7 +11,6 @@ import pandas as pd
 
 from cancernet.config import Config
 from cancernet.data.formats import format_of, open_source_pack, reader
-from cancernet.data.kaggle import verifies_ids
 from cancernet.data.patch import pixel_hash
 
 
@@ -25,8 +24,9 @@ def pixel_hashes(cfg: Config, ids: list[str]) -> tuple[pd.Series, str]:
             table = pd.read_csv(meta, dtype={"id": str}, usecols=lambda c: c in ("id", "sha1"))
             if "sha1" in table.columns:
                 return table.set_index("id")["sha1"].reindex(ids), "the pack's record"
-    if fmt.source.reads_files and verifies_ids(cfg.data.verify_ids, ids):
-        return pd.Series(ids, index=ids), "the ids (verified SHA-1s of the pixels)"
+    known = fmt.source.known_hashes(cfg.data, ids)
+    if known is not None:
+        return known
     read = reader(cfg.data)
     return pd.Series([pixel_hash(read(i)) for i in ids], index=ids), "each patch read"
 

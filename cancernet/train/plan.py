@@ -23,10 +23,12 @@ class RunPlan:
     @property
     def epochs(self) -> int:
         """Epochs the run trains (the last may be short under a budget)."""
-        return math.ceil(self.samples / self.per_epoch)
+        return self.max_epochs if self.budget is None else math.ceil(self.samples / self.per_epoch)
 
     def end_in(self, epoch: int) -> int | None:
         """Samples into `epoch` where it ends, when the plan cuts it short; else None (the whole epoch)."""
+        if self.budget is None:
+            return None
         end = self.samples - epoch * self.per_epoch
         return end if end < self.per_epoch else None
 
