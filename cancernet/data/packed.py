@@ -44,37 +44,61 @@ def npy_layout(path: Path) -> tuple[tuple, np.dtype, int]:
         return shape, dtype, f.tell()
 
 
-@dataclass
-class Pack:
-    """An opened, verified pack."""
+class Rows:
+    """Rows of one .npy file read by index with pread, the ids in row order: the pack's patches
+    here, the frozen backbone's features in data/stored.py. A subclass sets FILE (in its folder
+    `path`), DTYPE, row_shape, REDO (what fixes a truncated file), and has path, ids, offset."""
 
+    FILE: str
+    DTYPE: type
+    REDO: str
     path: Path
     ids: list[str]
-    labels: np.ndarray
-    bad_images: dict[str, str]
-    offset: int  # byte offset of row 0 in images.npy
+    offset: int  # byte offset of row 0 in the file
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        raise NotImplementedError
 
     @cached_property
     def row_of(self) -> dict[str, int]:
         return {image_id: row for row, image_id in enumerate(self.ids)}
 
+    @property
+    def row_bytes(self) -> int:
+        return int(np.prod(self.row_shape)) * np.dtype(self.DTYPE).itemsize
+
     def read_rows(self, rows: np.ndarray, fd: int) -> np.ndarray:
-        """(len(rows), 96, 96, 3) uint8; rows read in file order for locality."""
-        out = np.empty((len(rows), *PATCH_SHAPE), np.uint8)
-        order = np.argsort(rows, kind="stable")
-        flat = out.reshape(len(rows), ROW_BYTES)
-        for i in order:
-            n = os.preadv(fd, [flat[i]], self.offset + int(rows[i]) * ROW_BYTES)
-            if n != ROW_BYTES:
-                raise DataError(f"{self.path / 'images.npy'} is truncated at row {rows[i]}; re-run prepare")
+        """(len(rows), *row_shape), read in file order for locality; fd: the file opened O_RDONLY."""
+        out = np.empty((len(rows), *self.row_shape), self.DTYPE)
+        flat, size = out.reshape(len(rows), -1).view(np.uint8), self.row_bytes
+        for i in np.argsort(rows, kind="stable"):
+            if os.preadv(fd, [flat[i]], self.offset + int(rows[i]) * size) != size:
+                raise DataError(f"{self.path / self.FILE} is truncated at row {rows[i]}; {self.REDO}")
         return out
 
     def read_by_id(self, image_id: str) -> np.ndarray:
-        fd = os.open(self.path / "images.npy", os.O_RDONLY)
+        fd = os.open(self.path / self.FILE, os.O_RDONLY)
         try:
             return self.read_rows(np.array([self.row_of[image_id]]), fd)[0]
         finally:
             os.close(fd)
+
+
+@dataclass
+class Pack(Rows):
+    """An opened, verified pack."""
+
+    FILE, DTYPE, REDO = "images.npy", np.uint8, "re-run prepare"
+    path: Path
+    ids: list[str]
+    labels: np.ndarray
+    bad_images: dict[str, str]
+    offset: int
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        return PATCH_SHAPE
 
 
 def open_pack(path: Path, source: str, digest: str, hint: str) -> Pack:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -15,33 +14,28 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from cancernet.data.augment import DIHEDRAL, host_uniforms, send
-from cancernet.data.packed import npy_layout
+from cancernet.data.packed import Rows, npy_layout
 from cancernet.runtime.errors import UserError
 
 
 @dataclass
-class FeatureStore:
+class FeatureStore(Rows):
+    """features.npy: each image's `views` feature vectors of `dim`, float16."""
+
+    FILE, DTYPE = "features.npy", np.float16
     path: Path
     ids: list[str]
     views: int
     dim: int
-    offset: int  # of row 0 in features.npy
-
-    @cached_property
-    def row_of(self) -> dict[str, int]:
-        return {image_id: row for row, image_id in enumerate(self.ids)}
+    offset: int
 
     @property
-    def row_bytes(self) -> int:
-        return self.views * self.dim * 2
+    def REDO(self) -> str:  # noqa: N802 (Rows's hook)
+        return f"delete {self.path}"
 
-    def read_rows(self, rows: np.ndarray, fd: int) -> np.ndarray:
-        out = np.empty((len(rows), self.views, self.dim), np.float16)
-        flat = out.reshape(len(rows), -1).view(np.uint8)
-        for i in np.argsort(rows, kind="stable"):
-            if os.preadv(fd, [flat[i]], self.offset + int(rows[i]) * self.row_bytes) != self.row_bytes:
-                raise UserError(f"{self.path / 'features.npy'} is truncated at row {rows[i]}; delete {self.path}")
-        return out
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        return (self.views, self.dim)
 
 
 def open_store(folder: Path) -> FeatureStore | None:

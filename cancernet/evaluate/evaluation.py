@@ -212,7 +212,7 @@ def evaluate_checkpoint(
 def evaluate_run(t, tracker, extra_facts: dict) -> dict | None:
     """The end of training (t: training.Training): the best checkpoint, loaded into the run's own
     model, on the test split."""
-    score = t.model_without_ddp.head if t.cached else None
+    score = t.stored.part(t.model_without_ddp) if t.stored else None
     setup = Setup(t.cfg, t.dist, t.run, t.model_without_ddp, t.table, t.loaders, score)
     return evaluate_checkpoint(
         setup, t.run.best, Request(split="test", calibrate=t.cfg.report.calibrate), tracker, extra_facts

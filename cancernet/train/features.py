@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,29 @@ def decide(cfg: Config) -> tuple[bool, str]:
     if blockers:
         return False, "; ".join(blockers)
     return True, f"frozen backbone, {VIEWS[d.augment]} view(s) per image"
+
+
+@dataclass
+class HeadOnStoredFeatures:
+    """This run trains the head alone, on its frozen backbone's stored features: the loaders read
+    the store's rows (engine.loaders.make_loader), the loop trains and validation scores `head`
+    of the model, checkpoints still hold the whole model."""
+
+    store: FeatureStore
+
+    @staticmethod
+    def part(model: nn.Module) -> nn.Module:
+        """What runs on the loaders' inputs: the model's head."""
+        return model.head
+
+
+def head_on_stored_features(
+    cfg: Config, dist: DistInfo, model: nn.Module, table: pd.DataFrame
+) -> HeadOnStoredFeatures | None:
+    """train.feature_cache decided (and logged), the store built when it is on. A collective."""
+    cached, why = decide(cfg)
+    log.info("feature cache %s: %s", "on" if cached else "off", why)
+    return HeadOnStoredFeatures(build_store(cfg, dist, model, table)) if cached else None
 
 
 def embed(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:

@@ -93,7 +93,7 @@ class Training:
     state: RunState = field(default_factory=RunState)
     writer: checkpoint.CheckpointWriter = field(default_factory=checkpoint.CheckpointWriter)
     preprocessing: str = "set in the config"  # where data.mean/std/image_size came from
-    cached: bool = False  # the loaders give a frozen backbone's stored features (train.feature_cache)
+    stored: features.HeadOnStoredFeatures | None = None  # train.feature_cache: the head on stored features
     last_saved: float = field(default_factory=time.monotonic)  # when last.pt was last written (rank 0)
 
     def checkpoint_due(self) -> bool:
@@ -115,7 +115,7 @@ class Training:
     @property
     def scorer(self) -> torch.nn.Module:
         """What validation runs on the loaders' inputs: eval_model, or its head on stored features."""
-        return self.eval_model.head if self.cached else self.eval_model
+        return self.stored.part(self.eval_model) if self.stored else self.eval_model
 
     def stateful(self) -> dict[str, checkpoint.Stateful]:
         """The parts a resume restores, by their checkpoint keys (the model first)."""
@@ -196,9 +196,8 @@ def build(cfg: Config, dist: DistInfo, run: RunDir, saved_splits: pd.DataFrame |
     model_without_ddp = model_without_ddp.to(dist.device)
     trainable, total = count_parameters(model_without_ddp)
     log.info("model %s: %d trainable of %d parameters", cfg.model.arch, trainable, total)
-    cached, why = features.decide(cfg)
-    log.info("feature cache %s: %s", "on" if cached else "off", why)
-    store = features.build_store(cfg, dist, model_without_ddp, table) if cached else None
+    stored = features.head_on_stored_features(cfg, dist, model_without_ddp, table)
+    store = stored.store if stored else None
     splits = ("train", "val", "test")
     # training and validation read every epoch: their workers stay; the test split's start once
     loaders = {
@@ -207,7 +206,7 @@ def build(cfg: Config, dist: DistInfo, run: RunDir, saved_splits: pd.DataFrame |
     }
     ema = ModelEma(model_without_ddp, cfg.train.ema_decay, cfg.train.ema_warmup) if cfg.train.ema_decay else None
     # with stored features the loop trains the head alone; checkpoints still hold the whole model
-    model = wrap_for_training(model_without_ddp.head if cached else model_without_ddp, cfg.model, dist)
+    model = wrap_for_training(stored.part(model_without_ddp) if stored else model_without_ddp, cfg.model, dist)
     numerics.configure(cfg.train.deterministic, dist.device)
     torch.manual_seed(sample_seed(cfg.train.seed, dist.rank))  # each rank its own dropout masks
     optimizer = build_optimizer(cfg.optim, model_without_ddp, dist.device)
@@ -227,7 +226,7 @@ def build(cfg: Config, dist: DistInfo, run: RunDir, saved_splits: pd.DataFrame |
     )
     scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.train.amp == "fp16")
     parts = StepParts(model, optimizer, schedule, scaler, ema)
-    return Training(cfg, dist, run, table, loaders, model_without_ddp, parts, plan, cached=cached)
+    return Training(cfg, dist, run, table, loaders, model_without_ddp, parts, plan, stored=stored)
 
 
 def restore(t: Training, path) -> None:
