@@ -275,6 +275,7 @@ def test_export_gives_the_checkpoints_outputs(synth_root, ckpt, tmp_path):
     model.load_state_dict(weights)  # plain state dict of the same architecture
     info = json.loads((tmp_path / "export" / "model.json").read_text())
     assert info["arch"] == "resnet18" and info["image_size"] == 48 and info["temperature"] == saved.temperature()
+    assert "torchvision's ResNet18_Weights" in info["preprocessing_source"]  # data.mean/std from the weights
 
 
 @pytest.mark.slow

@@ -78,6 +78,12 @@ class Predictor:
     def preprocess(self) -> Preprocess:
         return preprocessing(self.cfg, self.dist.device)
 
+    @property
+    def preprocessing_source(self) -> str:
+        """Where data.mean/std/image_size came from when the model was trained (the weights' own
+        preprocessing, or the config), as the checkpoint records it."""
+        return (self.ckpt.get(checkpoint.PREPROCESS) or {}).get("source", "the config (not recorded)")
+
     def predict(self, loader: DataLoader, amp: str = "off", tta: bool = False) -> dict:
         """index, label, log_odds and prob (after the temperature) of every item, on every rank."""
         return evaluate(self.model, loader, self.preprocess, self.dist, amp, tta, self.temperature)

@@ -144,6 +144,7 @@ def export(ckpt: Path, out_dir: Path, calibrated: bool = True) -> dict:
         "image_size": cfg.data.image_size,
         "mean": cfg.data.mean,
         "std": cfg.data.std,
+        "preprocessing_source": predictor.preprocessing_source,
         "source": str(ckpt),
         "epoch": saved.epoch,
         "temperature": temperature,
