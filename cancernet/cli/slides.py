@@ -8,6 +8,7 @@ import time
 
 from cancernet.cli.options import calibration_option, device_options, takes_overrides, tta_option
 from cancernet.runtime.console import setup_logging
+from cancernet.runtime.errors import UserError
 
 log = logging.getLogger("cancernet")
 
@@ -88,6 +89,55 @@ def cmd_evaluate_slides(args) -> int:
         return 1 if metrics and metrics["failed"] else 0
 
 
+def cmd_extract_features(args) -> int:
+    import dataclasses
+    from pathlib import Path
+
+    from cancernet.config import load_config
+    from cancernet.engine.numerics import resolve_amp
+    from cancernet.runtime.distributed import session
+    from cancernet.wsi.extract import extract_features, load_encoder
+    from cancernet.wsi.predict import list_slides
+
+    if (args.arch is None) == (args.checkpoint is None):
+        raise UserError("extract-features needs one of --arch (a backbone's name) or --checkpoint (a trained model)")
+    with session(args.device, "auto") as dist:
+        setup_logging(dist.rank)
+        overrides = list(args.overrides) + ([f"model.arch={args.arch}"] if args.arch else [])
+        cfg = load_config(args.config, overrides)
+        encoder = load_encoder(dist, args.checkpoint, cfg, args.tile_mpp, args.tile)
+        slide_cfg = dataclasses.replace(cfg.slide, stride=args.stride or encoder.tile)
+        amp, _ = resolve_amp(args.amp, dist.device)
+        rows = extract_features(
+            encoder,
+            list_slides(args.slides),
+            Path(args.out),
+            dist,
+            slide_cfg,
+            args.mpp,
+            args.batch_size,
+            args.num_workers,
+            amp,
+        )
+        failed = [r for r in rows if r["status"] == "failed"]
+        if dist.is_main:
+            done = sum(r["status"] == "done" for r in rows)
+            log.info(
+                "%d slides: %d done, %d done before, %d failed -> %s",
+                len(rows),
+                done,
+                len(rows) - done - len(failed),
+                len(failed),
+                args.out,
+            )
+            if failed:
+                print(
+                    f"error: {len(failed)} of {len(rows)} slides failed: " + "; ".join(r["path"] for r in failed),
+                    file=sys.stderr,
+                )
+        return 1 if failed else 0
+
+
 def cmd_synth_slides(args) -> int:
     from cancernet.wsi.synthetic import write_slide_set
 
@@ -153,6 +203,38 @@ def register(sub) -> None:
     p.add_argument("--mask-downsample", type=float, default=None, help="level-0 pixels per mask pixel")
     _slide_options(p)
     p.set_defaults(func=cmd_evaluate_slides)
+    p = sub.add_parser(
+        "extract-features",
+        help="a backbone's features of every tissue tile of each slide, one .h5 per slide (for MIL); "
+        "torchrun deals the slides out over the ranks; a folder resumes where it stopped",
+    )
+    p.add_argument("slides", nargs="+", help="slide files or folders of slides")
+    p.add_argument("--out", required=True, help="folder: <slide>.h5 per slide and slides.csv")
+    p.add_argument("--arch", default=None, help="a backbone (model.arch: torchvision, timm:NAME, hf-hub:ORG/NAME)")
+    p.add_argument("--checkpoint", default=None, help="or a trained patch model's backbone (best.pt)")
+    p.add_argument("--config", default="base", help="config the --arch backbone is built with (model.*, data.*)")
+    p.add_argument(
+        "--tile-mpp",
+        type=float,
+        default=None,
+        help="microns per pixel tiles are read at (default: the checkpoint's data.mpp, or 0.5 for --arch)",
+    )
+    p.add_argument(
+        "--tile",
+        type=int,
+        default=None,
+        help="tile side in px (default: 96 for a checkpoint, else the weights' input size)",
+    )
+    p.add_argument("--stride", type=int, default=None, help="tile step in px (default: the tile: non-overlapping)")
+    p.add_argument(
+        "--mpp",
+        type=float,
+        default=None,
+        help="level-0 microns per pixel of every slide given: for slides whose metadata lack it (or are wrong)",
+    )
+    device_options(p, "slide-reading processes")
+    takes_overrides(p, "model.pretrained=none")
+    p.set_defaults(func=cmd_extract_features)
     p = sub.add_parser(
         "synth-slides",
         help="synthetic pyramidal TIFF slides with known tumour regions, their "

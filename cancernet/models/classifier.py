@@ -290,6 +290,17 @@ def resolve_preprocessing(cfg):
     return dataclasses.replace(cfg, data=data), why
 
 
+def embed(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """What the head of a PatchClassifier receives: the backbone's features (N, D)."""
+    seen = {}
+    handle = model.head.register_forward_pre_hook(lambda module, args: seen.__setitem__("x", args[0]))
+    try:
+        model(inputs)
+    finally:
+        handle.remove()
+    return seen["x"].flatten(1)
+
+
 def build_for_weights(cfg) -> PatchClassifier:
     """The model of a config (a cancernet.config.Config) whose weights a checkpoint will bring:
     nothing pretrained is fetched or read."""

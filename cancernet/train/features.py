@@ -34,6 +34,7 @@ from cancernet.config import Config
 from cancernet.data.augment import dihedral
 from cancernet.data.stored import FeatureStore, open_store
 from cancernet.engine.predict import autocast
+from cancernet.models.classifier import embed
 from cancernet.runtime.distributed import DistInfo, all_reduce_sum, barrier
 from cancernet.runtime.errors import ConfigError, UserError
 
@@ -84,17 +85,6 @@ def head_on_stored_features(
     cached, why = decide(cfg)
     log.info("feature cache %s: %s", "on" if cached else "off", why)
     return HeadOnStoredFeatures(build_store(cfg, dist, model, table)) if cached else None
-
-
-def embed(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """What the head of a PatchClassifier receives: the backbone's features (N, D)."""
-    seen = {}
-    handle = model.head.register_forward_pre_hook(lambda module, args: seen.__setitem__("x", args[0]))
-    try:
-        model(inputs)
-    finally:
-        handle.remove()
-    return seen["x"].flatten(1)
 
 
 def fingerprint(cfg: Config, model: nn.Module, ids: list[str]) -> tuple[str, dict]:

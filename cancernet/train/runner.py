@@ -191,7 +191,10 @@ def train_epoch(
     last = epoch + 1 == t.plan.epochs or every is None or _any_rank(t.checkpoint_due(), dist, main=True)
     save_checkpoints(t, best=is_best, row=row, last=last)
     if budget is not None:
-        budget.refine(epoch, t.state.history[-1])
+        planned = t.plan.budget
+        budget.refine(epoch, t.state.history[-1])  # measures the epoch and its checkpoint, then fixes the length
+        if last and t.plan.budget != planned:
+            save_checkpoints(t, best=False)  # last.pt holds the fixed length (a preemption now keeps it)
     if dist.is_main:
         write_summary(t.run, t.state.history)
         tracker.log_epoch(dataclasses.asdict(row))

@@ -117,6 +117,7 @@ class Plan:
     stride: int  # training pixels; cells are stride x stride
     tissue: np.ndarray  # (rows, cols) bool: the cells scored
     thumb_mpp: float  # of the thumbnail the mask was drawn on
+    tile: int = PATCH_SIZE  # training pixels per tile side; a tile is centred on its cell
 
     @property
     def scale(self) -> float:
@@ -133,7 +134,7 @@ class Plan:
 
     def tile_origin(self, row: np.ndarray, col: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Level-0 (x, y) of the top-left corner of the tiles centred on these cells."""
-        margin = (PATCH_SIZE - self.stride) // 2
+        margin = (self.tile - self.stride) // 2
         x = np.rint((col * self.stride - margin) * self.scale).astype(np.int64)
         y = np.rint((row * self.stride - margin) * self.scale).astype(np.int64)
         return x, y
@@ -154,8 +155,11 @@ def level0_mpp(path: Path, override: float | None = None) -> float:
         slide.close()
 
 
-def plan_slide(path: Path, train_mpp: float, cfg: SlideConfig, mpp: float | None = None) -> tuple[Plan, Image.Image]:
-    """The plan of a slide, and the thumbnail its tissue mask was drawn on."""
+def plan_slide(
+    path: Path, train_mpp: float, cfg: SlideConfig, mpp: float | None = None, tile: int = PATCH_SIZE
+) -> tuple[Plan, Image.Image]:
+    """The plan of a slide, and the thumbnail its tissue mask was drawn on. tile: training pixels
+    per tile (cells are slide.stride apart; stride = tile gives non-overlapping tiles, as MIL uses)."""
     slide = open_slide(path)
     try:
         level0_mpp = slide_mpp(slide, path, mpp)
@@ -192,6 +196,7 @@ def plan_slide(path: Path, train_mpp: float, cfg: SlideConfig, mpp: float | None
             stride=cfg.stride,
             tissue=tissue,
             thumb_mpp=thumb_mpp,
+            tile=tile,
         )
         return plan, thumb
     finally:

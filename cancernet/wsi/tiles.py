@@ -15,7 +15,6 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from cancernet.data.patch import PATCH_SIZE
 from cancernet.wsi.slide import Plan, open_slide
 
 UNREADABLE = -2  # the label of tiles whose region OpenSlide failed to read
@@ -64,7 +63,7 @@ class SlideTiles(Dataset):
         r0, r1 = self.rows[cells].min(), self.rows[cells].max()
         c0, c1 = self.cols[cells].min(), self.cols[cells].max()
         x0, y0 = p.tile_origin(r0, c0)
-        width, height = int((c1 - c0) * stride + PATCH_SIZE), int((r1 - r0) * stride + PATCH_SIZE)
+        width, height = int((c1 - c0) * stride + p.tile), int((r1 - r0) * stride + p.tile)
         at_level = p.scale / p.downsample  # pixels of the level read per training pixel
         size = max(1, round(width * at_level)), max(1, round(height * at_level))
         return (int(x0), int(y0)), size, (width, height)
@@ -91,11 +90,12 @@ class SlideTiles(Dataset):
         try:
             rgb = self.region(cells)
         except (openslide.OpenSlideError, OSError):  # a tile that does not decode: the caller names the slide
-            blank = torch.zeros((len(index), 3, PATCH_SIZE, PATCH_SIZE), dtype=torch.uint8)
+            blank = torch.zeros((len(index), 3, self.plan.tile, self.plan.tile), dtype=torch.uint8)
             return blank, torch.full((len(index),), UNREADABLE), index
         top = (self.rows[cells] - self.rows[cells].min()) * self.plan.stride
         left = (self.cols[cells] - self.cols[cells].min()) * self.plan.stride
-        tiles = np.stack([rgb[y : y + PATCH_SIZE, x : x + PATCH_SIZE] for y, x in zip(top, left)])
+        side = self.plan.tile
+        tiles = np.stack([rgb[y : y + side, x : x + side] for y, x in zip(top, left)])
         return torch.from_numpy(tiles).permute(0, 3, 1, 2), torch.full((len(index),), -1), index
 
 

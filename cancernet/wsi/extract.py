@@ -1,0 +1,232 @@
+"""`extract-features`: a folder of slides to one feature file per slide, for slide-level (MIL) models.
+
+Each slide's tissue (the tissue mask predict-slide uses) is cut into tiles of `tile` px at
+`tile_mpp` microns per pixel (non-overlapping when stride = tile), and a backbone turns each tile
+into a feature vector. Per slide, <out>/<slide>.h5 holds
+
+    features  (N, D) float16   the backbone's features of each tile
+    coords    (N, 2) int64     level-0 (x, y) of each tile's top-left corner
+    attrs     settings (JSON: backbone, its fingerprint, preprocessing, mpp, tile, stride, the
+              level read), slide, tiles, seconds
+
+written under a temporary name and renamed, so a file is whole or absent. A slide whose file
+holds the same settings is skipped: a stopped run continues where it was. Slides are dealt out
+over all ranks of all nodes (rank r takes slides r, r + world, ...), each rank reading its
+slide's tiles in loader workers; a bad slide costs one line and the others are still done.
+<out>/slides.csv lists every slide of the run: tiles, seconds, status.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from cancernet.config import Config, SlideConfig
+from cancernet.data.augment import Preprocess
+from cancernet.engine.inference import Predictor, preprocessing, scoring_loader
+from cancernet.engine.predict import autocast
+from cancernet.models.classifier import build_model, embed, resolve_preprocessing
+from cancernet.runtime.atomic import atomic_path, write_text
+from cancernet.runtime.distributed import DistInfo, gather_objects
+from cancernet.runtime.errors import UserError
+from cancernet.wsi.slide import plan_slide
+from cancernet.wsi.tiles import UNREADABLE, SlideTiles, Waited, cat_blocks
+
+log = logging.getLogger(__name__)
+HUB_MPP = 0.5  # microns per pixel foundation models are trained at (20x)
+TISSUE_KEYS = ("tissue_mpp", "min_saturation", "fill_holes_um2", "min_tissue")  # slide.* the tiles depend on
+
+
+@dataclass
+class Encoder:
+    """A backbone with its preprocessing, and what the features depend on."""
+
+    model: nn.Module  # a PatchClassifier: its features are what its head receives
+    cfg: Config
+    name: str  # --arch, or the checkpoint's path
+    fingerprint: str  # sha256 of the checkpoint file, or of the backbone's weights
+    tile_mpp: float
+    tile: int
+    preprocess: Preprocess = field(repr=False, default=None)
+
+    def settings(self, stride: int) -> dict:
+        d = self.cfg.data
+        return {
+            "backbone": self.name,
+            "arch": self.cfg.model.arch,
+            "fingerprint": self.fingerprint,
+            "preprocessing": {"mean": d.mean, "std": d.std, "image_size": d.image_size},
+            "tile_mpp": self.tile_mpp,
+            "tile": self.tile,
+            "stride": stride,
+        }
+
+
+def _weights_sha256(model: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def load_encoder(
+    dist: DistInfo,
+    checkpoint: str | None = None,
+    cfg: Config | None = None,
+    tile_mpp: float | None = None,
+    tile: int | None = None,
+) -> Encoder:
+    """A trained patch model's backbone (checkpoint: its data.mpp and 96 px tiles by default), or
+    cfg.model.arch with its pretrained weights (HUB_MPP and the weights' input size by default).
+    A collective under torchrun."""
+    if checkpoint is not None:
+        predictor = Predictor.load(checkpoint, dist)
+        c = predictor.cfg
+        mpp = tile_mpp or c.data.mpp
+        if mpp is None:
+            raise UserError(f"checkpoint {checkpoint} does not record data.mpp: pass --tile-mpp")
+        encoder = Encoder(predictor.model, c, str(checkpoint), predictor.sha256, float(mpp), tile or 96)
+    else:
+        cfg, _ = resolve_preprocessing(cfg)
+        torch.manual_seed(0)  # the same weights on every rank where nothing pretrained is loaded
+        model = build_model(cfg.model, cfg.data.image_size).to(dist.device).eval()
+        fingerprint = _weights_sha256(model)
+        encoder = Encoder(model, cfg, cfg.model.arch, fingerprint, tile_mpp or HUB_MPP, tile or cfg.data.image_size)
+    encoder.preprocess = preprocessing(encoder.cfg, dist.device)
+    return encoder
+
+
+def settings(encoder: Encoder, slide_cfg: SlideConfig, mpp: float | None) -> dict:
+    """What a slide's file depends on besides the slide: a file with the same is not made again."""
+    return {
+        **encoder.settings(slide_cfg.stride),
+        "mpp_given": mpp,
+        "tissue": {k: getattr(slide_cfg, k) for k in TISSUE_KEYS},
+    }
+
+
+def _done_before(path: Path, settings: dict) -> dict | None:
+    """The slides.csv row of a file made with these settings, else None (made again)."""
+    import h5py
+
+    if not path.is_file():
+        return None
+    try:
+        with h5py.File(path, "r") as f:
+            if json.loads(f.attrs["settings"]) != settings:
+                return None
+            tiles, dim = f["features"].shape
+            return {"tiles": tiles, "dim": dim, "seconds": round(float(f.attrs["seconds"]), 2)}
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def extract_slide(
+    encoder: Encoder,
+    path: Path,
+    out: Path,
+    slide_cfg: SlideConfig,
+    mpp: float | None,
+    device_dist: DistInfo,
+    batch_size: int,
+    num_workers: int,
+    amp: str,
+) -> dict:
+    """One slide's features into out/<slide>.h5; returns its slides.csv row. Raises UserError."""
+    import h5py
+
+    start = time.perf_counter()
+    plan, _ = plan_slide(path, encoder.tile_mpp, slide_cfg, mpp, tile=encoder.tile)
+    tiles = SlideTiles(plan, slide_cfg.block)
+    batch = max(1, batch_size // slide_cfg.block**2)
+    loader = Waited(scoring_loader(tiles, device_dist, batch, num_workers, collate_fn=cat_blocks))
+    features = np.empty((len(tiles.rows), 0), np.float16)
+    parts, order = [], []
+    with torch.no_grad():
+        for images, labels, index in loader:
+            if (labels == UNREADABLE).any():
+                raise UserError(f"slide {path}: OpenSlide could not read some of its tiles; truncated or corrupt?")
+            images = images.to(device_dist.device, non_blocking=True)
+            with autocast(device_dist.device, amp):
+                parts.append(embed(encoder.model, encoder.preprocess(images)).to(torch.float16).cpu())
+            order.append(index)
+    if parts:
+        index = torch.cat(order).numpy()
+        features = np.empty((len(tiles.rows), parts[0].shape[1]), np.float16)
+        features[index] = torch.cat(parts).numpy()
+    x, y = plan.tile_origin(tiles.rows, tiles.cols)
+    seconds = time.perf_counter() - start
+    read = {"level": plan.level, "slide_mpp": plan.mpp}
+    target = out / f"{path.stem}.h5"
+    with atomic_path(target) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("features", data=features)
+            f.create_dataset("coords", data=np.stack([x, y], axis=1).astype(np.int64))
+            f.attrs["settings"] = json.dumps(settings(encoder, slide_cfg, mpp))
+            f.attrs["read"] = json.dumps(read)
+            f.attrs["slide"] = str(path)
+            f.attrs["seconds"] = seconds
+    return {
+        "slide": path.stem,
+        "path": str(path),
+        "tiles": len(features),
+        "dim": int(features.shape[1]),
+        "seconds": round(seconds, 2),
+        "reader_wait_s": round(loader.seconds, 2),
+        "status": "done",
+    }
+
+
+def extract_features(
+    encoder: Encoder,
+    slides: list[Path],
+    out: Path,
+    dist: DistInfo,
+    slide_cfg: SlideConfig,
+    mpp: float | None = None,
+    batch_size: int = 256,
+    num_workers: int = 4,
+    amp: str = "off",
+) -> list[dict]:
+    """Every slide not done before, dealt out over the ranks; rank 0 writes slides.csv. Returns
+    every slide's row (on every rank); a failed slide's row says why."""
+    out.mkdir(parents=True, exist_ok=True)
+    wanted = settings(encoder, slide_cfg, mpp)
+    here = DistInfo(device=dist.device)  # each rank reads all tiles of its own slides
+    rows = []
+    for path in slides[dist.rank :: dist.world_size]:
+        before = _done_before(out / f"{path.stem}.h5", wanted)
+        if before is not None:
+            log.info("slide %s: done before, skipped", path.name)
+            rows.append({"slide": path.stem, "path": str(path), **before, "status": "skipped"})
+            continue
+        try:
+            row = extract_slide(encoder, path, out, slide_cfg, mpp, here, batch_size, num_workers, amp)
+        except UserError as e:
+            log.error("%s", e)
+            rows.append({"slide": path.stem, "path": str(path), "status": "failed", "error": str(e)})
+            continue
+        log.info(
+            "slide %s: %d tiles x %d features in %.1fs (reader wait %.0f%%)",
+            path.name,
+            row["tiles"],
+            row["dim"],
+            row["seconds"],
+            100 * row["reader_wait_s"] / max(row["seconds"], 1e-9),
+        )
+        rows.append(row)
+    every = [r for part in gather_objects(rows, dist) for r in part]
+    if dist.is_main:
+        frame = pd.DataFrame(every).sort_values("slide")
+        write_text(out / "slides.csv", frame.to_csv(index=False))
+    return every

@@ -1,0 +1,128 @@
+"""extract-features: slides to one feature file per slide (the input of slide-level MIL models)."""
+
+import json
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from test_wsi import run_cli
+
+from cancernet.wsi.synthetic import ellipse, write_slide, write_slide_set
+
+from conftest import ROOT, python_env
+
+BACKBONE = ("--arch", "resnet18", "model.pretrained=none", "--num-workers", "2", "--batch-size", "64")
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory):
+    root = tmp_path_factory.mktemp("extract_slides")
+    write_slide_set(root, 3, rows=12, cols=16, seed=0)
+    return root / "slides"
+
+
+def extract(capsys, monkeypatch, slides, out, *args):
+    return run_cli(capsys, monkeypatch, "extract-features", slides, "--out", out, "--device", "cpu", *BACKBONE, *args)
+
+
+def test_each_slide_gets_the_backbones_features_of_its_tissue_tiles_at_their_level0_corners(
+    slides, tmp_path, capsys, monkeypatch
+):
+    import openslide
+
+    from cancernet.config import load_config
+    from cancernet.data.augment import Preprocess
+    from cancernet.models.classifier import build_model, embed, resolve_preprocessing
+
+    # tiles read at the slides' own 0.486 um/px: each is the level-0 region at its coords, unresized
+    code, log, err = extract(capsys, monkeypatch, slides, tmp_path / "f", "--tile-mpp", "0.486")
+    assert code == 0, err
+    listed = pd.read_csv(tmp_path / "f" / "slides.csv")
+    assert listed["status"].tolist() == ["done"] * 3 and (listed["tiles"] > 20).all()
+    cfg, _ = resolve_preprocessing(load_config("base", ["model.arch=resnet18", "model.pretrained=none"]))
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.data.image_size).eval()
+    preprocess = Preprocess.from_config(cfg.data)
+    with h5py.File(tmp_path / "f" / "slide_001.h5") as f:
+        features, coords = f["features"][:], f["coords"][:]
+        settings = json.loads(f.attrs["settings"])
+    assert features.dtype == np.float16 and features.shape == (listed["tiles"][1], 512) and coords.shape[1] == 2
+    assert settings["tile"] == 96 and settings["stride"] == 96 and settings["tile_mpp"] == 0.486
+    assert len({tuple(c) for c in coords}) == len(coords) and (np.diff(np.unique(coords[:, 0])) % 96 == 0).all()
+    slide = openslide.OpenSlide(str(slides / "slide_001.tif"))
+    pick = [0, len(coords) // 2, len(coords) - 1]
+    tiles = np.stack([np.asarray(slide.read_region(tuple(map(int, coords[i])), 0, (96, 96)))[..., :3] for i in pick])
+    with torch.no_grad():
+        expected = embed(model, preprocess(torch.from_numpy(tiles).permute(0, 3, 1, 2))).numpy()
+    assert np.allclose(features[pick].astype(np.float32), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_torchrun_deals_the_slides_out_and_gives_the_same_files_and_a_rerun_skips_them(
+    slides, tmp_path, capsys, monkeypatch
+):
+    code, _, err = extract(capsys, monkeypatch, slides, tmp_path / "one")
+    assert code == 0, err
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = subprocess.run(
+        [
+            *launcher,
+            "-m",
+            "cancernet",
+            "extract-features",
+            slides,
+            "--out",
+            tmp_path / "two",
+            "--device",
+            "cpu",
+            *BACKBONE,
+        ],
+        cwd=ROOT,
+        env=python_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("slide_000", "slide_001", "slide_002"):
+        with h5py.File(tmp_path / "one" / f"{name}.h5") as a, h5py.File(tmp_path / "two" / f"{name}.h5") as b:
+            assert np.array_equal(a["features"][:], b["features"][:]) and np.array_equal(a["coords"][:], b["coords"][:])
+    assert (pd.read_csv(tmp_path / "two" / "slides.csv")["status"] == "done").all()
+    # a stopped run continues: files with the same settings are kept, others made again
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "one").glob("*.h5")}
+    (tmp_path / "one" / "slide_002.h5").unlink()
+    code, log, _ = extract(capsys, monkeypatch, slides, tmp_path / "one")
+    assert code == 0 and log.count("done before, skipped") == 2
+    listed = pd.read_csv(tmp_path / "one" / "slides.csv").set_index("slide")
+    assert listed["status"].to_dict() == {"slide_000": "skipped", "slide_001": "skipped", "slide_002": "done"}
+    assert (listed["tiles"] > 0).all()
+    assert all((tmp_path / "one" / n).stat().st_mtime_ns == t for n, t in stamps.items() if n != "slide_002.h5")
+    code, log, _ = extract(capsys, monkeypatch, slides, tmp_path / "one", "--tile-mpp", "0.6")
+    assert code == 0 and "done before, skipped" not in log  # another resolution: every slide again
+
+
+def test_bad_slides_cost_one_line_each_and_the_others_are_extracted(tmp_path, capsys, monkeypatch):
+    rows, cols = 12, 16
+    tissue = ellipse((rows, cols), (6, 8), (5, 7))
+    folder = tmp_path / "slides"
+    good = write_slide(folder / "good.tif", tissue, np.zeros_like(tissue), seed=1)
+    data = good.read_bytes()
+    (folder / "truncated.tif").write_bytes(data[: len(data) // 2])
+    write_slide(folder / "glass.tif", np.zeros_like(tissue), np.zeros_like(tissue))
+    write_slide(folder / "nompp.tif", tissue, np.zeros_like(tissue), seed=2, resolution=False)
+    code, log, err = extract(capsys, monkeypatch, folder, tmp_path / "f")
+    assert code == 1 and "3 of 4 slides failed" in err
+    errors = [line for line in log.splitlines() if " ERROR " in line]
+    for name, why in (("truncated.tif", "cannot open"), ("glass.tif", "no tissue"), ("nompp.tif", "pass --mpp")):
+        assert sum(name in line and why in line for line in errors) == 1, (name, errors)
+    assert sorted(p.name for p in (tmp_path / "f").iterdir()) == ["good.h5", "slides.csv"]  # nothing half-written
+    code, _, _ = extract(capsys, monkeypatch, folder / "nompp.tif", tmp_path / "f", "--mpp", "0.486")
+    assert code == 0 and (tmp_path / "f" / "nompp.h5").is_file()
+
+
+def test_one_of_arch_or_checkpoint_is_needed(tmp_path, capsys, monkeypatch):
+    code, _, err = run_cli(capsys, monkeypatch, "extract-features", tmp_path, "--out", tmp_path / "f")
+    assert code == 2 and "one of --arch" in err
