@@ -75,7 +75,7 @@ def predict(capsys, monkeypatch, ckpt, out, *args):
 
 def test_heatmap_finds_the_tumour_where_it_is(ckpt, slide, tmp_path, capsys, monkeypatch):
     path, tissue, tumour = slide
-    code, _, err = predict(capsys, monkeypatch, ckpt, tmp_path, path, "--tiff", "--threshold", "0.5")
+    code, _, err = predict(capsys, monkeypatch, ckpt, tmp_path, path, "--tiff", "--geojson", "--threshold", "0.5")
     assert code == 0, err
     folder = tmp_path / "case"
     heatmap = np.load(folder / "heatmap.npy")
@@ -109,6 +109,31 @@ def test_heatmap_finds_the_tumour_where_it_is(ckpt, slide, tmp_path, capsys, mon
     assert overlay.dimensions == (COLS, ROWS)
     assert float(overlay.properties["openslide.mpp-x"]) == pytest.approx(32 * 0.972, rel=1e-4)
     assert (folder / "heatmap.png").stat().st_size > 10_000 and (folder / "thumbnail.jpg").is_file()
+    # tumour.geojson: the regions at the threshold, in level-0 px (a cell is 64 px): each cell centre
+    # inside a polygon is a cell at or above 0.5, and every such cell is inside one
+    from matplotlib.path import Path as Outline
+
+    regions = json.loads((folder / "tumour.geojson").read_text())
+    assert regions["type"] == "FeatureCollection" and regions["features"]
+    rows, cols = np.mgrid[0:ROWS, 0:COLS]
+    centres = np.stack([(cols.ravel() + 0.5) * 64, (rows.ravel() + 0.5) * 64], axis=1)
+    covered = np.zeros(ROWS * COLS, bool)
+    for feature in regions["features"]:
+        geometry = feature["geometry"]
+        polygons = [geometry["coordinates"]] if geometry["type"] == "Polygon" else geometry["coordinates"]
+        inside = np.zeros(ROWS * COLS, bool)
+        for outline, *holes in polygons:
+            here = Outline(outline).contains_points(centres)
+            for hole in holes:
+                here &= ~Outline(hole).contains_points(centres)
+            inside |= here
+        assert not (covered & inside).any()  # regions do not overlap
+        covered |= inside
+        cells = heatmap.ravel()[inside]
+        assert feature["properties"]["cells"] == inside.sum() and feature["properties"]["probability_max"] == (
+            pytest.approx(cells.max(), abs=1e-6)
+        )
+    assert np.array_equal(covered, np.nan_to_num(heatmap, nan=0).ravel() >= 0.5)
 
 
 def test_background_is_never_read_or_scored(ckpt, slide, tmp_path, capsys, monkeypatch):

@@ -63,7 +63,7 @@ def cmd_predict_slide(args) -> int:
     with session(args.device, "auto") as dist:
         setup_logging(dist.rank)
         scorer = _scorer(args, dist)
-        outcome = predict_slides(scorer, list_slides(args.slides), Path(args.out), args.mpp, args.tiff)
+        outcome = predict_slides(scorer, list_slides(args.slides), Path(args.out), args.mpp, args.tiff, args.geojson)
         return _slides_outcome(outcome, args.out) if dist.is_main else (1 if outcome["failed"] else 0)
 
 
@@ -85,6 +85,7 @@ def cmd_evaluate_slides(args) -> int:
             args.mask_downsample,
             args.mpp,
             args.tiff,
+            args.geojson,
         )
         return 1 if metrics and metrics["failed"] else 0
 
@@ -171,6 +172,11 @@ def _slide_options(p) -> None:
         help="the patch resolution the model was trained at, for checkpoints without data.mpp",
     )
     p.add_argument("--tiff", action="store_true", help="also write heatmap.tif, a pyramidal TIFF QuPath can overlay")
+    p.add_argument(
+        "--geojson",
+        action="store_true",
+        help="also write tumour.geojson: regions above the operating point as polygons (level-0 px) QuPath imports",
+    )
     p.add_argument(
         "--threshold",
         type=float,

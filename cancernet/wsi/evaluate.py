@@ -79,12 +79,13 @@ def evaluate_slides(
     mask_downsample: float | None = None,
     mpp: float | None = None,
     tiff: bool = False,
+    geojson: bool = False,
 ) -> dict | None:
     """Predict the labelled slides (those done before are reused), then rank 0 scores them."""
     if masks is not None and mask_downsample is None:
         raise DataError("--masks needs --mask-downsample (level-0 pixels per mask pixel)")
     table = read_labels(Path(labels_csv), list_slides([str(slides_dir)]))
-    outcome = predict_slides(scorer, list(table["slide"]), Path(out), mpp, tiff)
+    outcome = predict_slides(scorer, list(table["slide"]), Path(out), mpp, tiff, geojson)
     if not scorer.dist.is_main:
         return None
     out = Path(out)

@@ -188,7 +188,9 @@ def summarise(
     return out
 
 
-def write_outputs(target: Path, plan: Plan, thumb, tiles: SlideTiles, heatmap: np.ndarray, summary: dict, tiff: bool):
+def write_outputs(
+    target: Path, plan: Plan, thumb, tiles: SlideTiles, heatmap: np.ndarray, summary: dict, tiff: bool, geojson: bool
+):
     """Rank 0: every file into a temporary folder, renamed to OUT/<slide> when complete."""
     from cancernet.wsi.figures import heatmap_figure
 
@@ -204,6 +206,10 @@ def write_outputs(target: Path, plan: Plan, thumb, tiles: SlideTiles, heatmap: n
     heatmap_figure(tmp / "heatmap.png", thumb, heatmap, summary)
     if tiff:
         write_pyramid(tmp / "heatmap.tif", overlay_rgba(heatmap), plan.cell_um)
+    if geojson and summary["threshold"] is not None:  # regions at the operating point, for QuPath
+        from cancernet.wsi.geojson import tumour_regions
+
+        (tmp / "tumour.geojson").write_text(json.dumps(tumour_regions(heatmap, summary["threshold"], plan)))
     (tmp / RESULT).write_text(json.dumps(summary, indent=2))
     if target.exists():  # an earlier, unfinished attempt's leftovers (complete folders were skipped)
         shutil.rmtree(target)
@@ -233,7 +239,12 @@ def done_before(target: Path, settings: dict) -> str | None:
 
 
 def predict_slides(
-    scorer: Scorer, slides: list[Path], out: Path, mpp: float | None = None, tiff: bool = False
+    scorer: Scorer,
+    slides: list[Path],
+    out: Path,
+    mpp: float | None = None,
+    tiff: bool = False,
+    geojson: bool = False,
 ) -> dict[str, list]:
     """Each slide not yet done; a bad slide costs one line and the others are still done."""
     dist, done = scorer.dist, {"done": [], "skipped": [], "failed": []}
@@ -272,7 +283,7 @@ def predict_slides(
             heatmap = np.full(plan.shape, np.nan, dtype=np.float32)
             heatmap[tiles.rows, tiles.cols] = rows["prob"]
             summary = summarise(scorer, plan, heatmap, time.perf_counter() - start, wait_s, tiles.read_share())
-            write_outputs(target, plan, thumb, tiles, heatmap, summary, tiff)
+            write_outputs(target, plan, thumb, tiles, heatmap, summary, tiff, geojson)
             log.info(
                 "slide %s: %d tiles in %.1fs (%.0f tiles/s, reader wait %.0f%%); max %.3f, top-%d mean %.3f%s -> %s",
                 path.name,
