@@ -62,7 +62,13 @@ def preflight(argv: list[str]) -> str | None:
     if not args.config:
         return None  # not a training script of ours: nothing to check
     try:
-        cfg, _ = resolve_preprocessing(load_config(args.config, args.overrides))
+        cfg = load_config(args.config, args.overrides)
+        if cfg.model.mil != "none":  # a slide-level run reads stored features: its bags are checked at start
+            from cancernet.data.bags import slide_table
+
+            slide_table(cfg.data)
+            return None
+        cfg, _ = resolve_preprocessing(cfg)
         build_model(cfg.model, cfg.data.image_size)
     except UserError as e:
         return str(e)

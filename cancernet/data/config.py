@@ -33,5 +33,8 @@ class DataConfig:
     stain_sigma: float = bounded(0.05, 0, 1)  # per-stain scale drawn from U(1 - sigma, 1 + sigma)
     stain_bias: float = bounded(0.01, 0, 1)  # per-stain shift drawn from U(-bias, bias)
     mpp: float = bounded(PATCH_MPP, 0)  # microns per pixel of the patches (Kaggle/PCam: 10x); slides are read at it
+    features: str | None = None  # slide-level (MIL) runs: extract-features' folder of <slide>.h5
+    slides_csv: str | None = None  # slide-level runs: slide,label[,patient] (a patient's slides stay in one split)
+    max_instances: int | None = bounded(4096, 1)  # tiles a training bag samples at most (evaluation: all)
     mean: list[float] | None = None  # null: what the weights expect (timm's pretrained config; ImageNet's)
     std: list[float] | None = None

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import yaml
+
+from cancernet.runtime.distributed import DistInfo, barrier
+from cancernet.runtime.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -97,3 +103,29 @@ class RunDir:
             path.unlink(missing_ok=True)
         for folder in (self.checkpoints, self.root / "predictions", self.report):
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def prepare_run_dir(cfg, dist: DistInfo, run: RunDir):
+    """The checkpoint to resume from (or None); a fresh run never mixes with an earlier one.
+    cfg: a cancernet.config.Config; a collective."""
+    from cancernet.engine.checkpoint import resume_path
+
+    resume_from = resume_path(cfg.train.resume, run.last)
+    if resume_from is None and run.holds_a_run():
+        if cfg.train.resume == "none" and not cfg.train.overwrite:
+            raise UserError(
+                f"train.out_dir {run.root} already holds a run: continue it with train.resume=auto, "
+                "choose a new train.out_dir, or replace it with train.overwrite=true"
+            )
+        barrier(dist)  # every rank has looked before rank 0 removes anything
+        if dist.is_main:
+            log.warning(
+                "%s: replacing the run files there (%s)",
+                run.root,
+                "train.overwrite=true"
+                if cfg.train.resume == "none"
+                else "an earlier start that never wrote a checkpoint",
+            )
+            run.clear()
+    barrier(dist)
+    return resume_from

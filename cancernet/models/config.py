@@ -18,3 +18,4 @@ class ModelConfig:
     compile: bool = False
     compile_scope: str = choice("model", "model", "ddp")  # compile the bare model inside DDP, or DDP itself
     sync_bn: bool = False  # SyncBatchNorm across ranks (CUDA)
+    mil: str = choice("none", "none", "abmil", "clam_sb", "transmil", "dsmil", "mean", "max")  # slide-level model

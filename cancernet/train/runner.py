@@ -14,14 +14,13 @@ from cancernet.config import Config, resolved_yaml
 from cancernet.engine import checkpoint, numerics
 from cancernet.engine.loaders import set_epoch
 from cancernet.engine.predict import evaluate
-from cancernet.engine.rundir import RunDir
+from cancernet.engine.rundir import RunDir, prepare_run_dir
 from cancernet.evaluate.evaluation import evaluate_run
 from cancernet.evaluate.metrics import roc_auc
 from cancernet.models.classifier import resolve_preprocessing
 from cancernet.runtime.atomic import write_text
 from cancernet.runtime.console import progress_bar
 from cancernet.runtime.distributed import DistInfo, all_reduce_sum, barrier, broadcast_buffers
-from cancernet.runtime.errors import UserError
 from cancernet.runtime.signals import StopFlag, forks_this_process, stop_on_signals
 from cancernet.train.budget import TimeBudget
 from cancernet.train.loop import EpochStats, EpochTotals, MidEpoch, train_one_epoch
@@ -29,29 +28,6 @@ from cancernet.train.state import SUMMARY_COLUMNS, EpochRow, Training, build, re
 from cancernet.train.tracking import NullTracker, start_tracker
 
 log = logging.getLogger(__name__)
-
-
-def prepare_run_dir(cfg: Config, dist: DistInfo, run: RunDir):
-    """The checkpoint to resume from (or None); a fresh run never mixes with an earlier one."""
-    resume_from = checkpoint.resume_path(cfg.train.resume, run.last)
-    if resume_from is None and run.holds_a_run():
-        if cfg.train.resume == "none" and not cfg.train.overwrite:
-            raise UserError(
-                f"train.out_dir {run.root} already holds a run: continue it with train.resume=auto, "
-                "choose a new train.out_dir, or replace it with train.overwrite=true"
-            )
-        barrier(dist)  # every rank has looked before rank 0 removes anything
-        if dist.is_main:
-            log.warning(
-                "%s: replacing the run files there (%s)",
-                run.root,
-                "train.overwrite=true"
-                if cfg.train.resume == "none"
-                else "an earlier start that never wrote a checkpoint",
-            )
-            run.clear()
-    barrier(dist)
-    return resume_from
 
 
 # train.select_metric: the epoch whose (auc, loss, acc) on validation ranks highest is best.pt;
@@ -75,6 +51,10 @@ def run(
     sync point) to end the run at the next sync point with a checkpoint. on_epoch_end(training,
     summary row) runs on every rank after each epoch's checkpoint (tests, callers' hooks).
     """
+    if cfg.model.mil != "none":  # a slide-level run: bags of tile features, not patches
+        from cancernet.train import mil
+
+        return mil.run(numerics.resolve(cfg, dist.device), dist, stop, on_epoch_end)
     with stop_on_signals(stop or StopFlag()) as stop:
         cfg = numerics.resolve(cfg, dist.device)  # train.amp=auto -> what this device gets
         cfg, preprocessing = resolve_preprocessing(cfg)  # data.mean/std/image_size null -> the weights'

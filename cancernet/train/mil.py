@@ -1,0 +1,293 @@
+"""A slide-level (MIL) training run: train_ddp.py with model.mil set (configs/mil.yaml).
+
+Bags are slides: extract-features' <slide>.h5 under data.features, labels from data.slides_csv
+(slide,label[,patient]; a patient's slides stay in one split, k-fold with data.folds/fold). One
+bag per rank per optimizer step (train.grad_accum steps accumulate), each step's bags of similar
+size over the ranks (data/bags.BalancedBags); training bags sample at most data.max_instances
+tiles. What a patch run has, the same way: the run directory (config.yaml, splits.csv,
+summary.csv, checkpoints/last.pt and best.pt written atomically in the background, resumed
+from last.pt after a stop at an epoch's end), the LR schedule over samples, EMA, validation on
+every rank's share of the bags gathered on every rank, the best checkpoint by
+train.select_metric, and at the end the test report: slide-level AUC, balanced accuracy,
+sensitivity and specificity at the validation-chosen threshold with bootstrap intervals
+(report/metrics.json, the ROC and confusion matrix), per-slide predictions with attention
+statistics, which `aggregate` reads over seeds and folds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+
+from cancernet.config import Config, resolved_yaml
+from cancernet.data.bags import Bags, BalancedBags, slide_table
+from cancernet.data.datasets import ShardSampler
+from cancernet.data.splits import make_splits, reuse_splits
+from cancernet.engine import checkpoint
+from cancernet.engine.predict import autocast
+from cancernet.engine.rundir import RunDir, prepare_run_dir
+from cancernet.evaluate import plots, report
+from cancernet.evaluate.metrics import METRICS, youden_threshold
+from cancernet.models.mil import build_mil
+from cancernet.runtime.atomic import atomic_path, write_text
+from cancernet.runtime.distributed import DistInfo, all_reduce_sum, barrier, gather_objects
+from cancernet.runtime.signals import StopFlag, loader_workers, stop_on_signals
+from cancernet.train.ema import ModelEma
+from cancernet.train.optim import LrSchedule, effective_lr
+from cancernet.train.plan import RunPlan
+from cancernet.train.tracking import start_tracker
+
+log = logging.getLogger(__name__)
+COLUMNS = ["epoch", "train_loss", "val_loss", "val_acc", "val_auc", "lr", "samples_seen", "epoch_s", "val_s"]
+SELECT = {
+    "val_auc": lambda r: (r["val_auc"], -r["val_loss"]),
+    "val_loss": lambda r: (-r["val_loss"], r["val_auc"]),
+    "val_acc": lambda r: (r["val_acc"], -r["val_loss"]),
+}
+
+
+def _splits(cfg: Config, dist: DistInfo, run: RunDir, resuming: bool) -> pd.DataFrame:
+    d = cfg.data
+    table = slide_table(cfg.data)
+    saved = run.read_splits() if resuming else None
+    if saved is not None:
+        return reuse_splits(saved, table)
+    grouped = table["group"].nunique() < len(table)
+    groups = pd.Series(table["group"].to_numpy(), index=table["id"]) if grouped else None
+    return make_splits(table, d.val_fraction, d.test_fraction, cfg.train.seed, groups, d.folds, d.fold)
+
+
+def _dim(cfg: Config, slide: str) -> int:
+    import h5py
+
+    with h5py.File(f"{cfg.data.features}/{slide}.h5", "r") as f:
+        return int(f["features"].shape[1])
+
+
+def score_bags(model, bags: Bags, dist: DistInfo, amp: str, workers: int) -> pd.DataFrame:
+    """Every bag of `bags` once over the ranks, all its tiles; on every rank: index, logit, loss,
+    and the attention statistics (max, and its entropy relative to uniform)."""
+    loader = DataLoader(
+        bags, batch_size=None, sampler=ShardSampler(len(bags), dist.rank, dist.world_size), **loader_workers(workers)
+    )
+    rows = []
+    model.eval()
+    with torch.no_grad():
+        for feats, label, i in loader:
+            with autocast(dist.device, amp):
+                logit, attention = model(feats[None].to(dist.device))
+            logit = float(logit.float()[0])
+            weights = torch.softmax(attention.float()[0], 0)
+            entropy = float(-(weights * weights.clamp_min(1e-12).log()).sum() / max(math.log(len(weights)), 1e-12))
+            loss = float(torch.nn.functional.binary_cross_entropy_with_logits(torch.tensor(logit), label.float()))
+            rows.append(
+                {
+                    "index": int(i),
+                    "logit": logit,
+                    "loss": loss,
+                    "attention_max": float(weights.max()),
+                    "attention_entropy": entropy,
+                    "top_tile": int(weights.argmax()),
+                    "tiles": len(weights),
+                }
+            )
+    frame = pd.DataFrame([r for part in gather_objects(rows, dist) for r in part]).sort_values("index")
+    frame["id"] = [bags.ids[i] for i in frame["index"]]
+    frame["label"] = bags.labels[frame["index"].to_numpy()].numpy()
+    frame["prob"] = 1 / (1 + np.exp(-frame["logit"]))
+    return frame.reset_index(drop=True)
+
+
+def run(cfg: Config, dist: DistInfo, stop: StopFlag | None = None, on_epoch_end=None) -> str:
+    """Train, validate each epoch, test the best checkpoint. Returns 'done' or 'stopped'."""
+    with stop_on_signals(stop or StopFlag()) as stop:
+        run_dir = RunDir(cfg.train.out_dir)
+        resume_from = prepare_run_dir(cfg, dist, run_dir)
+        table = _splits(cfg, dist, run_dir, resume_from is not None)
+        if dist.is_main:
+            write_text(
+                run_dir.splits, table[["id", "split", *(["fold"] if "fold" in table else [])]].to_csv(index=False)
+            )
+        log.info("slides: %s", {str(k): int(v) for k, v in table["split"].value_counts().items()})
+        part = {s: table[table["split"] == s].reset_index(drop=True) for s in ("train", "val", "test")}
+        bags = {
+            s: Bags(
+                cfg.data.features,
+                p["id"],
+                p["label"].to_numpy(),
+                cfg.data.max_instances if s == "train" else None,
+                cfg.train.seed,
+            )
+            for s, p in part.items()
+        }
+        torch.manual_seed(cfg.train.seed)
+        model = build_mil(cfg.model.mil, _dim(cfg, table["id"].iloc[0])).to(dist.device)
+        wrapped = Loss(model)
+        if dist.is_distributed:
+            wrapped = DDP(wrapped, device_ids=[dist.device] if dist.device.type == "cuda" else None)
+        sampler = BalancedBags(part["train"]["tiles"].to_numpy(), dist.rank, dist.world_size, cfg.train.seed)
+        per_epoch = len(sampler) * dist.world_size
+        plan = RunPlan(per_epoch, cfg.train.epochs)
+        window = dist.world_size * cfg.train.grad_accum
+        base_lr = effective_lr(cfg.optim, window)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=base_lr, weight_decay=cfg.optim.weight_decay)
+        for group in optimizer.param_groups:
+            group["lr_scale"] = 1.0
+        schedule = LrSchedule(
+            optimizer, cfg.optim, base_lr, lambda: plan.samples, int(cfg.optim.warmup_epochs * per_epoch)
+        )
+        ema = ModelEma(model, cfg.train.ema_decay, cfg.train.ema_warmup) if cfg.train.ema_decay else None
+        state = {"epoch": 0, "position": 0, "best": None, "best_epoch": 0, "history": [], "wandb_id": None}
+        writer = checkpoint.CheckpointWriter()
+        parts = {
+            checkpoint.MODEL: model,
+            checkpoint.OPTIMIZER: optimizer,
+            checkpoint.SCHEDULER: schedule,
+            **({checkpoint.EMA: ema} if ema else {}),
+        }
+        if resume_from is not None:
+            saved = checkpoint.Checkpoint.load(resume_from)
+            saved.restore(parts)
+            state.update(saved.run_state)
+            checkpoint.set_rng_state(saved.get(checkpoint.RNG) or [], dist)
+            log.info("resumed from %s after epoch %d", resume_from, state["epoch"])
+        if dist.is_main:
+            write_text(run_dir.config, resolved_yaml(cfg, dist.world_size, {"task": "mil"}))
+        tracker = start_tracker(cfg, dist, run_dir.root, state["wandb_id"])
+        state["wandb_id"] = tracker.run_id
+        amp, scorer = cfg.train.amp, (ema.module if ema else model)
+        try:
+            while state["epoch"] < plan.epochs:
+                epoch, start = state["epoch"], time.perf_counter()
+                sampler.set_epoch(epoch)
+                bags["train"].set_epoch(epoch)
+                loader = DataLoader(
+                    bags["train"], batch_size=None, sampler=sampler, **loader_workers(cfg.data.num_workers)
+                )
+                wrapped.train()
+                total, steps = torch.zeros((), device=dist.device), 0
+                for feats, label, _ in loader:
+                    with autocast(dist.device, amp):
+                        _, loss = wrapped(feats[None].to(dist.device), label[None].to(dist.device))
+                    (loss / cfg.train.grad_accum).backward()
+                    total += loss.detach().float()
+                    steps += 1
+                    if steps % cfg.train.grad_accum == 0 or steps == len(sampler):
+                        schedule.step(state["position"], window)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                        state["position"] += window
+                        if ema:
+                            ema.update(model, state["position"])
+                train_s = time.perf_counter() - start
+                start = time.perf_counter()
+                val = score_bags(scorer, bags["val"], dist, amp, cfg.data.num_workers)
+                row = {
+                    "epoch": epoch + 1,
+                    "train_loss": float(all_reduce_sum(total, dist)) / max(steps * dist.world_size, 1),
+                    "val_loss": float(val["loss"].mean()),
+                    "val_acc": float(((val["prob"] >= 0.5) == val["label"]).mean()),
+                    "val_auc": METRICS["roc_auc"](val["label"], val["prob"]),
+                    "lr": schedule.lr,
+                    "samples_seen": state["position"],
+                    "epoch_s": train_s,
+                    "val_s": time.perf_counter() - start,
+                }
+                state["history"].append(row)
+                state["epoch"] = epoch + 1
+                select = SELECT[cfg.train.select_metric]
+                is_best = state["best"] is None or select(row) > select(state["best"])
+                if is_best:
+                    state["best"], state["best_epoch"] = row, epoch + 1
+                rng = checkpoint.gather_rng(dist)
+                if dist.is_main:
+                    files = {
+                        run_dir.last: checkpoint.training_state(parts, dict(state), rng, cfg.to_dict(), dist.world_size)
+                    }
+                    if is_best:
+                        files[run_dir.best] = checkpoint.weights_state(
+                            scorer.state_dict(), cfg.to_dict(), epoch + 1, "ema" if ema else "model", task="mil"
+                        )
+                    writer.start(writer.copy(files))
+                    write_text(run_dir.summary, pd.DataFrame(state["history"], columns=COLUMNS).to_csv(index=False))
+                    tracker.log_epoch(row)
+                    log.info(
+                        "epoch %d/%d train_loss %.4f val_loss %.4f val_auc %.4f%s lr %.3g %.1fs (val %.1fs)",
+                        epoch + 1,
+                        plan.epochs,
+                        row["train_loss"],
+                        row["val_loss"],
+                        row["val_auc"],
+                        " (best)" if is_best else "",
+                        row["lr"],
+                        train_s,
+                        row["val_s"],
+                    )
+                if on_epoch_end is not None:
+                    on_epoch_end(state, row)
+                if float(all_reduce_sum(torch.tensor(float(stop.requested)), dist)) > 0:
+                    writer.wait()
+                    log.warning("stop requested: stopping after epoch %d, checkpoint saved", epoch + 1)
+                    return "stopped"
+            writer.wait()
+            barrier(dist)
+            test_report(cfg, dist, run_dir, bags, model, amp, tracker)
+            return "done"
+        finally:
+            writer.wait()
+            tracker.finish()
+
+
+class Loss(torch.nn.Module):
+    """The model's training loss as a forward (DDP synchronises the gradients of forward only)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, X: torch.Tensor, y: torch.Tensor):  # noqa: N803
+        return self.model.loss(X, y)
+
+
+def test_report(cfg: Config, dist: DistInfo, run_dir: RunDir, bags: dict, model, amp: str, tracker) -> dict | None:
+    """best.pt on validation (the threshold) and test: per-slide predictions, metrics.json, figures."""
+    best = checkpoint.load_on_main(run_dir.best, model, dist)
+    val = score_bags(model, bags["val"], dist, amp, cfg.data.num_workers)
+    test = score_bags(model, bags["test"], dist, amp, cfg.data.num_workers)
+    if not dist.is_main:
+        return None
+    threshold = youden_threshold(val["label"], val["prob"]) if val["label"].nunique() == 2 else 0.5
+    keep = ["id", "label", "prob", "attention_max", "attention_entropy", "top_tile", "tiles"]
+    for split, frame in (("val", val), ("test", test)):
+        path = run_dir.predictions(split)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text(path, frame[keep].assign(pred=(frame["prob"] >= threshold).astype(int)).to_csv(index=False))
+    metrics = report.compute_metrics(
+        test, {"threshold": threshold, "rule": "youden", "chosen_on": "val"}, cfg.report.bootstrap, cfg.train.seed
+    )
+    metrics.update(
+        split="test",
+        checkpoint=str(run_dir.best),
+        level="slide",
+        run={"task": "mil", "mil": cfg.model.mil, "best_epoch": best.epoch, "slides": len(test)},
+    )
+    del metrics["classification_report"]
+    run_dir.report.mkdir(parents=True, exist_ok=True)
+    write_text(run_dir.metrics, json.dumps(metrics, indent=1, default=float))
+    for name, figure in (
+        ("roc", plots.roc(test["label"], test["prob"], threshold)),
+        ("confusion_matrix", plots.confusion_matrix(test["label"], test["prob"], threshold)),
+    ):
+        with atomic_path(run_dir.figure(name)) as tmp:
+            figure.savefig(tmp, dpi=100, format="png")
+    log.info("test (slides, n=%d): %s", len(test), report.headline(metrics))
+    tracker.log_summary({f"test/{k}": metrics[k] for k in ("roc_auc", "balanced_accuracy")})
+    return metrics

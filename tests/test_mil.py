@@ -1,0 +1,151 @@
+"""Slide-level MIL runs (configs/mil.yaml) on feature files where a positive slide holds a small
+tumour focus (2% of its tiles), as extract-features writes them."""
+
+import json
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+
+from cancernet.data.bags import write_synthetic_bags
+
+from conftest import CONFIGS, ROOT, python_env
+
+pytestmark = pytest.mark.slow
+COMMON = (
+    "train.device=cpu",
+    "train.amp=off",
+    "data.num_workers=0",
+    "train.epochs=12",
+    "optim.lr=1e-3",
+    "data.val_fraction=0.2",
+    "data.test_fraction=0.3",
+    "report.bootstrap=200",
+)
+
+
+@pytest.fixture(scope="module")
+def bags(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bags")
+    write_synthetic_bags(folder, 160, focus=0.02, seed=0)
+    return folder
+
+
+def mil_run(bags, out, *overrides, stop_after=None) -> str:
+    from cancernet.config import load_config
+    from cancernet.runtime.distributed import session
+    from cancernet.runtime.signals import StopFlag
+    from cancernet.train.runner import run
+
+    cfg = load_config(
+        CONFIGS / "mil.yaml",
+        [
+            f"data.features={bags}",
+            f"data.slides_csv={bags / 'labels.csv'}",
+            f"train.out_dir={out}",
+            *COMMON,
+            *overrides,
+        ],
+    )
+    stop = StopFlag()
+
+    def hook(state, row):
+        stop.requested = stop.requested or (stop_after is not None and row["epoch"] >= stop_after)
+
+    with session("cpu") as dist:
+        return run(cfg, dist, stop, hook)
+
+
+@pytest.fixture(scope="module")
+def abmil(bags, tmp_path_factory):
+    out = tmp_path_factory.mktemp("abmil") / "run"
+    assert mil_run(bags, out, "model.mil=abmil") == "done"
+    return out
+
+
+def test_abmil_finds_the_focus_and_mean_pooling_does_clearly_worse(bags, abmil, tmp_path):
+    metrics = json.loads((abmil / "report" / "metrics.json").read_text())
+    assert metrics["level"] == "slide" and metrics["n"] == 48 and metrics["roc_auc"] >= 0.95
+    assert metrics["roc_auc_ci"][0] <= metrics["roc_auc"] <= metrics["roc_auc_ci"][1]
+    assert {"sensitivity", "specificity", "sensitivity_ci"} <= set(metrics["at_val_threshold"])
+    assert mil_run(bags, tmp_path / "mean", "model.mil=mean") == "done"
+    mean = json.loads((tmp_path / "mean" / "report" / "metrics.json").read_text())
+    assert mean["roc_auc"] < metrics["roc_auc"] - 0.1, (mean["roc_auc"], metrics["roc_auc"])
+    # its attention is highest on a tumour tile of (nearly) every positive test slide
+    test = pd.read_csv(abmil / "predictions" / "test.csv")
+    positives = test[test["label"] == 1]
+    hits = [tile in h5py.File(bags / f"{s}.h5")["tumour"][:] for s, tile in zip(positives["id"], positives["top_tile"])]
+    assert np.mean(hits) >= 0.8, hits
+    # and concentrated there: lower entropy (relative to uniform) than on negative slides
+    assert positives["attention_entropy"].mean() < test[test["label"] == 0]["attention_entropy"].mean()
+    assert {"prob", "pred", "attention_max", "attention_entropy", "top_tile", "tiles"} <= set(test.columns)
+
+
+def test_a_patients_slides_stay_in_one_split(abmil, bags):
+    splits = pd.read_csv(abmil / "splits.csv").merge(pd.read_csv(bags / "labels.csv"), left_on="id", right_on="slide")
+    assert (splits.groupby("patient")["split"].nunique() == 1).all()
+
+
+def test_a_stopped_run_resumes_to_the_same_result(bags, abmil, tmp_path):
+    out = tmp_path / "run"
+    assert mil_run(bags, out, "model.mil=abmil", stop_after=5) == "stopped"
+    assert len(pd.read_csv(out / "summary.csv")) == 5
+    assert mil_run(bags, out, "model.mil=abmil") == "done"
+    a, b = pd.read_csv(abmil / "summary.csv"), pd.read_csv(out / "summary.csv")
+    assert np.allclose(a[["train_loss", "val_loss", "val_auc", "lr"]], b[["train_loss", "val_loss", "val_auc", "lr"]])
+    pa, pb = pd.read_csv(abmil / "predictions" / "test.csv"), pd.read_csv(out / "predictions" / "test.csv")
+    assert np.allclose(pa["prob"], pb["prob"], atol=1e-6)
+
+
+def test_a_label_file_naming_a_slide_without_features_is_refused_with_its_name(bags, tmp_path):
+    labels = pd.read_csv(bags / "labels.csv")
+    pd.concat([labels, pd.DataFrame([{"slide": "lost_slide", "label": 1, "patient": "px"}])]).to_csv(
+        tmp_path / "labels.csv", index=False
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "train_ddp.py",
+            "--config",
+            "configs/mil.yaml",
+            f"data.features={bags}",
+            f"data.slides_csv={tmp_path / 'labels.csv'}",
+            f"train.out_dir={tmp_path / 'run'}",
+            *COMMON,
+        ],
+        cwd=ROOT,
+        env=python_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and "lost_slide" in proc.stderr and "no feature file" in proc.stderr, proc.stderr
+
+
+def test_two_ranks_train_one_model_over_the_bags(bags, tmp_path):
+    launcher = [sys.executable, "-m", "cancernet.cli.launch", "--standalone", "--nproc_per_node=2", "train_ddp.py"]
+    proc = subprocess.run(
+        [
+            *launcher,
+            "--config",
+            "configs/mil.yaml",
+            f"data.features={bags}",
+            f"data.slides_csv={bags / 'labels.csv'}",
+            f"train.out_dir={tmp_path / 'run'}",
+            *COMMON,
+            "train.epochs=4",
+        ],
+        cwd=ROOT,
+        env=python_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "report" / "metrics.json").read_text())
+    assert metrics["n"] == 48 and len(pd.read_csv(tmp_path / "run" / "summary.csv")) == 4
+    # each epoch: 80 training bags = 40 steps of two bags, one per rank
+    assert pd.read_csv(tmp_path / "run" / "summary.csv")["samples_seen"].tolist() == [80, 160, 240, 320]
