@@ -125,6 +125,24 @@ def test_a_label_file_naming_a_slide_without_features_is_refused_with_its_name(b
     assert proc.returncode == 2 and "lost_slide" in proc.stderr and "no feature file" in proc.stderr, proc.stderr
 
 
+def test_feature_files_of_two_backbones_are_refused_and_best_pt_names_the_one_used(bags, abmil, tmp_path):
+    import shutil
+
+    import torch
+
+    best = torch.load(abmil / "checkpoints" / "best.pt", weights_only=True)
+    assert best["features"] == {"backbone": "synthetic", "fingerprint": "seed 0", "dim": 32}
+    mixed = tmp_path / "mixed"
+    shutil.copytree(bags, mixed)
+    with h5py.File(mixed / "slide_007.h5", "r+") as f:
+        f.attrs["settings"] = json.dumps({"backbone": "other", "fingerprint": "x", "dim": 32})
+    from cancernet.data.bags import read_slide_labels
+    from cancernet.runtime.errors import DataError
+
+    with pytest.raises(DataError, match="slide_000 and slide_007 were extracted with different settings"):
+        read_slide_labels(mixed / "labels.csv", mixed)
+
+
 def test_two_ranks_train_one_model_over_the_bags(bags, tmp_path):
     launcher = [sys.executable, "-m", "cancernet.cli.launch", "--standalone", "--nproc_per_node=2", "train_ddp.py"]
     proc = subprocess.run(

@@ -44,3 +44,12 @@ def tta_option(p, help: str = "average over the 8 dihedral views") -> None:
 
 def calibration_option(p) -> None:
     p.add_argument("--no-calibration", action="store_true", help="ignore the checkpoint's fitted temperature")
+
+
+def slide_mpp_option(p) -> None:
+    p.add_argument(
+        "--mpp",
+        type=float,
+        default=None,
+        help="level-0 microns per pixel of every slide given: for slides whose metadata lack it (or are wrong)",
+    )

@@ -6,7 +6,7 @@ import logging
 import sys
 import time
 
-from cancernet.cli.options import calibration_option, device_options, takes_overrides, tta_option
+from cancernet.cli.options import calibration_option, device_options, slide_mpp_option, takes_overrides, tta_option
 from cancernet.runtime.console import setup_logging
 from cancernet.runtime.errors import UserError
 
@@ -159,12 +159,7 @@ def _slide_options(p) -> None:
     p.add_argument("--out", required=True, help="folder: one sub-folder of outputs per slide")
     tta_option(p)
     p.add_argument("--stride", type=int, default=None, help="tile step in training pixels (slide.stride, default 32)")
-    p.add_argument(
-        "--mpp",
-        type=float,
-        default=None,
-        help="level-0 microns per pixel of every slide given: for slides whose metadata lack it (or are wrong)",
-    )
+    slide_mpp_option(p)
     p.add_argument(
         "--train-mpp",
         type=float,
@@ -232,12 +227,7 @@ def register(sub) -> None:
         help="tile side in px (default: 96 for a checkpoint, else the weights' input size)",
     )
     p.add_argument("--stride", type=int, default=None, help="tile step in px (default: the tile: non-overlapping)")
-    p.add_argument(
-        "--mpp",
-        type=float,
-        default=None,
-        help="level-0 microns per pixel of every slide given: for slides whose metadata lack it (or are wrong)",
-    )
+    slide_mpp_option(p)
     device_options(p, "slide-reading processes")
     takes_overrides(p, "model.pretrained=none")
     p.set_defaults(func=cmd_extract_features)

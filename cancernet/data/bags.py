@@ -15,7 +15,8 @@ from cancernet.runtime.errors import DataError
 
 def read_slide_labels(path: str | Path, features: str | Path) -> pd.DataFrame:
     """id (the slide), label, group (its patient, or the slide), tiles: every slide of the labels
-    CSV (slide,label[,patient]); slides without a feature file are refused, named."""
+    CSV (slide,label[,patient]); slides without a feature file are refused, named, and so are
+    feature files made with different settings (backbone, fingerprint, tile, resolution)."""
     path, features = Path(path), Path(features)
     if not path.is_file():
         raise DataError(f"data.slides_csv {path} does not exist (columns slide,label[,patient])")
@@ -36,10 +37,20 @@ def read_slide_labels(path: str | Path, features: str | Path) -> pd.DataFrame:
         )
     import h5py
 
-    tiles = []
+    tiles, made = [], {}
     for s in frame["slide"]:
         with h5py.File(features / f"{s}.h5", "r") as f:
             tiles.append(f["features"].shape[0])
+            made.setdefault(f.attrs.get("settings", "{}"), s)
+    if len(made) > 1:  # features of two backbones (or resolutions) in one run would train silently on both
+        (a, first), (b, second) = list(made.items())[:2]
+        differ = sorted(
+            k for k in set(json.loads(a)) | set(json.loads(b)) if json.loads(a).get(k) != json.loads(b).get(k)
+        )
+        raise DataError(
+            f"data.features={features}: slides {first} and {second} were extracted with different settings "
+            f"({', '.join(differ)}); extract them all alike"
+        )
     group = frame["patient"] if "patient" in frame.columns else frame["slide"]
     return pd.DataFrame(
         {"id": frame["slide"], "label": frame["label"].astype(np.int64), "group": group.to_numpy(), "tiles": tiles}
@@ -135,7 +146,7 @@ def write_synthetic_bags(
             f.create_dataset("features", data=feats.astype(np.float16))
             f.create_dataset("coords", data=np.stack([np.arange(count) * 224, np.zeros(count)], 1).astype(np.int64))
             f.create_dataset("tumour", data=tumour)
-            f.attrs["settings"] = json.dumps({"backbone": "synthetic", "dim": dim})
+            f.attrs["settings"] = json.dumps({"backbone": "synthetic", "fingerprint": f"seed {seed}", "dim": dim})
         rows.append({"slide": f"slide_{i:03d}", "label": label, "patient": f"p{i // 2:03d}"})
     frame = pd.DataFrame(rows)
     frame.to_csv(out / "labels.csv", index=False)

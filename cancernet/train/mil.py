@@ -65,11 +65,12 @@ def _splits(cfg: Config, dist: DistInfo, run: RunDir, resuming: bool) -> pd.Data
     return make_splits(table, d.val_fraction, d.test_fraction, cfg.train.seed, groups, d.folds, d.fold)
 
 
-def _dim(cfg: Config, slide: str) -> int:
+def _features(cfg: Config, slide: str) -> tuple[int, dict]:
+    """(feature size, the settings extract-features made them with): best.pt records the latter."""
     import h5py
 
     with h5py.File(f"{cfg.data.features}/{slide}.h5", "r") as f:
-        return int(f["features"].shape[1])
+        return int(f["features"].shape[1]), json.loads(f.attrs.get("settings", "{}"))
 
 
 def score_bags(model, bags: Bags, dist: DistInfo, amp: str, workers: int) -> pd.DataFrame:
@@ -129,7 +130,8 @@ def run(cfg: Config, dist: DistInfo, stop: StopFlag | None = None, on_epoch_end=
             for s, p in part.items()
         }
         torch.manual_seed(cfg.train.seed)
-        model = build_mil(cfg.model.mil, _dim(cfg, table["id"].iloc[0])).to(dist.device)
+        dim, made = _features(cfg, table["id"].iloc[0])
+        model = build_mil(cfg.model.mil, dim).to(dist.device)
         wrapped = Loss(model)
         if dist.is_distributed:
             wrapped = DDP(wrapped, device_ids=[dist.device] if dist.device.type == "cuda" else None)
@@ -214,7 +216,12 @@ def run(cfg: Config, dist: DistInfo, stop: StopFlag | None = None, on_epoch_end=
                     }
                     if is_best:
                         files[run_dir.best] = checkpoint.weights_state(
-                            scorer.state_dict(), cfg.to_dict(), epoch + 1, "ema" if ema else "model", task="mil"
+                            scorer.state_dict(),
+                            cfg.to_dict(),
+                            epoch + 1,
+                            "ema" if ema else "model",
+                            task="mil",
+                            features=made,  # the backbone and tiles predict-slide must extract alike
                         )
                     writer.start(writer.copy(files))
                     write_text(run_dir.summary, pd.DataFrame(state["history"], columns=COLUMNS).to_csv(index=False))
