@@ -12,7 +12,7 @@ import pytest
 
 from cancernet.data.bags import write_synthetic_bags
 
-from conftest import CONFIGS, ROOT, python_env
+from conftest import CONFIGS, ROOT, StopAfterSyncs, python_env
 
 pytestmark = pytest.mark.slow
 COMMON = (
@@ -34,7 +34,7 @@ def bags(tmp_path_factory):
     return folder
 
 
-def mil_run(bags, out, *overrides, stop_after=None) -> str:
+def mil_run(bags, out, *overrides, stop_after=None, stop=None) -> str:
     from cancernet.config import load_config
     from cancernet.runtime.distributed import session
     from cancernet.runtime.signals import StopFlag
@@ -50,10 +50,11 @@ def mil_run(bags, out, *overrides, stop_after=None) -> str:
             *overrides,
         ],
     )
-    stop = StopFlag()
+    stop = stop or StopFlag()
 
     def hook(state, row):
-        stop.requested = stop.requested or (stop_after is not None and row["epoch"] >= stop_after)
+        if stop_after is not None and row["epoch"] >= stop_after:
+            stop.requested = True
 
     with session("cpu") as dist:
         return run(cfg, dist, stop, hook)
@@ -89,15 +90,45 @@ def test_a_patients_slides_stay_in_one_split(abmil, bags):
     assert (splits.groupby("patient")["split"].nunique() == 1).all()
 
 
-def test_a_stopped_run_resumes_to_the_same_result(bags, abmil, tmp_path):
+def test_a_run_stopped_inside_an_epoch_resumes_to_the_same_result(bags, abmil, tmp_path):
+    import torch
+
     out = tmp_path / "run"
-    assert mil_run(bags, out, "model.mil=abmil", stop_after=5) == "stopped"
-    assert len(pd.read_csv(out / "summary.csv")) == 5
+    # 80 training bags an epoch, one a step: the stop request is read every 10 steps
+    # (train.sync_every) but the epoch's last, and at its end: 8 looks an epoch; the 35th is 30
+    # bags into epoch 5
+    assert mil_run(bags, out, "model.mil=abmil", stop=StopAfterSyncs(35)) == "stopped"
+    saved = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert saved["epoch"] == 4 and saved["run_state"]["mid_epoch"]["steps"] == 30
+    assert len(pd.read_csv(out / "summary.csv")) == 4  # the unfinished epoch is not in the summary
     assert mil_run(bags, out, "model.mil=abmil") == "done"
     a, b = pd.read_csv(abmil / "summary.csv"), pd.read_csv(out / "summary.csv")
-    assert np.allclose(a[["train_loss", "val_loss", "val_auc", "lr"]], b[["train_loss", "val_loss", "val_auc", "lr"]])
+    columns = ["train_loss", "val_loss", "val_auc", "lr", "samples_seen"]
+    assert np.allclose(a[columns], b[columns], rtol=1e-5, atol=1e-6)
     pa, pb = pd.read_csv(abmil / "predictions" / "test.csv"), pd.read_csv(out / "predictions" / "test.csv")
     assert np.allclose(pa["prob"], pb["prob"], atol=1e-6)
+
+
+def test_a_time_budget_fixes_the_epochs_after_the_first_and_a_resume_keeps_them(bags, tmp_path, caplog):
+    import logging
+
+    import torch
+
+    caplog.set_level(logging.INFO, logger="cancernet")
+    out, common = tmp_path / "run", ("model.mil=mean", "train.epochs=500", "train.time_budget=8s")
+    assert mil_run(bags, out, *common, stop_after=2) == "stopped"
+    plan = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["run_state"]["budget"]
+    assert plan["final"] and plan["budget_s"] == 8.0 and plan["planned_at_sample"] == 80
+    assert caplog.text.count("time budget 8s") == 1
+    assert mil_run(bags, out, *common) == "done"
+    assert caplog.text.count("time budget 8s") == 1  # the resumed run keeps the plan
+    summary = pd.read_csv(out / "summary.csv")
+    # the run ends where the plan said, far short of train.epochs, the LR schedule with it
+    assert summary["samples_seen"].iloc[-1] == plan["samples"] and 2 <= len(summary) < 500
+    assert summary["lr"].iloc[-1] < 0.05 * summary["lr"].max()
+    # and the plan fits the budget at the pace of the epoch it measured (training and validation)
+    first = summary.iloc[0]
+    assert plan["samples"] / 80 * (first["epoch_s"] + first["val_s"]) <= 8.0
 
 
 def test_a_label_file_naming_a_slide_without_features_is_refused_with_its_name(bags, tmp_path):
@@ -132,6 +163,10 @@ def test_feature_files_of_two_backbones_are_refused_and_best_pt_names_the_one_us
 
     best = torch.load(abmil / "checkpoints" / "best.pt", weights_only=True)
     assert best["features"] == {"backbone": "synthetic", "fingerprint": "seed 0", "dim": 32}
+    # the operating point the report used, chosen on validation, for predict-slide to label new slides
+    metrics = json.loads((abmil / "report" / "metrics.json").read_text())
+    assert best["operating_point"]["chosen_on"] == "val"
+    assert best["operating_point"]["threshold"] == metrics["at_val_threshold"]["threshold"]
     mixed = tmp_path / "mixed"
     shutil.copytree(bags, mixed)
     with h5py.File(mixed / "slide_007.h5", "r+") as f:

@@ -122,6 +122,13 @@ def all_reduce_sum(tensor: torch.Tensor, dist: DistInfo) -> torch.Tensor:
     return tensor
 
 
+def any_rank(flag: bool, dist: DistInfo, main: bool = False) -> bool:
+    """flag on any rank (main: rank 0's flag, for every rank); a collective (on the rank's device:
+    NCCL reduces CUDA tensors only)."""
+    mine = flag and (dist.is_main or not main)
+    return bool(all_reduce_sum(torch.tensor([float(mine)], device=dist.device), dist).item() > 0)
+
+
 def gather_rows(tensor: torch.Tensor, dist: DistInfo) -> torch.Tensor:
     """Concatenate each rank's rows (lengths may differ) on every rank, without padding rows."""
     if not dist.is_distributed:

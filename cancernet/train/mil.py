@@ -27,7 +27,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from cancernet.config import Config, resolved_yaml
+from cancernet.config import Config, parse_duration, resolved_yaml
 from cancernet.data.bags import Bags, BalancedBags, slide_table
 from cancernet.data.datasets import ShardSampler
 from cancernet.data.splits import make_splits, reuse_splits
@@ -35,11 +35,20 @@ from cancernet.engine import checkpoint
 from cancernet.engine.predict import autocast
 from cancernet.engine.rundir import RunDir, prepare_run_dir
 from cancernet.evaluate import plots, report
-from cancernet.evaluate.metrics import METRICS, youden_threshold
+from cancernet.evaluate.evaluation import operating_point
+from cancernet.evaluate.metrics import METRICS
 from cancernet.models.mil import build_mil
 from cancernet.runtime.atomic import atomic_path, write_text
-from cancernet.runtime.distributed import DistInfo, all_reduce_sum, barrier, gather_objects
+from cancernet.runtime.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    any_rank,
+    barrier,
+    broadcast_object,
+    gather_objects,
+)
 from cancernet.runtime.signals import StopFlag, loader_workers, stop_on_signals
+from cancernet.train.budget import SAFETY, Shape, plan_length
 from cancernet.train.ema import ModelEma
 from cancernet.train.optim import LrSchedule, effective_lr
 from cancernet.train.plan import RunPlan
@@ -102,7 +111,7 @@ def score_bags(model, bags: Bags, dist: DistInfo, amp: str, workers: int) -> pd.
             )
     frame = pd.DataFrame([r for part in gather_objects(rows, dist) for r in part]).sort_values("index")
     frame["id"] = [bags.ids[i] for i in frame["index"]]
-    frame["label"] = bags.labels[frame["index"].to_numpy()].numpy()
+    frame["label"] = bags.labels.numpy()[frame["index"].to_numpy()]
     frame["prob"] = 1 / (1 + np.exp(-frame["logit"]))
     return frame.reset_index(drop=True)
 
@@ -147,7 +156,17 @@ def run(cfg: Config, dist: DistInfo, stop: StopFlag | None = None, on_epoch_end=
             optimizer, cfg.optim, base_lr, lambda: plan.samples, int(cfg.optim.warmup_epochs * per_epoch)
         )
         ema = ModelEma(model, cfg.train.ema_decay, cfg.train.ema_warmup) if cfg.train.ema_decay else None
-        state = {"epoch": 0, "position": 0, "best": None, "best_epoch": 0, "history": [], "wandb_id": None}
+        state = {
+            "epoch": 0,  # completed epochs
+            "position": 0,  # training bags seen, all ranks
+            "mid_epoch": None,  # {"steps": bags per rank, "loss": their loss sum over ranks} of a stop inside one
+            "best": None,
+            "best_epoch": 0,
+            "history": [],
+            "wandb_id": None,
+            "train_s": 0.0,
+            "budget": None,  # the plan train.time_budget fixed (RunPlan.budget)
+        }
         writer = checkpoint.CheckpointWriter()
         parts = {
             checkpoint.MODEL: model,
@@ -159,36 +178,73 @@ def run(cfg: Config, dist: DistInfo, stop: StopFlag | None = None, on_epoch_end=
             saved = checkpoint.Checkpoint.load(resume_from)
             saved.restore(parts)
             state.update(saved.run_state)
+            plan.fix(state["budget"])
             checkpoint.set_rng_state(saved.get(checkpoint.RNG) or [], dist)
-            log.info("resumed from %s after epoch %d", resume_from, state["epoch"])
+            where = f"{state['mid_epoch']['steps']} steps into epoch {state['epoch'] + 1}" if state["mid_epoch"] else ""
+            log.info("resumed from %s after epoch %d%s", resume_from, state["epoch"], f" ({where})" if where else "")
         if dist.is_main:
             write_text(run_dir.config, resolved_yaml(cfg, dist.world_size, {"task": "mil"}))
         tracker = start_tracker(cfg, dist, run_dir.root, state["wandb_id"])
         state["wandb_id"] = tracker.run_id
         amp, scorer = cfg.train.amp, (ema.module if ema else model)
+        budget_s = parse_duration(cfg.train.time_budget) if cfg.train.time_budget else None
+
+        def save(files: dict) -> None:
+            """last.pt (and best.pt) in the background; every rank's RNG goes into last.pt."""
+            rng = checkpoint.gather_rng(dist)
+            if dist.is_main:
+                last = checkpoint.training_state(parts, dict(state), rng, cfg.to_dict(), dist.world_size)
+                writer.start(writer.copy({run_dir.last: last, **files}))
+
         try:
             while state["epoch"] < plan.epochs:
                 epoch, start = state["epoch"], time.perf_counter()
                 sampler.set_epoch(epoch)
                 bags["train"].set_epoch(epoch)
+                order = list(sampler)
+                end = plan.end_in(epoch)  # a time budget's last epoch may end early
+                order = order[: end // dist.world_size] if end is not None else order
+                mid = state["mid_epoch"] or {"steps": 0, "loss": 0.0}
                 loader = DataLoader(
-                    bags["train"], batch_size=None, sampler=sampler, **loader_workers(cfg.data.num_workers)
+                    bags["train"],
+                    batch_size=None,
+                    sampler=order[mid["steps"] :],
+                    **loader_workers(cfg.data.num_workers),
                 )
                 wrapped.train()
-                total, steps = torch.zeros((), device=dist.device), 0
+                # the loss sum of the bags trained before a stop comes back once, on rank 0
+                total = torch.tensor(mid["loss"] if dist.is_main else 0.0, device=dist.device)
+                steps, stopped = mid["steps"], False
                 for feats, label, _ in loader:
                     with autocast(dist.device, amp):
                         _, loss = wrapped(feats[None].to(dist.device), label[None].to(dist.device))
                     (loss / cfg.train.grad_accum).backward()
                     total += loss.detach().float()
                     steps += 1
-                    if steps % cfg.train.grad_accum == 0 or steps == len(sampler):
-                        schedule.step(state["position"], window)
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                        state["position"] += window
-                        if ema:
-                            ema.update(model, state["position"])
+                    if steps % cfg.train.grad_accum and steps != len(order):
+                        continue
+                    schedule.step(state["position"], window)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    state["position"] += window
+                    if ema:
+                        ema.update(model, state["position"])
+                    # a stop request is read every train.sync_every optimizer steps (and at the epoch's end)
+                    if (
+                        steps < len(order)
+                        and (state["position"] // window) % cfg.train.sync_every == 0
+                        and any_rank(stop.requested, dist)
+                    ):
+                        stopped = True
+                        break
+                state["train_s"] += time.perf_counter() - start
+                if stopped:
+                    loss_sum = float(all_reduce_sum(total, dist))
+                    state["mid_epoch"] = {"steps": steps, "loss": loss_sum}
+                    save({})
+                    writer.wait()
+                    log.warning("stop requested: stopping %d steps into epoch %d, checkpoint saved", steps, epoch + 1)
+                    return "stopped"
                 train_s = time.perf_counter() - start
                 start = time.perf_counter()
                 val = score_bags(scorer, bags["val"], dist, amp, cfg.data.num_workers)
@@ -204,26 +260,26 @@ def run(cfg: Config, dist: DistInfo, stop: StopFlag | None = None, on_epoch_end=
                     "val_s": time.perf_counter() - start,
                 }
                 state["history"].append(row)
-                state["epoch"] = epoch + 1
+                state["epoch"], state["mid_epoch"] = epoch + 1, None
+                if budget_s is not None and plan.budget is None:  # fixed before last.pt holds this epoch
+                    plan.fix(_budget_plan(cfg, dist, budget_s, state, per_epoch, window))
+                    state["budget"] = plan.budget
                 select = SELECT[cfg.train.select_metric]
                 is_best = state["best"] is None or select(row) > select(state["best"])
                 if is_best:
                     state["best"], state["best_epoch"] = row, epoch + 1
-                rng = checkpoint.gather_rng(dist)
+                best = {
+                    run_dir.best: checkpoint.weights_state(
+                        scorer.state_dict(),
+                        cfg.to_dict(),
+                        epoch + 1,
+                        "ema" if ema else "model",
+                        task="mil",
+                        features=made,  # the backbone and tiles predict-slide must extract alike
+                    )
+                }
+                save(best if is_best and dist.is_main else {})
                 if dist.is_main:
-                    files = {
-                        run_dir.last: checkpoint.training_state(parts, dict(state), rng, cfg.to_dict(), dist.world_size)
-                    }
-                    if is_best:
-                        files[run_dir.best] = checkpoint.weights_state(
-                            scorer.state_dict(),
-                            cfg.to_dict(),
-                            epoch + 1,
-                            "ema" if ema else "model",
-                            task="mil",
-                            features=made,  # the backbone and tiles predict-slide must extract alike
-                        )
-                    writer.start(writer.copy(files))
                     write_text(run_dir.summary, pd.DataFrame(state["history"], columns=COLUMNS).to_csv(index=False))
                     tracker.log_epoch(row)
                     log.info(
@@ -240,7 +296,7 @@ def run(cfg: Config, dist: DistInfo, stop: StopFlag | None = None, on_epoch_end=
                     )
                 if on_epoch_end is not None:
                     on_epoch_end(state, row)
-                if float(all_reduce_sum(torch.tensor(float(stop.requested)), dist)) > 0:
+                if any_rank(stop.requested, dist):
                     writer.wait()
                     log.warning("stop requested: stopping after epoch %d, checkpoint saved", epoch + 1)
                     return "stopped"
@@ -251,6 +307,38 @@ def run(cfg: Config, dist: DistInfo, stop: StopFlag | None = None, on_epoch_end=
         finally:
             writer.wait()
             tracker.finish()
+
+
+def _budget_plan(cfg: Config, dist: DistInfo, seconds: float, state: dict, per_epoch: int, window: int) -> dict:
+    """train.time_budget for a slide-level run, fixed after its first epoch: as many bags as fit in
+    what is left at that epoch's pace (training and validation), train.epochs the cap. Every
+    rank gets rank 0's plan (the LR schedule is laid over it)."""
+    plan = None
+    if dist.is_main:
+        row = state["history"][-1]
+        used = state["train_s"] + sum(r["val_s"] for r in state["history"])
+        shape = Shape(per_epoch=per_epoch, window=window, cap=per_epoch * cfg.train.epochs, eval_every=1)
+        rate = per_epoch / max(row["epoch_s"], 1e-9)
+        samples = plan_length(SAFETY * (seconds - used), state["position"], shape, rate, row["val_s"])
+        plan = {
+            "budget_s": seconds,
+            "samples": samples,
+            "epochs": round(samples / per_epoch, 3),
+            "bags_per_s": round(rate, 2),
+            "planned_at_sample": state["position"],
+            "final": True,
+        }
+        log.info(
+            "time budget %s: %.1f bags/s training, %.1fs a validation; the run trains %d bags = %.2f epochs%s; "
+            "the LR schedule ends there",
+            cfg.train.time_budget,
+            rate,
+            row["val_s"],
+            samples,
+            plan["epochs"],
+            " (train.epochs caps it)" if samples >= shape.cap else "",
+        )
+    return broadcast_object(plan, dist)
 
 
 class Loss(torch.nn.Module):
@@ -271,14 +359,22 @@ def test_report(cfg: Config, dist: DistInfo, run_dir: RunDir, bags: dict, model,
     test = score_bags(model, bags["test"], dist, amp, cfg.data.num_workers)
     if not dist.is_main:
         return None
-    threshold = youden_threshold(val["label"], val["prob"]) if val["label"].nunique() == 2 else 0.5
+    if val["label"].nunique() == 2:  # stored in best.pt: predict-slide labels new slides with it
+        point = operating_point(val, None, tta=False, temperature=1.0)
+        checkpoint.store_evaluation(run_dir.best, 1.0, point)
+    else:
+        point = {"threshold": 0.5, "method": "fixed: one class in validation", "chosen_on": "val"}
+    threshold = point["threshold"]
     keep = ["id", "label", "prob", "attention_max", "attention_entropy", "top_tile", "tiles"]
     for split, frame in (("val", val), ("test", test)):
         path = run_dir.predictions(split)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text(path, frame[keep].assign(pred=(frame["prob"] >= threshold).astype(int)).to_csv(index=False))
     metrics = report.compute_metrics(
-        test, {"threshold": threshold, "rule": "youden", "chosen_on": "val"}, cfg.report.bootstrap, cfg.train.seed
+        test,
+        {"threshold": threshold, "rule": point["method"], "chosen_on": "val"},
+        cfg.report.bootstrap,
+        cfg.train.seed,
     )
     metrics.update(
         split="test",

@@ -8,7 +8,6 @@ import time
 from collections.abc import Callable
 
 import pandas as pd
-import torch
 
 from cancernet.config import Config, resolved_yaml
 from cancernet.engine import checkpoint, numerics
@@ -20,7 +19,7 @@ from cancernet.evaluate.metrics import roc_auc
 from cancernet.models.classifier import resolve_preprocessing
 from cancernet.runtime.atomic import write_text
 from cancernet.runtime.console import progress_bar
-from cancernet.runtime.distributed import DistInfo, all_reduce_sum, barrier, broadcast_buffers
+from cancernet.runtime.distributed import DistInfo, any_rank, barrier, broadcast_buffers
 from cancernet.runtime.signals import StopFlag, forks_this_process, stop_on_signals
 from cancernet.train.budget import TimeBudget
 from cancernet.train.loop import EpochStats, EpochTotals, MidEpoch, train_one_epoch
@@ -168,7 +167,7 @@ def train_epoch(
         t.state.best_epoch = epoch + 1
     # last.pt every epoch, or when train.checkpoint_every has passed (rank 0's clock decides for all)
     every = t.cfg.train.checkpoint_every
-    last = epoch + 1 == t.plan.epochs or every is None or _any_rank(t.checkpoint_due(), dist, main=True)
+    last = epoch + 1 == t.plan.epochs or every is None or any_rank(t.checkpoint_due(), dist, main=True)
     save_checkpoints(t, best=is_best, row=row, last=last)
     if budget is not None:
         planned = t.plan.budget
@@ -198,7 +197,7 @@ def train_epoch(
         )
     if on_epoch_end is not None:
         on_epoch_end(t, t.state.history[-1])
-    if _any_rank(stop.requested, dist):
+    if any_rank(stop.requested, dist):
         if not last:  # a stop saves at once, whatever train.checkpoint_every says
             save_checkpoints(t, best=False)
         log.warning("stop requested: stopping after epoch %d, checkpoint saved", epoch + 1)
@@ -258,12 +257,6 @@ def epoch_row(epoch: int, stats: EpochStats, val: dict | None, t: Training, val_
         ckpt_s=nan,
         ema_decay=t.parts.ema.last_decay if t.parts.ema is not None else nan,
     )
-
-
-def _any_rank(flag: bool, dist: DistInfo, main: bool = False) -> bool:
-    """flag on any rank (main: rank 0's flag, for every rank); a collective at an epoch's end."""
-    mine = flag and (dist.is_main or not main)
-    return bool(all_reduce_sum(torch.tensor([float(mine)], device=dist.device), dist).item() > 0)
 
 
 def write_summary(run: RunDir, history: list[dict]) -> None:
