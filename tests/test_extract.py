@@ -162,8 +162,9 @@ def test_a_trained_checkpoints_backbone_reads_96_px_tiles_at_its_training_resolu
 ):
     from cancernet.config import Config
     from cancernet.engine import checkpoint
-    from cancernet.engine.inference import sha256_of
     from cancernet.models.classifier import build_for_weights
+    from cancernet.runtime.distributed import DistInfo
+    from cancernet.wsi.extract import load_encoder
 
     cfg = Config()
     cfg.model.arch, cfg.data.image_size, cfg.data.mpp = "resnet18", 48, 0.972
@@ -186,7 +187,11 @@ def test_a_trained_checkpoints_backbone_reads_96_px_tiles_at_its_training_resolu
     assert code == 0, err
     with h5py.File(tmp_path / "f" / "slide_000.h5") as f:
         settings, coords = json.loads(f.attrs["settings"]), f["coords"][:]
-    assert settings["fingerprint"] == sha256_of(path) and settings["backbone"] == str(path)
+    assert settings["backbone"] == str(path) and settings["source"] == "checkpoint"
+    # the weights' fingerprint, not the file's: `evaluate` adding its operating point keeps it
+    weights = torch.load(path, weights_only=True)["model"]
+    checkpoint.save(path, {"model": weights, "config": cfg.to_dict(), "operating_point": {"threshold": 0.4}})
+    assert load_encoder(DistInfo(), str(path)).fingerprint == settings["fingerprint"]
     assert settings["tile"] == 96 and settings["tile_mpp"] == 0.972 and settings["preprocessing"]["image_size"] == 48
     # 96 px at 0.972 um/px: tiles 192 level-0 px (0.486 um/px) apart
     assert set(np.diff(np.unique(coords[:, 0]))) == {192}

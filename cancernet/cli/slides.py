@@ -13,7 +13,15 @@ from cancernet.runtime.errors import UserError
 log = logging.getLogger("cancernet")
 
 
-def _scorer(args, dist):
+def _checkpoint(args, dist):
+    """The checkpoint as rank 0 read it (with its sha256), once: a patch or a slide-level model."""
+    from cancernet.engine import checkpoint
+    from cancernet.engine.inference import sha256_of
+
+    return checkpoint.read_on_main(args.checkpoint, dist, extra=lambda: {"sha256": sha256_of(args.checkpoint)})
+
+
+def _scorer(args, dist, ckpt=None):
     from cancernet.engine.numerics import resolve_amp
     from cancernet.wsi.predict import load_scorer
 
@@ -28,6 +36,7 @@ def _scorer(args, dist):
         dist,
         overrides,
         args.train_mpp,
+        ckpt,
         calibrated=not args.no_calibration,
         threshold=args.threshold,
         tta=args.tta,
@@ -62,9 +71,53 @@ def cmd_predict_slide(args) -> int:
 
     with session(args.device, "auto") as dist:
         setup_logging(dist.rank)
-        scorer = _scorer(args, dist)
-        outcome = predict_slides(scorer, list_slides(args.slides), Path(args.out), args.mpp, args.tiff, args.geojson)
+        ckpt = _checkpoint(args, dist)
+        if ckpt.get("task") == "mil":
+            outcome = _diagnose(args, dist, ckpt)
+        else:
+            scorer = _scorer(args, dist, ckpt)
+            slides = list_slides(args.slides)
+            outcome = predict_slides(scorer, slides, Path(args.out), args.mpp, args.tiff, args.geojson)
         return _slides_outcome(outcome, args.out) if dist.is_main else (1 if outcome["failed"] else 0)
+
+
+PATCH_ONLY = {  # predict-slide options that a slide-level (MIL) checkpoint has no use for
+    "tta": "--tta",
+    "stride": "--stride",
+    "train_mpp": "--train-mpp",
+    "tiff": "--tiff",
+    "geojson": "--geojson",
+    "no_calibration": "--no-calibration",
+    "overrides": "key=value overrides",
+}
+
+
+def _diagnose(args, dist, ckpt) -> dict:
+    """predict-slide with a MIL checkpoint: its backbone's features of each slide, the slide's
+    probability and the attention map (wsi/diagnose.py)."""
+    from pathlib import Path
+
+    from cancernet.engine.numerics import resolve_amp
+    from cancernet.wsi.diagnose import diagnose_slides, load_slide_model
+    from cancernet.wsi.predict import list_slides
+
+    given = [flag for key, flag in PATCH_ONLY.items() if flag and getattr(args, key, None)]
+    if given:
+        raise UserError(
+            f"{', '.join(given)}: not for a slide-level (MIL) checkpoint, which reads the tiles its features "
+            "were made from; for a tumour map or regions, run predict-slide with a patch checkpoint"
+        )
+    amp, _ = resolve_amp(args.amp, dist.device)
+    model = load_slide_model(
+        ckpt,
+        dist,
+        backbone=args.backbone,
+        threshold=args.threshold,
+        amp=amp,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+    )
+    return diagnose_slides(model, list_slides(args.slides), Path(args.out), args.mpp)
 
 
 def cmd_evaluate_slides(args) -> int:
@@ -187,11 +240,16 @@ def _slide_options(p) -> None:
 def register(sub) -> None:
     p = sub.add_parser(
         "predict-slide",
-        help="a checkpoint over whole slides (OpenSlide): tumour heatmaps, "
-        "tiles.csv, slide.json per slide; a folder resumes where it stopped",
+        help="a checkpoint over whole slides (OpenSlide): tumour heatmaps, tiles.csv, slide.json per "
+        "slide, or with a MIL checkpoint the slide's probability and attention map; a folder resumes where it stopped",
     )
     p.add_argument("slides", nargs="+", help="slide files or folders of slides")
     _slide_options(p)
+    p.add_argument(
+        "--backbone",
+        default=None,
+        help="a MIL checkpoint's feature backbone checkpoint, where it is now if it moved (checked by fingerprint)",
+    )
     p.set_defaults(func=cmd_predict_slide)
     p = sub.add_parser(
         "evaluate-slides",

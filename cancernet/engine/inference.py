@@ -65,10 +65,23 @@ class Predictor:
     sha256: str | None = field(default=None, repr=False)  # of the file: a retrained checkpoint differs
 
     @classmethod
-    def load(cls, path: str | Path, dist: DistInfo, overrides: list[str] = (), calibrated: bool = True) -> Predictor:
+    def load(
+        cls,
+        path: str | Path,
+        dist: DistInfo,
+        overrides: list[str] = (),
+        calibrated: bool = True,
+        ckpt: checkpoint.Checkpoint | None = None,
+    ) -> Predictor:
         """A collective under torchrun: every rank calls it. overrides ('section.key=value')
-        adjust the checkpoint's config (slide.*, train.progress, ...)."""
-        ckpt = checkpoint.read_on_main(path, dist, extra=lambda: {"sha256": sha256_of(path)})
+        adjust the checkpoint's config (slide.*, train.progress, ...); ckpt: the file as
+        read_on_main read it already (with its sha256)."""
+        ckpt = ckpt or checkpoint.read_on_main(path, dist, extra=lambda: {"sha256": sha256_of(path)})
+        if ckpt.get("task") == "mil":
+            raise UserError(
+                f"checkpoint {path} is a slide-level (MIL) model, not a patch model: "
+                f"`python -m cancernet predict-slide SLIDES --checkpoint {path} --out DIR` scores slides with it"
+            )
         cfg = from_dict(merge(ckpt.config_dict, parse_overrides(list(overrides))))
         model = build_for_weights(cfg).to(dist.device)
         checkpoint.load_weights_on_main(ckpt, model, dist)

@@ -290,15 +290,16 @@ def resolve_preprocessing(cfg):
     return dataclasses.replace(cfg, data=data), why
 
 
-def embed(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """What the head of a PatchClassifier receives: the backbone's features (N, D)."""
+def embed(model: nn.Module, inputs: torch.Tensor, with_logits: bool = False):
+    """What the head of a PatchClassifier receives: the backbone's features (N, D); with_logits:
+    (features, the model's logits (N, 2)) from the same forward."""
     seen = {}
     handle = model.head.register_forward_pre_hook(lambda module, args: seen.__setitem__("x", args[0]))
     try:
-        model(inputs)
+        logits = model(inputs)
     finally:
         handle.remove()
-    return seen["x"].flatten(1)
+    return (seen["x"].flatten(1), logits) if with_logits else seen["x"].flatten(1)
 
 
 def build_for_weights(cfg) -> PatchClassifier:

@@ -276,6 +276,7 @@ def run(cfg: Config, dist: DistInfo, stop: StopFlag | None = None, on_epoch_end=
                         "ema" if ema else "model",
                         task="mil",
                         features=made,  # the backbone and tiles predict-slide must extract alike
+                        feature_dim=dim,
                     )
                 }
                 save(best if is_best and dist.is_main else {})

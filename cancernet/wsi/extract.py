@@ -18,6 +18,7 @@ slide's tiles in loader workers; a bad slide costs one line and the others are s
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -28,17 +29,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 from torch import nn
 
 from cancernet.config import Config, SlideConfig
 from cancernet.data.augment import Preprocess
 from cancernet.engine.inference import Predictor, preprocessing, scoring_loader
 from cancernet.engine.predict import autocast
-from cancernet.models.classifier import build_model, embed, resolve_preprocessing
+from cancernet.models.classifier import build_model, embed, resolve_preprocessing, tumour_log_odds
 from cancernet.runtime.atomic import atomic_path, write_text
 from cancernet.runtime.distributed import DistInfo, gather_objects
 from cancernet.runtime.errors import UserError
-from cancernet.wsi.slide import plan_slide
+from cancernet.wsi.slide import Plan, plan_slide
 from cancernet.wsi.tiles import UNREADABLE, SlideTiles, Waited, cat_blocks
 
 log = logging.getLogger(__name__)
@@ -53,16 +55,20 @@ class Encoder:
     model: nn.Module  # a PatchClassifier: its features are what its head receives
     cfg: Config
     name: str  # --arch, or the checkpoint's path
-    fingerprint: str  # sha256 of the checkpoint file, or of the backbone's weights
+    fingerprint: str  # sha256 of the weights (a checkpoint's, or the pretrained ones)
     tile_mpp: float
     tile: int
+    source: str = "arch"  # or "checkpoint": a trained patch model, whose head also scores the tiles
+    temperature: float = 1.0  # the checkpoint's, for its patch scores
     preprocess: Preprocess = field(repr=False, default=None)
 
     def settings(self, stride: int) -> dict:
         d = self.cfg.data
         return {
             "backbone": self.name,
+            "source": self.source,
             "arch": self.cfg.model.arch,
+            **({"model": dataclasses.asdict(self.cfg.model)} if self.source == "arch" else {}),
             "fingerprint": self.fingerprint,
             "preprocessing": {"mean": d.mean, "std": d.std, "image_size": d.image_size},
             "tile_mpp": self.tile_mpp,
@@ -95,7 +101,16 @@ def load_encoder(
         mpp = tile_mpp or c.data.mpp
         if mpp is None:
             raise UserError(f"checkpoint {checkpoint} does not record data.mpp: pass --tile-mpp")
-        encoder = Encoder(predictor.model, c, str(checkpoint), predictor.sha256, float(mpp), tile or 96)
+        encoder = Encoder(
+            predictor.model,
+            c,
+            str(Path(checkpoint).resolve()),
+            _weights_sha256(predictor.model),  # not the file's: evaluate adds to it, the weights stay
+            float(mpp),
+            tile or 96,
+            source="checkpoint",
+            temperature=predictor.temperature,
+        )
     else:
         cfg, _ = resolve_preprocessing(cfg)
         torch.manual_seed(0)  # the same weights on every rank where nothing pretrained is loaded
@@ -103,6 +118,36 @@ def load_encoder(
         fingerprint = _weights_sha256(model)
         encoder = Encoder(model, cfg, cfg.model.arch, fingerprint, tile_mpp or HUB_MPP, tile or cfg.data.image_size)
     encoder.preprocess = preprocessing(encoder.cfg, dist.device)
+    return encoder
+
+
+def encoder_of(made: dict, dist: DistInfo, backbone: str | None = None) -> Encoder:
+    """The backbone a feature file's settings name (`backbone`: where its checkpoint is now, if it
+    moved), rebuilt and checked: weights of another fingerprint, or other preprocessing or tiles,
+    are refused naming what differs. A collective under torchrun."""
+    from cancernet.config import Config, from_dict, merge
+
+    if "tile" not in made or "fingerprint" not in made:
+        raise UserError(f"features made with {made.get('backbone')!r} do not say how (not extract-features')")
+    source = made.get("source", "checkpoint" if str(made["backbone"]).endswith(".pt") else "arch")
+    if source == "checkpoint":
+        path = backbone or made["backbone"]
+        if not Path(path).is_file():
+            raise UserError(
+                f"the features' backbone checkpoint {path} does not exist: pass --backbone (where it is now)"
+            )
+        encoder = load_encoder(dist, path, tile_mpp=made["tile_mpp"], tile=made["tile"])
+    else:
+        cfg = from_dict(merge(Config().to_dict(), {"model": made.get("model") or {"arch": made["arch"]}}))
+        encoder = load_encoder(dist, None, cfg, made["tile_mpp"], made["tile"])
+    now = encoder.settings(made["stride"])
+    differ = sorted(k for k in now if k != "backbone" and k in made and now[k] != made[k])
+    if differ:
+        shown = "; ".join(f"{k}: {made[k]} then, {now[k]} now" for k in differ if k != "model")
+        raise UserError(
+            f"backbone {encoder.name} is not the one the features were made with ({', '.join(differ)} differ"
+            f"{': ' + shown if shown else ''}); the model trained on them would read other features"
+        )
     return encoder
 
 
@@ -131,6 +176,67 @@ def _done_before(path: Path, settings: dict) -> dict | None:
         return None
 
 
+@dataclass
+class SlideFeatures:
+    """One slide's tiles and their features (in tile order), as read for extract-features and
+    predict-slide with a MIL checkpoint."""
+
+    plan: Plan
+    thumb: Image.Image
+    tiles: SlideTiles
+    features: np.ndarray  # (N, D) float16
+    log_odds: np.ndarray | None  # (N,) the patch model's own tumour log-odds, for a trained checkpoint
+    seconds: float
+    wait_s: float  # of which the model waited for the reader
+
+    @property
+    def coords(self) -> np.ndarray:
+        """(N, 2) level-0 (x, y) of each tile's top-left corner."""
+        x, y = self.plan.tile_origin(self.tiles.rows, self.tiles.cols)
+        return np.stack([x, y], axis=1).astype(np.int64)
+
+
+def slide_features(
+    encoder: Encoder,
+    path: Path,
+    slide_cfg: SlideConfig,
+    mpp: float | None,
+    device_dist: DistInfo,
+    batch_size: int,
+    num_workers: int,
+    amp: str,
+    scores: bool = False,
+) -> SlideFeatures:
+    """Every tissue tile of a slide through the backbone (scores: and the patch model's head).
+    Raises UserError for a slide that cannot be read."""
+    start = time.perf_counter()
+    plan, thumb = plan_slide(path, encoder.tile_mpp, slide_cfg, mpp, tile=encoder.tile)
+    tiles = SlideTiles(plan, slide_cfg.block)
+    batch = max(1, batch_size // slide_cfg.block**2)
+    loader = Waited(scoring_loader(tiles, device_dist, batch, num_workers, collate_fn=cat_blocks))
+    parts, logits, order = [], [], []
+    with torch.no_grad():
+        for images, labels, index in loader:
+            if (labels == UNREADABLE).any():
+                raise UserError(f"slide {path}: OpenSlide could not read some of its tiles; truncated or corrupt?")
+            images = images.to(device_dist.device, non_blocking=True)
+            with autocast(device_dist.device, amp):
+                feats, out = embed(encoder.model, encoder.preprocess(images), with_logits=True)
+            parts.append(feats.to(torch.float16).cpu())
+            logits.append(tumour_log_odds(out.float(), encoder.temperature).cpu())
+            order.append(index)
+    n = len(tiles.rows)
+    features, log_odds = np.empty((n, 0), np.float16), np.empty(n, np.float32)
+    if parts:
+        index = torch.cat(order).numpy()
+        features = np.empty((n, parts[0].shape[1]), np.float16)
+        features[index] = torch.cat(parts).numpy()
+        log_odds[index] = torch.cat(logits).numpy()
+    return SlideFeatures(
+        plan, thumb, tiles, features, log_odds if scores else None, time.perf_counter() - start, loader.seconds
+    )
+
+
 def extract_slide(
     encoder: Encoder,
     path: Path,
@@ -145,44 +251,25 @@ def extract_slide(
     """One slide's features into out/<slide>.h5; returns its slides.csv row. Raises UserError."""
     import h5py
 
-    start = time.perf_counter()
-    plan, _ = plan_slide(path, encoder.tile_mpp, slide_cfg, mpp, tile=encoder.tile)
-    tiles = SlideTiles(plan, slide_cfg.block)
-    batch = max(1, batch_size // slide_cfg.block**2)
-    loader = Waited(scoring_loader(tiles, device_dist, batch, num_workers, collate_fn=cat_blocks))
-    features = np.empty((len(tiles.rows), 0), np.float16)
-    parts, order = [], []
-    with torch.no_grad():
-        for images, labels, index in loader:
-            if (labels == UNREADABLE).any():
-                raise UserError(f"slide {path}: OpenSlide could not read some of its tiles; truncated or corrupt?")
-            images = images.to(device_dist.device, non_blocking=True)
-            with autocast(device_dist.device, amp):
-                parts.append(embed(encoder.model, encoder.preprocess(images)).to(torch.float16).cpu())
-            order.append(index)
-    if parts:
-        index = torch.cat(order).numpy()
-        features = np.empty((len(tiles.rows), parts[0].shape[1]), np.float16)
-        features[index] = torch.cat(parts).numpy()
-    x, y = plan.tile_origin(tiles.rows, tiles.cols)
-    seconds = time.perf_counter() - start
+    found = slide_features(encoder, path, slide_cfg, mpp, device_dist, batch_size, num_workers, amp)
+    features, plan = found.features, found.plan
     read = {"level": plan.level, "slide_mpp": plan.mpp}
     target = out / f"{path.stem}.h5"
     with atomic_path(target) as tmp:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("features", data=features)
-            f.create_dataset("coords", data=np.stack([x, y], axis=1).astype(np.int64))
+            f.create_dataset("coords", data=found.coords)
             f.attrs["settings"] = json.dumps(settings(encoder, slide_cfg, mpp))
             f.attrs["read"] = json.dumps(read)
             f.attrs["slide"] = str(path)
-            f.attrs["seconds"] = seconds
+            f.attrs["seconds"] = found.seconds
     return {
         "slide": path.stem,
         "path": str(path),
         "tiles": len(features),
         "dim": int(features.shape[1]),
-        "seconds": round(seconds, 2),
-        "reader_wait_s": round(loader.seconds, 2),
+        "seconds": round(found.seconds, 2),
+        "reader_wait_s": round(found.wait_s, 2),
         "status": "done",
     }
 

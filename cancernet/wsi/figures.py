@@ -1,4 +1,5 @@
-"""Slide figures: the heatmap over the thumbnail, and evaluate-slides' page of heatmaps and masks."""
+"""Slide figures: the heatmap (or a MIL model's attention) over the thumbnail, and evaluate-slides'
+page of heatmaps and masks."""
 
 from __future__ import annotations
 
@@ -19,12 +20,12 @@ def _extents(summary: dict) -> tuple[tuple, tuple]:
     return (0, width * mm, height * mm, 0), (0, cols * cell, rows * cell, 0)
 
 
-def draw_overlay(ax, thumb, heatmap: np.ndarray, summary: dict, alpha: float = 0.6):
+def draw_overlay(ax, thumb, heatmap: np.ndarray, summary: dict, alpha: float = 0.6, cmap: str = CMAP):
     slide_extent, map_extent = _extents(summary)
     ax.imshow(np.asarray(thumb), extent=slide_extent)
     image = ax.imshow(
         np.ma.masked_invalid(heatmap),
-        cmap=CMAP,
+        cmap=cmap,
         vmin=0,
         vmax=1,
         alpha=alpha,
@@ -48,6 +49,31 @@ def heatmap_figure(path: Path, thumb, heatmap: np.ndarray, summary: dict) -> Non
         + (f"tumour {area:.3f} mm² at t={summary['threshold']:.3f}" if area is not None else "no operating point"),
         fontsize=10,
     )
+    fig.savefig(path, dpi=110)
+
+
+def attention_figure(path: Path, thumb, attention: np.ndarray, heatmap: np.ndarray | None, summary: dict) -> None:
+    """A MIL model's attention over the thumbnail, beside the patch
+    model's heatmap of the same tiles when the features came from a trained patch model."""
+    width, height = summary["dimensions"]
+    panels = 1 if heatmap is None else 2
+    fig = Figure(figsize=(6.2 * panels + 0.6, max(3.0, 5.0 * height / width + 1.4)), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, panels))
+    # shown as each tile's percentile within the slide (as CLAM draws it): attention weights of a
+    # slide of thousands of tiles are all tiny, and a near-uniform map would show one colour
+    scored = np.isfinite(attention)
+    ranks = np.full(attention.shape, np.nan)
+    ranks[scored] = (np.argsort(np.argsort(attention[scored])) + 1) / max(scored.sum(), 1)
+    image = draw_overlay(axes[0], thumb, ranks, summary, alpha=0.65, cmap="viridis")
+    fig.colorbar(image, ax=axes[0], label="attention percentile within the slide", shrink=0.8)
+    axes[0].set_title(f"attention ({summary['score_kind']}; highest {summary['attention_max']:.3g})", fontsize=9)
+    if heatmap is not None:
+        image = draw_overlay(axes[1], thumb, heatmap, summary)
+        fig.colorbar(image, ax=axes[1], label="P(tumour), patch model", shrink=0.8)
+        axes[1].set_title("patch heatmap (the features' backbone)", fontsize=9)
+    label = summary["slide_label"]
+    verdict = "" if label is None else f" -> {'tumour' if label else 'no tumour'} at t={summary['threshold']:.3f}"
+    fig.suptitle(f"{Path(summary['slide']).name}: P(tumour) {summary['slide_prob']:.3f}{verdict}", fontsize=10)
     fig.savefig(path, dpi=110)
 
 

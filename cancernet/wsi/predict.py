@@ -84,9 +84,17 @@ def train_mpp_of(ckpt: checkpoint.Checkpoint, override: float | None) -> float:
     return float(data["mpp"])
 
 
-def load_scorer(path: str | Path, dist: DistInfo, overrides: list[str], train_mpp: float | None, **kwargs) -> Scorer:
-    """A Scorer for a checkpoint; overrides (slide.*=..., train.progress=...) adjust its config."""
-    predictor = Predictor.load(path, dist, overrides, kwargs.pop("calibrated", True))
+def load_scorer(
+    path: str | Path,
+    dist: DistInfo,
+    overrides: list[str],
+    train_mpp: float | None,
+    ckpt: checkpoint.Checkpoint | None = None,
+    **kwargs,
+) -> Scorer:
+    """A Scorer for a checkpoint (ckpt: as read_on_main read it already); overrides (slide.*=...,
+    train.progress=...) adjust its config."""
+    predictor = Predictor.load(path, dist, overrides, kwargs.pop("calibrated", True), ckpt)
     threshold = kwargs.pop("threshold", None)
     if threshold is None:
         try:

@@ -1,0 +1,244 @@
+"""predict-slide with a slide-level (MIL) checkpoint: each slide's probability, and where the model looked.
+
+The MIL checkpoint's best.pt names the features it was trained on (extract-features' settings:
+the backbone, its weights' fingerprint, the tiles and their resolution, the tissue mask). Per
+slide, those same tiles go through that same backbone (rebuilt and checked against the
+fingerprint), the MIL model reads the bag, and OUT/<slide>/ gets
+
+    slide.json     slide_prob, the label at the checkpoint's validation-chosen operating point,
+                   attention statistics, the top tiles, timings, the settings it was made with
+    tiles.csv      x, y (level-0 corner), row, col, attention (softmax weights: they sum to 1),
+                   and prob: the patch model's P(tumour) when the backbone is a trained checkpoint
+    attention.png  the attention over the thumbnail, beside the patch heatmap when there is one
+    attention.npy  the attention relative to its maximum on the tile grid (NaN outside tissue);
+    heatmap.npy    the patch heatmap on the same grid, when there is one
+    thumbnail.jpg
+
+written to a temporary folder and renamed; a slide done before with the same settings is
+skipped. Slides are dealt out over the ranks (rank r takes slides r, r + world, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from cancernet.config import Config, SlideConfig
+from cancernet.engine import checkpoint
+from cancernet.engine.inference import sha256_of
+from cancernet.engine.predict import autocast
+from cancernet.models.mil import build_mil
+from cancernet.runtime.distributed import DistInfo, gather_objects
+from cancernet.runtime.errors import UserError
+from cancernet.wsi.extract import TISSUE_KEYS, Encoder, SlideFeatures, encoder_of, slide_features
+from cancernet.wsi.predict import RESULT, done_before
+from cancernet.wsi.slide import level0_mpp
+
+log = logging.getLogger(__name__)
+TOP_TILES = 5  # listed in slide.json
+
+
+@dataclass
+class SlideModel:
+    """A MIL checkpoint with the backbone its features came from."""
+
+    model: nn.Module
+    cfg: Config
+    dist: DistInfo
+    checkpoint: str
+    checkpoint_sha256: str
+    encoder: Encoder
+    features: dict  # extract-features' settings the model was trained on
+    threshold: float | None
+    amp: str = "off"
+    batch_size: int = 256
+    num_workers: int = 4
+
+    @property
+    def slide_cfg(self) -> SlideConfig:
+        """Tiles and tissue mask exactly as in the training features."""
+        tissue = {k: v for k, v in self.features.get("tissue", {}).items() if k in TISSUE_KEYS}
+        return dataclasses.replace(SlideConfig(), stride=self.features["stride"], **tissue)
+
+    def settings(self, mpp: float) -> dict:
+        """What a slide's outputs depend on besides the slide (a done slide with the same is skipped)."""
+        return {
+            "checkpoint": str(Path(self.checkpoint).resolve()),
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "features": self.features,
+            "mpp": mpp,
+            "threshold": self.threshold,
+        }
+
+
+def is_mil(ckpt: checkpoint.Checkpoint) -> bool:
+    return ckpt.get("task") == "mil"
+
+
+def load_slide_model(
+    ckpt: checkpoint.Checkpoint,
+    dist: DistInfo,
+    backbone: str | None = None,
+    threshold: float | None = None,
+    **kwargs,
+) -> SlideModel:
+    """ckpt from checkpoint.read_on_main (with its sha256); a collective under torchrun."""
+    made, dim = ckpt.get("features") or {}, ckpt.get("feature_dim")
+    if dim is None or "tile" not in made:
+        raise UserError(
+            f"MIL checkpoint {ckpt.path} was not trained on extract-features' files (its features say "
+            f"{made or 'nothing'}): predict-slide cannot make its inputs"
+        )
+    cfg = ckpt.config()
+    model = build_mil(cfg.model.mil, int(dim)).to(dist.device)
+    checkpoint.load_weights_on_main(ckpt, model, dist)
+    encoder = encoder_of(made, dist, backbone)
+    if threshold is None:
+        point = ckpt.operating_point(False)
+        threshold = None if point is None else float(point["threshold"])
+        if threshold is None:
+            log.warning("MIL checkpoint %s holds no operating point: slides get a probability, no label", ckpt.path)
+    return SlideModel(model.eval(), cfg, dist, str(ckpt.path), ckpt.get("sha256"), encoder, made, threshold, **kwargs)
+
+
+def read_slide_model(path: str, dist: DistInfo, **kwargs) -> SlideModel:
+    ckpt = checkpoint.read_on_main(path, dist, extra=lambda: {"sha256": sha256_of(path)})
+    if not is_mil(ckpt):
+        raise UserError(f"checkpoint {path} is not a slide-level (MIL) model")
+    return load_slide_model(ckpt, dist, **kwargs)
+
+
+def score_bag(sm: SlideModel, features: np.ndarray) -> tuple[float, np.ndarray]:
+    """The slide's probability and each tile's attention weight (softmax: they sum to 1)."""
+    device = sm.dist.device
+    with torch.no_grad(), autocast(device, sm.amp):
+        logit, attention = sm.model(torch.from_numpy(features.astype(np.float32))[None].to(device))
+    weights = torch.softmax(attention.float()[0], 0).cpu().numpy()
+    return float(torch.sigmoid(logit.float()[0])), weights
+
+
+def summarise(sm: SlideModel, path: Path, found: SlideFeatures, prob: float, weights: np.ndarray, mpp: float) -> dict:
+    plan, coords = found.plan, found.coords
+    top = np.argsort(-weights)[:TOP_TILES]
+    entropy = float(-(weights * np.log(np.clip(weights, 1e-12, None))).sum() / max(math.log(len(weights)), 1e-12))
+    label = None if sm.threshold is None else int(prob >= sm.threshold)
+    return {
+        "slide": str(path),
+        "slide_prob": prob,
+        "threshold": sm.threshold,
+        "slide_label": label,
+        "score": prob,  # what slide-level readers (evaluate-slides, aggregate scripts) read
+        "score_kind": f"mil:{sm.cfg.model.mil}",
+        "attention_max": float(weights.max()),
+        "attention_entropy": entropy,
+        "top_tiles": [
+            {"x": int(coords[i, 0]), "y": int(coords[i, 1]), "attention": float(weights[i])}
+            | ({} if found.log_odds is None else {"prob": float(1 / (1 + np.exp(-found.log_odds[i])))})
+            for i in top
+        ],
+        "tiles": int(len(weights)),
+        "seconds": found.seconds,
+        "reader_wait_s": found.wait_s,
+        "mpp": plan.mpp,
+        "tile_mpp": plan.train_mpp,
+        "tile": plan.tile,
+        "level": plan.level,
+        "dimensions": list(plan.dimensions),
+        "grid": list(plan.shape),
+        "cell_um": plan.cell_um,
+        "checkpoint": sm.checkpoint,
+        "backbone": sm.encoder.name,
+        "patch_heatmap": found.log_odds is not None,
+        "settings": sm.settings(mpp),
+    }
+
+
+def write_outputs(target: Path, found: SlideFeatures, weights: np.ndarray, summary: dict) -> None:
+    """Every file into a temporary folder, renamed to target when complete."""
+    from cancernet.wsi.figures import attention_figure
+
+    tiles, plan = found.tiles, found.plan
+    tmp = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    grid = np.full(plan.shape, np.nan, dtype=np.float32)
+    grid[tiles.rows, tiles.cols] = weights / weights.max()
+    np.save(tmp / "attention.npy", grid)
+    frame = pd.DataFrame({"x": found.coords[:, 0], "y": found.coords[:, 1], "row": tiles.rows, "col": tiles.cols})
+    frame["attention"] = weights
+    heatmap = None
+    if found.log_odds is not None:
+        frame["prob"] = 1 / (1 + np.exp(-found.log_odds.astype(np.float64)))
+        heatmap = np.full(plan.shape, np.nan, dtype=np.float32)
+        heatmap[tiles.rows, tiles.cols] = frame["prob"].to_numpy()
+        np.save(tmp / "heatmap.npy", heatmap)
+    frame.to_csv(tmp / "tiles.csv", index=False, float_format="%.6g")
+    found.thumb.save(tmp / "thumbnail.jpg", quality=90)
+    attention_figure(tmp / "attention.png", found.thumb, grid, heatmap, summary)
+    (tmp / RESULT).write_text(json.dumps(summary, indent=2))
+    if target.exists():  # an unfinished attempt's leftovers (complete folders were skipped)
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+
+
+def diagnose_slides(sm: SlideModel, slides: list[Path], out: Path, mpp: float | None = None) -> dict[str, list]:
+    """Each slide not done before (this rank's share); on every rank: every slide's outcome
+    (done / skipped / failed with why). A bad slide costs one line and the others are still done."""
+    dist, out, mine = sm.dist, Path(out), {"done": [], "skipped": [], "failed": []}
+    here = DistInfo(device=dist.device)  # each rank reads all tiles of its own slides
+    for path in slides[dist.rank :: dist.world_size]:
+        target, start = out / path.stem, time.perf_counter()
+        try:
+            slide_mpp = level0_mpp(path, mpp)
+            if done_before(target, sm.settings(slide_mpp)) == "skipped":
+                log.info("slide %s: done before (%s), skipped", path, target / RESULT)
+                mine["skipped"].append(path)
+                continue
+            found = slide_features(
+                sm.encoder,
+                path,
+                sm.slide_cfg,
+                mpp,
+                here,
+                sm.batch_size,
+                sm.num_workers,
+                sm.amp,
+                scores=sm.encoder.source == "checkpoint",
+            )
+        except UserError as e:
+            log.error("%s", e)
+            mine["failed"].append((path, str(e)))
+            continue
+        prob, weights = score_bag(sm, found.features)
+        summary = summarise(sm, path, found, prob, weights, slide_mpp)
+        summary["seconds"] = time.perf_counter() - start
+        write_outputs(target, found, weights, summary)
+        log.info(
+            "slide %s: %d tiles in %.1fs (reader wait %.0f%%); P(tumour) %.3f%s, highest attention %.3f -> %s",
+            path.name,
+            summary["tiles"],
+            summary["seconds"],
+            100 * found.wait_s / max(summary["seconds"], 1e-9),
+            prob,
+            "" if summary["slide_label"] is None else f" -> {'tumour' if summary['slide_label'] else 'no tumour'}",
+            summary["attention_max"],
+            target,
+        )
+        mine["done"].append(path)
+    every = {k: [] for k in mine}
+    for part in gather_objects(mine, dist):
+        for k, v in part.items():
+            every[k] += v
+    return every

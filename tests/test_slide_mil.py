@@ -1,0 +1,130 @@
+"""The whole slide-level path: slides -> extract-features -> a MIL run -> predict-slide with its best.pt."""
+
+import json
+import shutil
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from test_wsi import predict
+
+from cancernet.wsi.synthetic import write_slide_set
+
+from conftest import CONFIGS
+
+pytestmark = pytest.mark.slow
+
+
+def patch_checkpoint(path, seed: int):
+    """A patch model's best.pt (untrained weights of `seed`): the features' backbone."""
+    from cancernet.config import Config
+    from cancernet.engine import checkpoint
+    from cancernet.models.classifier import build_for_weights
+
+    cfg = Config()
+    cfg.model.arch, cfg.data.image_size, cfg.data.mpp = "resnet18", 48, 0.972
+    torch.manual_seed(seed)
+    checkpoint.save(path, {"model": build_for_weights(cfg).state_dict(), "config": cfg.to_dict()})
+    return path
+
+
+@pytest.fixture(scope="module")
+def slide_run(tmp_path_factory):
+    """12 synthetic slides, their features from a patch checkpoint's backbone, a 2-epoch ABMIL run."""
+    import dataclasses
+
+    from cancernet.config import SlideConfig, load_config
+    from cancernet.runtime.distributed import DistInfo, session
+    from cancernet.train.runner import run
+    from cancernet.wsi.extract import extract_features, load_encoder
+    from cancernet.wsi.predict import list_slides
+
+    root = tmp_path_factory.mktemp("slide_mil")
+    write_slide_set(root, 12, rows=24, cols=32, seed=3)
+    backbone = patch_checkpoint(root / "patch.pt", seed=0)
+    encoder = load_encoder(DistInfo(), str(backbone))
+    slide_cfg = dataclasses.replace(SlideConfig(), stride=encoder.tile)
+    rows = extract_features(encoder, list_slides([root / "slides"]), root / "feats", DistInfo(), slide_cfg, None, 64, 0)
+    assert all(r["status"] == "done" for r in rows)
+    cfg = load_config(
+        CONFIGS / "mil.yaml",
+        [
+            f"data.features={root / 'feats'}",
+            f"data.slides_csv={root / 'slides.csv'}",
+            f"train.out_dir={root / 'run'}",
+            "train.device=cpu",
+            "train.amp=off",
+            "data.num_workers=0",
+            "train.epochs=2",
+            "data.val_fraction=0.25",
+            "data.test_fraction=0.25",
+            "report.bootstrap=50",
+        ],
+    )
+    with session("cpu") as dist:
+        assert run(cfg, dist) == "done"
+    return root
+
+
+def test_predict_slide_gives_the_runs_slide_probability_and_attention_beside_the_patch_heatmap(
+    slide_run, tmp_path, capsys, monkeypatch
+):
+    best = slide_run / "run" / "checkpoints" / "best.pt"
+    test = pd.read_csv(slide_run / "run" / "predictions" / "test.csv")
+    slides = [slide_run / "slides" / f"{s}.tif" for s in test["id"]]
+    code, log, err = predict(capsys, monkeypatch, best, tmp_path / "out", *slides, "--batch-size", "64")
+    assert code == 0, err
+    threshold = torch.load(best, weights_only=True)["operating_point"]["threshold"]
+    for row in test.itertuples():
+        folder = tmp_path / "out" / row.id
+        summary = json.loads((folder / "slide.json").read_text())
+        # the same tiles through the same backbone: the run's own test prediction of this slide (up to
+        # float16 features rounding one way or the other)
+        assert summary["slide_prob"] == pytest.approx(row.prob, abs=1e-3)
+        assert summary["threshold"] == threshold and summary["slide_label"] == int(row.prob >= threshold)
+        tiles = pd.read_csv(folder / "tiles.csv")
+        with h5py.File(slide_run / "feats" / f"{row.id}.h5") as f:
+            assert (tiles[["x", "y"]].to_numpy() == f["coords"][:]).all()
+        # the attention weights sum to one; the run's top tile is (to rounding) the top one here too
+        assert tiles["attention"].sum() == pytest.approx(1, abs=1e-4)
+        assert tiles["attention"].max() == pytest.approx(row.attention_max, abs=1e-4) == summary["attention_max"]
+        assert tiles["attention"][row.top_tile] == pytest.approx(row.attention_max, abs=1e-4)
+        # the backbone is a trained patch model: its own P(tumour) of each tile, as a heatmap beside
+        heatmap, attention = np.load(folder / "heatmap.npy"), np.load(folder / "attention.npy")
+        assert heatmap.shape == attention.shape and np.isfinite(attention).sum() == len(tiles) == summary["tiles"]
+        assert np.allclose(np.sort(heatmap[np.isfinite(heatmap)]), np.sort(tiles["prob"]), atol=1e-5)
+        assert np.nanmax(attention) == 1.0 and (folder / "attention.png").stat().st_size > 10_000
+    code, log, _ = predict(capsys, monkeypatch, best, tmp_path / "out", *slides)
+    assert code == 0 and f"0 done, {len(slides)} done before" in log  # a rerun skips what is done
+
+
+def test_a_backbone_changed_since_extraction_is_refused_and_backbone_points_to_the_right_one(
+    slide_run, tmp_path, capsys, monkeypatch
+):
+    best = slide_run / "run" / "checkpoints" / "best.pt"
+    slide = slide_run / "slides" / "slide_000.tif"
+    moved = tmp_path / "kept.pt"
+    shutil.copy(slide_run / "patch.pt", moved)
+    patch_checkpoint(slide_run / "patch.pt", seed=1)  # retrained at the same path
+    try:
+        code, _, err = predict(capsys, monkeypatch, best, tmp_path / "a", slide)
+        assert code == 2 and "fingerprint" in err and "not the one the features were made with" in err, err
+        code, _, err = predict(capsys, monkeypatch, best, tmp_path / "b", slide, "--backbone", moved)
+        assert code == 0, err
+        assert (tmp_path / "b" / "slide_000" / "slide.json").is_file()
+    finally:
+        shutil.copy(moved, slide_run / "patch.pt")
+
+
+def test_patch_only_options_and_patch_commands_refuse_a_mil_checkpoint(slide_run, tmp_path, capsys, monkeypatch):
+    from cancernet.engine.inference import Predictor
+    from cancernet.runtime.distributed import DistInfo
+    from cancernet.runtime.errors import UserError
+
+    best = slide_run / "run" / "checkpoints" / "best.pt"
+    code, _, err = predict(capsys, monkeypatch, best, tmp_path / "a", slide_run / "slides", "--tta", "--geojson")
+    assert code == 2 and "--tta, --geojson: not for a slide-level (MIL) checkpoint" in err, err
+    with pytest.raises(UserError, match="is a slide-level \\(MIL\\) model.*predict-slide"):
+        Predictor.load(best, DistInfo())
