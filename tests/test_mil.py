@@ -202,3 +202,32 @@ def test_two_ranks_train_one_model_over_the_bags(bags, tmp_path):
     assert metrics["n"] == 48 and len(pd.read_csv(tmp_path / "run" / "summary.csv")) == 4
     # each epoch: 80 training bags = 40 steps of two bags, one per rank
     assert pd.read_csv(tmp_path / "run" / "summary.csv")["samples_seen"].tolist() == [80, 160, 240, 320]
+
+
+def test_aggregate_over_folds_gives_the_spread_and_the_out_of_fold_slide_auc(bags, tmp_path):
+    from cancernet.evaluate.aggregate import aggregate
+
+    runs = [tmp_path / f"fold{k}" for k in range(2)]
+    for k, out in enumerate(runs):
+        assert (
+            mil_run(
+                bags,
+                out,
+                "model.mil=abmil",
+                "train.epochs=4",
+                "data.val_fraction=0.15",
+                "data.folds=2",
+                f"data.fold={k}",
+            )
+            == "done"
+        )
+    summary = aggregate(runs, tmp_path / "agg")
+    each = [json.loads((r / "report" / "metrics.json").read_text()) for r in runs]
+    auc = summary["metrics"]["roc_auc"]
+    assert auc["values"] == [m["roc_auc"] for m in each] and auc["sd"] == pytest.approx(np.std(auc["values"], ddof=1))
+    assert all(0 <= m["brier"] <= 1 for m in each) and summary["metrics"]["brier"]["mean"] > 0
+    # every train+val slide scored once, by the fold that did not train on it; a patient's slides together
+    val = summary["validation"]
+    assert val["unit"] == "slides" and val["kind"].startswith("out-of-fold: every train+val slide once")
+    assert val["patches"] == val["unique_patches"] == 160 - each[0]["n"]
+    assert (tmp_path / "agg" / "aggregate.html").read_text().count("slides") >= 1

@@ -20,8 +20,17 @@ from cancernet.evaluate.metrics import CALIBRATION, HEADLINE, METRICS, OPERATING
 from cancernet.runtime.atomic import atomic_path, write_text
 from cancernet.runtime.errors import UserError
 
-# what may differ between the runs of one aggregate (the seed and fold, and where each run lives)
-MAY_DIFFER = {"train.seed", "data.fold", "train.out_dir", "train.resume", "train.overwrite", "wandb.name"}
+# what may differ between the runs of one aggregate (the seed and fold, where each run lives, how it read)
+MAY_DIFFER = {
+    "train.seed",
+    "data.fold",
+    "train.out_dir",
+    "train.resume",
+    "train.overwrite",
+    "wandb.name",
+    "data.num_workers",  # how the data is read, not what: results do not depend on it
+    "train.progress",
+}
 SUMMARISED = (*HEADLINE, *CALIBRATION)  # each run's, at 0.5; and OPERATING at its val-chosen threshold
 
 
@@ -84,13 +93,15 @@ def aggregate(roots: list[str | Path], out: str | Path) -> dict:
     pooled = pd.concat([r["val"] for r in runs])
     folds = per_run["fold"].tolist()
     oof = len(set(folds)) == len(folds) and int(runs[0]["config"]["data"].get("folds", 1)) == len(folds)
+    one, many = ("slide", "slides") if runs[0]["metrics"].get("level") == "slide" else ("patch", "patches")
     summary["validation"] = {
         "pooled_auc": roc_auc(pooled["label"].to_numpy(), pooled["prob"].to_numpy()),
-        "patches": len(pooled),
+        "unit": many,  # MIL runs score slides
+        "patches": len(pooled),  # of the unit (the key kept for readers of older files)
         "unique_patches": int(pooled["id"].nunique()),
-        "kind": "out-of-fold: every train+val patch once, scored by the run that did not train on it"
+        "kind": f"out-of-fold: every train+val {one} once, scored by the run that did not train on it"
         if oof
-        else "pooled over the runs (patches may repeat: seeds share their validation split)",
+        else f"pooled over the runs ({many} may repeat: seeds share their validation split)",
     }
     summary["per_run"] = rows
     out = Path(out)
@@ -129,6 +140,7 @@ def _page(summary: dict) -> str:
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>cancernet aggregate</title></head><body>"
         f"<h1>{summary['runs']} runs</h1><p>validation AUC {val['pooled_auc']:.4f} ({html.escape(val['kind'])}; "
-        f"{val['unique_patches']} patches)</p><table border=1><tr><th>metric</th><th>mean</th><th>SD</th>"
-        f"<th>per run</th></tr>{rows}</table><img src='aggregate.png'></body></html>\n"
+        f"{val['unique_patches']} {val.get('unit', 'patches')})</p>"
+        "<table border=1><tr><th>metric</th><th>mean</th><th>SD</th><th>per run</th></tr>"
+        f"{rows}</table><img src='aggregate.png'></body></html>\n"
     )

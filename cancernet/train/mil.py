@@ -36,7 +36,7 @@ from cancernet.engine.predict import autocast
 from cancernet.engine.rundir import RunDir, prepare_run_dir
 from cancernet.evaluate import plots, report
 from cancernet.evaluate.evaluation import operating_point
-from cancernet.evaluate.metrics import METRICS
+from cancernet.evaluate.metrics import CALIBRATION, METRICS
 from cancernet.models.mil import build_mil
 from cancernet.runtime.atomic import atomic_path, write_text
 from cancernet.runtime.distributed import (
@@ -384,6 +384,7 @@ def test_report(cfg: Config, dist: DistInfo, run_dir: RunDir, bags: dict, model,
         run={"task": "mil", "mil": cfg.model.mil, "best_epoch": best.epoch, "slides": len(test)},
     )
     del metrics["classification_report"]
+    metrics.update({k: METRICS[k](test["label"], test["prob"]) for k in CALIBRATION}, temperature=1.0)
     run_dir.report.mkdir(parents=True, exist_ok=True)
     write_text(run_dir.metrics, json.dumps(metrics, indent=1, default=float))
     for name, figure in (
