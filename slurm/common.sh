@@ -1,7 +1,7 @@
 # Sourced by slurm/*.sbatch: run directory, processes per node, signal forwarding and requeue.
 # Uses the Python environment active at submission (sbatch passes it on); installs nothing.
 
-CANCERNET_HOME=${CANCERNET_HOME:-$SLURM_SUBMIT_DIR}
+source "${CANCERNET_HOME:-$SLURM_SUBMIT_DIR}/slurm/env.sh"  # CANCERNET_HOME, PYTHONPATH, NPROC_PER_NODE
 CONFIG=${1:?usage: sbatch slurm/<script>.sbatch CONFIG [key=value ...]}
 shift
 OVERRIDES=("$@")
@@ -12,14 +12,6 @@ MAX_RESTARTS=${MAX_RESTARTS:-3}   # torchrun restarts the worker group this ofte
 # keep it below the warning's lead (--signal=B:USR1@120) and the cluster's preemption grace time.
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${STOP_TIMEOUT:-90}
 # cancernet.cli.launch = torchrun that survives the repeated TERM of a preemption (cancernet/cli/launch.py)
-export PYTHONPATH="$CANCERNET_HOME${PYTHONPATH:+:$PYTHONPATH}"
-
-if [[ -z "${NPROC_PER_NODE:-}" ]]; then  # one process per GPU Slurm gave this node
-  if [[ -n "${SLURM_GPUS_ON_NODE:-}" ]]; then NPROC_PER_NODE=$SLURM_GPUS_ON_NODE
-  elif [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then NPROC_PER_NODE=$(tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | wc -l)
-  else NPROC_PER_NODE=1
-  fi
-fi
 
 # node-local disk where the cluster gives one: each node copies the pack there once and reads it
 # from there (data.stage_dir; an override on the command line wins)

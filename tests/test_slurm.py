@@ -31,8 +31,11 @@ def cluster(tmp_path_factory):
     c.stop()
 
 
-def sbatch(cluster, tmp_path, script, *args, sbatch_args=(), nproc=2, env=None):
-    """Submit from a scratch folder with this checkout's Python first on PATH; returns the job id."""
+def sbatch(
+    cluster, tmp_path, script, *args, sbatch_args=(), nproc=2, env=None, config=ROOT / "configs" / "cpu_test.yaml"
+):
+    """Submit from a scratch folder with this checkout's Python first on PATH; returns the job id.
+    config: the script's first argument (None: args are all)."""
     env = {
         "NPROC_PER_NODE": str(nproc),
         "CANCERNET_HOME": str(ROOT),
@@ -48,7 +51,7 @@ def sbatch(cluster, tmp_path, script, *args, sbatch_args=(), nproc=2, env=None):
         f"--output={tmp_path}/%j.out",
         *sbatch_args,
         str(ROOT / "slurm" / script),
-        str(ROOT / "configs" / "cpu_test.yaml"),
+        *([str(config)] if config else []),
         *args,
         env=env,
         cwd=tmp_path,
@@ -201,3 +204,43 @@ def test_an_array_of_folds_runs_one_resumable_run_per_task_and_aggregates(cluste
     assert not (vals[0] & vals[1]) and not (vals[1] & vals[2])  # each task validated on its own fold
     summary = aggregate(runs, tmp_path / "aggregate")
     assert summary["runs"] == 3 and summary["validation"]["kind"].startswith("out-of-fold")
+
+
+def test_an_extraction_array_splits_the_slides_over_its_tasks_and_a_resubmission_skips_them(cluster, tmp_path):
+    """slurm/extract.sbatch as a 2-task array over 5 slides: task 0 takes slides 0, 2, 4, task 1
+    slides 1, 3; the same array submitted again finds every file done."""
+    from cancernet.wsi.synthetic import write_slide_set
+
+    write_slide_set(tmp_path / "set", 5, rows=12, cols=16, seed=0)
+    feats = tmp_path / "feats"
+    args = (tmp_path / "set" / "slides", "--out", feats, "--arch", "resnet18", "model.pretrained=none")
+    parts = [feats / f"slides.{k}-of-2.csv" for k in range(2)]
+    for attempt in range(2):
+        for p in parts:
+            p.unlink(missing_ok=True)
+        job = sbatch(
+            cluster,
+            tmp_path,
+            "extract.sbatch",
+            *map(str, args),
+            "--device",
+            "cpu",
+            "--num-workers",
+            "0",
+            sbatch_args=("--array=0-1", f"--output={tmp_path}/%A_%a.out"),
+            nproc=1,
+            config=None,
+        )
+        deadline = time.time() + 240
+        while cluster.run("squeue", "-h", "-j", job, "-o", "%T").stdout.split():
+            assert time.time() < deadline, [p.read_text()[-2000:] for p in tmp_path.glob("*.out")]
+            time.sleep(0.5)
+        logs = [p.read_text()[-2000:] for p in tmp_path.glob(f"{job}_*.out")]
+        assert all(p.is_file() for p in parts), logs
+        listed = [pd.read_csv(p) for p in parts]
+        assert [sorted(f["slide"]) for f in listed] == [
+            ["slide_000", "slide_002", "slide_004"],
+            ["slide_001", "slide_003"],
+        ]
+        assert {s for f in listed for s in f["status"]} == ({"done"} if attempt == 0 else {"skipped"}), logs
+    assert sorted(p.stem for p in feats.glob("*.h5")) == [f"slide_{i:03d}" for i in range(5)]

@@ -172,6 +172,7 @@ def cmd_extract_features(args) -> int:
             args.batch_size,
             args.num_workers,
             amp,
+            args.part,
         )
         failed = [r for r in rows if r["status"] == "failed"]
         if dist.is_main:
@@ -205,6 +206,18 @@ def cmd_synth_slides(args) -> int:
         time.perf_counter() - start,
     )
     return 0
+
+
+def _part(text: str) -> tuple[int, int]:
+    import argparse
+
+    try:
+        k, n = map(int, text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not K/N (e.g. 0/8)") from None
+    if not 0 <= k < n:
+        raise argparse.ArgumentTypeError(f"{text}: K must be 0..N-1")
+    return k, n
 
 
 def _slide_options(p) -> None:
@@ -285,6 +298,13 @@ def register(sub) -> None:
         help="tile side in px (default: 96 for a checkpoint, else the weights' input size)",
     )
     p.add_argument("--stride", type=int, default=None, help="tile step in px (default: the tile: non-overlapping)")
+    p.add_argument(
+        "--part",
+        type=_part,
+        default=(0, 1),
+        metavar="K/N",
+        help="only slides K, K+N, K+2N, ... of the sorted list: task K of a Slurm array of N (slurm/extract.sbatch)",
+    )
     slide_mpp_option(p)
     device_options(p, "slide-reading processes")
     takes_overrides(p, "model.pretrained=none")

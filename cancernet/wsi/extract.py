@@ -284,14 +284,17 @@ def extract_features(
     batch_size: int = 256,
     num_workers: int = 4,
     amp: str = "off",
+    part: tuple[int, int] = (0, 1),
 ) -> list[dict]:
-    """Every slide not done before, dealt out over the ranks; rank 0 writes slides.csv. Returns
-    every slide's row (on every rank); a failed slide's row says why."""
+    """Every slide not done before of this job's part (k, n): slides k, k + n, ... (a Slurm array's
+    task k of n), dealt out over the ranks; rank 0 writes slides.csv (slides.<k>-of-<n>.csv for a
+    part). Returns every slide's row of the part (on every rank); a failed slide's row says why."""
     out.mkdir(parents=True, exist_ok=True)
     wanted = settings(encoder, slide_cfg, mpp)
     here = DistInfo(device=dist.device)  # each rank reads all tiles of its own slides
+    k, n = part
     rows = []
-    for path in slides[dist.rank :: dist.world_size]:
+    for path in slides[k::n][dist.rank :: dist.world_size]:
         before = _done_before(out / f"{path.stem}.h5", wanted)
         if before is not None:
             log.info("slide %s: done before, skipped", path.name)
@@ -315,5 +318,5 @@ def extract_features(
     every = [r for part in gather_objects(rows, dist) for r in part]
     if dist.is_main:
         frame = pd.DataFrame(every).sort_values("slide")
-        write_text(out / "slides.csv", frame.to_csv(index=False))
+        write_text(out / ("slides.csv" if n == 1 else f"slides.{k}-of-{n}.csv"), frame.to_csv(index=False))
     return every
