@@ -68,32 +68,54 @@ def slide_table(d) -> pd.DataFrame:
 
 
 class Bags(Dataset):
-    """Item i: (features (n, D) float32, label, i) of slide i. With max_instances (training), at
-    most that many of its tiles, drawn without replacement from (seed, epoch, i): the same draw on
-    every rank and after a resume."""
+    """Item i, or (i, epoch): (features (n, D) float16 as stored, label, i) of slide i. With
+    max_instances (training), at most that many of its tiles, drawn without replacement from
+    (seed, epoch, i): the same draw on every rank and after a resume. The epoch comes with the
+    index, so persistent loader workers need not be told it."""
 
     def __init__(self, folder: str | Path, ids: list[str], labels: np.ndarray, max_instances=None, seed: int = 0):
         self.folder, self.ids = Path(folder), list(ids)
         self.labels = torch.tensor(np.asarray(labels), dtype=torch.int64)
-        self.max_instances, self.seed, self.epoch = max_instances, seed, 0
+        self.max_instances, self.seed = max_instances, seed
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __getitem__(self, i: int):
+    def __getitem__(self, key: int | tuple[int, int]):
         import h5py
 
+        i, epoch = key if isinstance(key, tuple) else (key, 0)
         with h5py.File(self.folder / f"{self.ids[i]}.h5", "r") as f:
             n = f["features"].shape[0]
             if self.max_instances and n > self.max_instances:
-                rng = np.random.default_rng([self.seed, self.epoch, i])
+                rng = np.random.default_rng([self.seed, epoch, i])
                 feats = f["features"][np.sort(rng.choice(n, self.max_instances, replace=False))]
             else:
                 feats = f["features"][:]
-        return torch.from_numpy(feats.astype(np.float32)), self.labels[i], i
+        return torch.from_numpy(feats), self.labels[i], i  # float16: half the bytes from the workers
+
+
+class Order(Sampler):
+    """A loader's order, set before each pass (a persistent-worker loader keeps its sampler)."""
+
+    def __init__(self, items=()):
+        self.items = list(items)
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def bag_loader(bags: Bags, sampler, num_workers: int):
+    """One bag at a time; the workers (fork server) live as long as the loader."""
+    from torch.utils.data import DataLoader
+
+    from cancernet.runtime.signals import loader_workers
+
+    workers = loader_workers(num_workers)
+    return DataLoader(bags, batch_size=None, sampler=sampler, persistent_workers=num_workers > 0, **workers)
 
 
 class BalancedBags(Sampler):

@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from cancernet.config import Config, parse_duration, resolved_yaml
-from cancernet.data.bags import Bags, BalancedBags, slide_table
+from cancernet.data.bags import Bags, BalancedBags, Order, bag_loader, slide_table
 from cancernet.data.datasets import ShardSampler
 from cancernet.data.splits import make_splits, reuse_splits
 from cancernet.engine import checkpoint
@@ -47,7 +47,7 @@ from cancernet.runtime.distributed import (
     broadcast_object,
     gather_objects,
 )
-from cancernet.runtime.signals import StopFlag, loader_workers, stop_on_signals
+from cancernet.runtime.signals import StopFlag, stop_on_signals
 from cancernet.train.budget import SAFETY, Shape, plan_length
 from cancernet.train.ema import ModelEma
 from cancernet.train.optim import LrSchedule, effective_lr
@@ -82,18 +82,20 @@ def _features(cfg: Config, slide: str) -> tuple[int, dict]:
         return int(f["features"].shape[1]), json.loads(f.attrs.get("settings", "{}"))
 
 
-def score_bags(model, bags: Bags, dist: DistInfo, amp: str, workers: int) -> pd.DataFrame:
-    """Every bag of `bags` once over the ranks, all its tiles; on every rank: index, logit, loss,
-    and the attention statistics (max, and its entropy relative to uniform)."""
-    loader = DataLoader(
-        bags, batch_size=None, sampler=ShardSampler(len(bags), dist.rank, dist.world_size), **loader_workers(workers)
-    )
-    rows = []
+def scoring_loader(bags: Bags, dist: DistInfo, workers: int) -> DataLoader:
+    """Every bag once over the ranks (contiguous shards); kept for the run (persistent workers)."""
+    return bag_loader(bags, ShardSampler(len(bags), dist.rank, dist.world_size), workers)
+
+
+def score_bags(model, loader: DataLoader, dist: DistInfo, amp: str) -> pd.DataFrame:
+    """Every bag of a scoring_loader, all its tiles; on every rank: index, logit, loss, and the
+    attention statistics (max, and its entropy relative to uniform)."""
+    bags, rows = loader.dataset, []
     model.eval()
     with torch.no_grad():
         for feats, label, i in loader:
             with autocast(dist.device, amp):
-                logit, attention = model(feats[None].to(dist.device))
+                logit, attention = model(feats[None].to(dist.device, non_blocking=True).float())
             logit = float(logit.float()[0])
             weights = torch.softmax(attention.float()[0], 0)
             entropy = float(-(weights * weights.clamp_min(1e-12).log()).sum() / max(math.log(len(weights)), 1e-12))
@@ -145,6 +147,9 @@ def run(cfg: Config, dist: DistInfo, stop: StopFlag | None = None, on_epoch_end=
         if dist.is_distributed:
             wrapped = DDP(wrapped, device_ids=[dist.device] if dist.device.type == "cuda" else None)
         sampler = BalancedBags(part["train"]["tiles"].to_numpy(), dist.rank, dist.world_size, cfg.train.seed)
+        train_order = Order()  # this epoch's (bag, epoch) of this rank, from the sampler
+        loader = bag_loader(bags["train"], train_order, cfg.data.num_workers)
+        scoring = {s: scoring_loader(bags[s], dist, cfg.data.num_workers) for s in ("val", "test")}
         per_epoch = len(sampler) * dist.world_size
         plan = RunPlan(per_epoch, cfg.train.epochs)
         window = dist.world_size * cfg.train.grad_accum
@@ -200,24 +205,19 @@ def run(cfg: Config, dist: DistInfo, stop: StopFlag | None = None, on_epoch_end=
             while state["epoch"] < plan.epochs:
                 epoch, start = state["epoch"], time.perf_counter()
                 sampler.set_epoch(epoch)
-                bags["train"].set_epoch(epoch)
                 order = list(sampler)
                 end = plan.end_in(epoch)  # a time budget's last epoch may end early
                 order = order[: end // dist.world_size] if end is not None else order
                 mid = state["mid_epoch"] or {"steps": 0, "loss": 0.0}
-                loader = DataLoader(
-                    bags["train"],
-                    batch_size=None,
-                    sampler=order[mid["steps"] :],
-                    **loader_workers(cfg.data.num_workers),
-                )
+                train_order.items = [(i, epoch) for i in order[mid["steps"] :]]
                 wrapped.train()
                 # the loss sum of the bags trained before a stop comes back once, on rank 0
                 total = torch.tensor(mid["loss"] if dist.is_main else 0.0, device=dist.device)
                 steps, stopped = mid["steps"], False
                 for feats, label, _ in loader:
+                    feats = feats[None].to(dist.device, non_blocking=True).float()
                     with autocast(dist.device, amp):
-                        _, loss = wrapped(feats[None].to(dist.device), label[None].to(dist.device))
+                        _, loss = wrapped(feats, label[None].to(dist.device))
                     (loss / cfg.train.grad_accum).backward()
                     total += loss.detach().float()
                     steps += 1
@@ -247,7 +247,7 @@ def run(cfg: Config, dist: DistInfo, stop: StopFlag | None = None, on_epoch_end=
                     return "stopped"
                 train_s = time.perf_counter() - start
                 start = time.perf_counter()
-                val = score_bags(scorer, bags["val"], dist, amp, cfg.data.num_workers)
+                val = score_bags(scorer, scoring["val"], dist, amp)
                 row = {
                     "epoch": epoch + 1,
                     "train_loss": float(all_reduce_sum(total, dist)) / max(steps * dist.world_size, 1),
@@ -303,7 +303,7 @@ def run(cfg: Config, dist: DistInfo, stop: StopFlag | None = None, on_epoch_end=
                     return "stopped"
             writer.wait()
             barrier(dist)
-            test_report(cfg, dist, run_dir, bags, model, amp, tracker)
+            test_report(cfg, dist, run_dir, scoring, model, amp, tracker)
             return "done"
         finally:
             writer.wait()
@@ -353,11 +353,11 @@ class Loss(torch.nn.Module):
         return self.model.loss(X, y)
 
 
-def test_report(cfg: Config, dist: DistInfo, run_dir: RunDir, bags: dict, model, amp: str, tracker) -> dict | None:
+def test_report(cfg: Config, dist: DistInfo, run_dir: RunDir, scoring: dict, model, amp: str, tracker) -> dict | None:
     """best.pt on validation (the threshold) and test: per-slide predictions, metrics.json, figures."""
     best = checkpoint.load_on_main(run_dir.best, model, dist)
-    val = score_bags(model, bags["val"], dist, amp, cfg.data.num_workers)
-    test = score_bags(model, bags["test"], dist, amp, cfg.data.num_workers)
+    val = score_bags(model, scoring["val"], dist, amp)
+    test = score_bags(model, scoring["test"], dist, amp)
     if not dist.is_main:
         return None
     if val["label"].nunique() == 2:  # stored in best.pt: predict-slide labels new slides with it
