@@ -128,3 +128,45 @@ def test_patch_only_options_and_patch_commands_refuse_a_mil_checkpoint(slide_run
     assert code == 2 and "--tta, --geojson: not for a slide-level (MIL) checkpoint" in err, err
     with pytest.raises(UserError, match="is a slide-level \\(MIL\\) model.*predict-slide"):
         Predictor.load(best, DistInfo())
+
+
+def test_evaluate_slides_scores_new_labelled_slides_by_slide_prob_and_the_attention_against_masks(
+    slide_run, tmp_path, capsys, monkeypatch
+):
+    from sklearn.metrics import roc_auc_score
+    from test_wsi import run_cli
+
+    best = slide_run / "run" / "checkpoints" / "best.pt"
+    code, _, err = run_cli(
+        capsys,
+        monkeypatch,
+        "evaluate-slides",
+        "--checkpoint",
+        best,
+        "--slides",
+        slide_run / "slides",
+        "--labels",
+        slide_run / "slides.csv",
+        "--masks",
+        slide_run / "masks",
+        "--mask-downsample",
+        "16",
+        "--out",
+        tmp_path / "ev",
+        "--device",
+        "cpu",
+        "--num-workers",
+        "0",
+    )
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "ev" / "slides.json").read_text())
+    assert metrics["slides"] == 12 and metrics["score"] == "mil:abmil" and metrics["cells_scored_by"] == "attention"
+    # the slide AUC is that of each slide's own slide.json probability
+    labels = pd.read_csv(slide_run / "slides.csv")
+    folders = [tmp_path / "ev" / s.removesuffix(".tif") for s in labels["slide"]]
+    probs = [json.loads((f / "slide.json").read_text())["slide_prob"] for f in folders]
+    assert metrics["slide_auc"] == pytest.approx(roc_auc_score(labels["label"], probs))
+    assert metrics["slide_auc_ci"][0] <= metrics["slide_auc"] <= metrics["slide_auc_ci"][1]
+    # cells: the attention against the tumour masks, over every tissue tile of the slides
+    assert 0 < metrics["cells_tumour"] < metrics["cells"] and 0 <= metrics["cell_auc"] <= 1
+    assert (tmp_path / "ev" / "slides_report.png").is_file() and (tmp_path / "ev" / "slides_roc.png").is_file()

@@ -97,9 +97,17 @@ def _diagnose(args, dist, ckpt) -> dict:
     probability and the attention map (wsi/diagnose.py)."""
     from pathlib import Path
 
-    from cancernet.engine.numerics import resolve_amp
-    from cancernet.wsi.diagnose import diagnose_slides, load_slide_model
+    from cancernet.wsi.diagnose import diagnose_slides
     from cancernet.wsi.predict import list_slides
+
+    model = _slide_model(args, dist, ckpt)
+    return diagnose_slides(model, list_slides(args.slides), Path(args.out), args.mpp)
+
+
+def _slide_model(args, dist, ckpt):
+    """A MIL checkpoint with its features' backbone; patch-only options are refused."""
+    from cancernet.engine.numerics import resolve_amp
+    from cancernet.wsi.diagnose import load_slide_model
 
     given = [flag for key, flag in PATCH_ONLY.items() if flag and getattr(args, key, None)]
     if given:
@@ -108,7 +116,7 @@ def _diagnose(args, dist, ckpt) -> dict:
             "were made from; for a tumour map or regions, run predict-slide with a patch checkpoint"
         )
     amp, _ = resolve_amp(args.amp, dist.device)
-    model = load_slide_model(
+    return load_slide_model(
         ckpt,
         dist,
         backbone=args.backbone,
@@ -117,7 +125,6 @@ def _diagnose(args, dist, ckpt) -> dict:
         batch_size=args.batch_size,
         num_workers=args.num_workers,
     )
-    return diagnose_slides(model, list_slides(args.slides), Path(args.out), args.mpp)
 
 
 def cmd_evaluate_slides(args) -> int:
@@ -128,7 +135,8 @@ def cmd_evaluate_slides(args) -> int:
 
     with session(args.device, "auto") as dist:
         setup_logging(dist.rank)
-        scorer = _scorer(args, dist)
+        ckpt = _checkpoint(args, dist)
+        scorer = _slide_model(args, dist, ckpt) if ckpt.get("task") == "mil" else _scorer(args, dist, ckpt)
         metrics = evaluate_slides(
             scorer,
             Path(args.slides),
@@ -245,6 +253,11 @@ def _slide_options(p) -> None:
         help="for the tumour area (default: the checkpoint's validation-chosen operating point)",
     )
     calibration_option(p)
+    p.add_argument(
+        "--backbone",
+        default=None,
+        help="a MIL checkpoint's feature backbone checkpoint, where it is now if it moved (checked by fingerprint)",
+    )
     device_options(p, "slide-reading processes")
     p.add_argument("--progress", choices=["auto", "on", "off"], default=None)
     takes_overrides(p, "slide.score=max")
@@ -258,11 +271,6 @@ def register(sub) -> None:
     )
     p.add_argument("slides", nargs="+", help="slide files or folders of slides")
     _slide_options(p)
-    p.add_argument(
-        "--backbone",
-        default=None,
-        help="a MIL checkpoint's feature backbone checkpoint, where it is now if it moved (checked by fingerprint)",
-    )
     p.set_defaults(func=cmd_predict_slide)
     p = sub.add_parser(
         "evaluate-slides",

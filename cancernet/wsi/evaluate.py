@@ -1,5 +1,7 @@
 """evaluate-slides: slide-level ROC AUC (bootstrap CI over slides) and, against tumour masks,
-cell-level AUC, with a page of heatmaps beside the masks."""
+cell-level AUC, with a page of heatmaps beside the masks. A patch checkpoint's slides are scored by
+their heatmap (slide.score) and its cells by P(tumour); a MIL checkpoint's slides by its slide
+probability and its cells by the attention (how well it points at the tumour)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from PIL import Image
 from cancernet.evaluate.metrics import METRICS, bootstrap_cis
 from cancernet.runtime.atomic import write_text
 from cancernet.runtime.errors import DataError
+from cancernet.wsi.diagnose import SlideModel, diagnose_slides
 from cancernet.wsi.predict import RESULT, Scorer, list_slides, predict_slides
 from cancernet.wsi.slide import cell_share
 
@@ -71,7 +74,7 @@ def cell_labels(path: Path, downsample: float, summary: dict) -> np.ndarray:
 
 
 def evaluate_slides(
-    scorer: Scorer,
+    scorer: Scorer | SlideModel,
     slides_dir: Path,
     labels_csv: Path,
     out: Path,
@@ -85,9 +88,14 @@ def evaluate_slides(
     if masks is not None and mask_downsample is None:
         raise DataError("--masks needs --mask-downsample (level-0 pixels per mask pixel)")
     table = read_labels(Path(labels_csv), list_slides([str(slides_dir)]))
-    outcome = predict_slides(scorer, list(table["slide"]), Path(out), mpp, tiff, geojson)
+    mil = isinstance(scorer, SlideModel)
+    if mil:
+        outcome = diagnose_slides(scorer, list(table["slide"]), Path(out), mpp)
+    else:
+        outcome = predict_slides(scorer, list(table["slide"]), Path(out), mpp, tiff, geojson)
     if not scorer.dist.is_main:
         return None
+    cell_map = "attention.npy" if mil else "heatmap.npy"  # what is compared with the masks
     out = Path(out)
     rows, entries, cell_y, cell_p = [], [], [], []
     for path, label in zip(table["slide"], table["label"]):
@@ -99,14 +107,12 @@ def evaluate_slides(
             "slide": path.stem,
             "label": int(label),
             "score": summary["score"],
-            "max": summary["max"],
-            "top_k_mean": summary["top_k_mean"],
-            "tumour_area_mm2": summary["tumour_area_mm2"],
+            **{k: summary.get(k) for k in ("max", "top_k_mean", "tumour_area_mm2", "slide_label", "attention_max")},
             "tiles": summary["tiles"],
             "cell_auc": None,
         }
         entry = {"name": path.stem, "label": int(label), "summary": summary}
-        heatmap = np.load(out / path.stem / "heatmap.npy")
+        heatmap = np.load(out / path.stem / cell_map)
         found = mask_path(masks, path.stem) if masks is not None else None
         if masks is not None and (found is not None or label == 0):
             truth = cell_labels(found, mask_downsample, summary) if found else np.zeros(heatmap.shape, bool)
@@ -127,8 +133,9 @@ def evaluate_slides(
         "slides": len(frame),
         "positives": int(frame["label"].sum()) if len(frame) else 0,
         "failed": [str(p) for p, _ in outcome["failed"]],
-        "score": scorer.cfg.slide.score,
-        "tta": scorer.tta,
+        "score": f"mil:{scorer.cfg.model.mil}" if mil else scorer.cfg.slide.score,
+        "cells_scored_by": "attention" if mil else "P(tumour)",
+        "tta": getattr(scorer, "tta", False),
         "checkpoint": scorer.checkpoint,
     }
     if len(frame) and 0 < metrics["positives"] < len(frame):
@@ -158,12 +165,12 @@ def evaluate_slides(
             shown = list({e["name"]: e for e in picked}.values())
         for e in shown:
             e["thumb"] = Image.open(out / e["name"] / "thumbnail.jpg")
-            e["heatmap"] = np.load(out / e["name"] / "heatmap.npy")
+            e["heatmap"] = np.load(out / e["name"] / cell_map)
         auc = metrics.get("slide_auc")
         title = f"{len(frame)} slides" + (f", slide AUC {auc:.3f}" if auc is not None else "")
         if "cell_auc" in metrics:
             title += f", cell AUC {metrics['cell_auc']:.3f}"
-        slides_page(out / "slides_report.png", shown, title)
+        slides_page(out / "slides_report.png", shown, title, "attention / its maximum" if mil else "P(tumour)")
     if "slide_auc" in metrics:
         from cancernet.evaluate.plots import roc
 

@@ -77,7 +77,7 @@ def attention_figure(path: Path, thumb, attention: np.ndarray, heatmap: np.ndarr
     fig.savefig(path, dpi=110)
 
 
-def slides_page(path: Path, entries: list[dict], title: str) -> None:
+def slides_page(path: Path, entries: list[dict], title: str, label: str = "P(tumour)") -> None:
     """One row per slide: the heatmap over the thumbnail, and the given tumour mask beside it."""
     masks = any(e.get("mask") is not None for e in entries)
     ncols = 2 if masks else 1
@@ -101,6 +101,6 @@ def slides_page(path: Path, entries: list[dict], title: str) -> None:
             ax.set(xlim=slide_extent[:2], ylim=slide_extent[2:], xlabel="mm", title=f"tumour mask ({extra})")
             ax.title.set_fontsize(9)
     if image is not None:
-        fig.colorbar(image, ax=axes[:, 0].tolist(), label="P(tumour)", shrink=0.6)
+        fig.colorbar(image, ax=axes[:, 0].tolist(), label=label, shrink=0.6)
     fig.suptitle(title, fontsize=11)
     fig.savefig(path, dpi=90)
