@@ -195,3 +195,31 @@ def test_a_trained_checkpoints_backbone_reads_96_px_tiles_at_its_training_resolu
     assert settings["tile"] == 96 and settings["tile_mpp"] == 0.972 and settings["preprocessing"]["image_size"] == 48
     # 96 px at 0.972 um/px: tiles 192 level-0 px (0.486 um/px) apart
     assert set(np.diff(np.unique(coords[:, 0]))) == {192}
+
+
+def test_the_backbone_is_rebuilt_from_a_files_settings_and_other_weights_are_refused(
+    slides, tmp_path, capsys, monkeypatch
+):
+    """What predict-slide does with a MIL checkpoint's record: the --arch backbone, built with
+    the config the extraction used (here a non-default input size), is found equal; a record of
+    other weights is refused, naming the fingerprint."""
+    from cancernet.runtime.distributed import DistInfo
+    from cancernet.runtime.errors import UserError
+    from cancernet.wsi.extract import encoder_of
+
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copy(slides / "slide_000.tif", one)
+    code, _, err = extract(capsys, monkeypatch, one, tmp_path / "f", "data.image_size=64")
+    assert code == 0, err
+    with h5py.File(tmp_path / "f" / "slide_000.h5") as f:
+        made = json.loads(f.attrs["settings"])
+    assert made["source"] == "arch" and made["tile"] == 64 and made["preprocessing"]["image_size"] == 64
+    encoder = encoder_of(made, DistInfo())
+    assert {k: v for k, v in made.items() if k in encoder.settings(96)} == encoder.settings(made["stride"])
+    # the head only scores the features: another one is the same backbone
+    made["model"]["head"] = {"seed": "linear", "linear": "seed"}[made["model"]["head"]]
+    assert encoder_of(made, DistInfo()).fingerprint == made["fingerprint"]
+    made["fingerprint"] = "0" * 64  # features of other weights (another release of the model, say)
+    with pytest.raises(UserError, match="fingerprint: 0{64} then"):
+        encoder_of(made, DistInfo())

@@ -55,7 +55,7 @@ class Encoder:
     model: nn.Module  # a PatchClassifier: its features are what its head receives
     cfg: Config
     name: str  # --arch, or the checkpoint's path
-    fingerprint: str  # sha256 of the weights (a checkpoint's, or the pretrained ones)
+    fingerprint: str  # sha256 of the backbone's weights (a checkpoint's, or the pretrained ones)
     tile_mpp: float
     tile: int
     source: str = "arch"  # or "checkpoint": a trained patch model, whose head also scores the tiles
@@ -78,8 +78,13 @@ class Encoder:
 
 
 def _weights_sha256(model: nn.Module) -> str:
+    """sha256 of the weights the features depend on: the classifier's, less its head (which only
+    scores them; a random head of --arch, or a head retrained on a frozen backbone, changes nothing)."""
+    head = next(name for name, module in model.named_modules() if module is model.head)
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
+        if name.startswith(f"{head}."):
+            continue
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
@@ -138,7 +143,8 @@ def encoder_of(made: dict, dist: DistInfo, backbone: str | None = None) -> Encod
             )
         encoder = load_encoder(dist, path, tile_mpp=made["tile_mpp"], tile=made["tile"])
     else:
-        cfg = from_dict(merge(Config().to_dict(), {"model": made.get("model") or {"arch": made["arch"]}}))
+        recorded = {"model": made.get("model") or {"arch": made["arch"]}, "data": made.get("preprocessing", {})}
+        cfg = from_dict(merge(Config().to_dict(), recorded))
         encoder = load_encoder(dist, None, cfg, made["tile_mpp"], made["tile"])
     now = encoder.settings(made["stride"])
     differ = sorted(k for k in now if k != "backbone" and k in made and now[k] != made[k])
