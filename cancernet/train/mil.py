@@ -89,32 +89,37 @@ def scoring_loader(bags: Bags, dist: DistInfo, workers: int) -> DataLoader:
 
 def score_bags(model, loader: DataLoader, dist: DistInfo, amp: str) -> pd.DataFrame:
     """Every bag of a scoring_loader, all its tiles; on every rank: index, logit, loss, and the
-    attention statistics (max, and its entropy relative to uniform)."""
-    bags, rows = loader.dataset, []
+    attention statistics (max, and its entropy relative to uniform). The device's numbers come
+    to the host once, at the end (no wait for the device per bag)."""
+    bags, index, tiles, stats = loader.dataset, [], [], []
     model.eval()
     with torch.no_grad():
-        for feats, label, i in loader:
+        for feats, _, i in loader:
             with autocast(dist.device, amp):
                 logit, attention = model(feats[None].to(dist.device, non_blocking=True).float())
-            logit = float(logit.float()[0])
             weights = torch.softmax(attention.float()[0], 0)
-            entropy = float(-(weights * weights.clamp_min(1e-12).log()).sum() / max(math.log(len(weights)), 1e-12))
-            loss = float(torch.nn.functional.binary_cross_entropy_with_logits(torch.tensor(logit), label.float()))
-            rows.append(
-                {
-                    "index": int(i),
-                    "logit": logit,
-                    "loss": loss,
-                    "attention_max": float(weights.max()),
-                    "attention_entropy": entropy,
-                    "top_tile": int(weights.argmax()),
-                    "tiles": len(weights),
-                }
-            )
-    frame = pd.DataFrame([r for part in gather_objects(rows, dist) for r in part]).sort_values("index")
+            entropy = -(weights * weights.clamp_min(1e-12).log()).sum() / max(math.log(len(weights)), 1e-12)
+            stats.append(torch.stack([logit.float()[0], weights.max(), entropy, weights.argmax().float()]))
+            index.append(int(i))
+            tiles.append(len(weights))
+    values = torch.stack(stats).cpu().numpy() if stats else np.zeros((0, 4))
+    rows = pd.DataFrame(
+        {
+            "index": index,
+            "logit": values[:, 0].astype(np.float64),
+            "attention_max": values[:, 1],
+            "attention_entropy": values[:, 2],
+            "top_tile": values[:, 3].astype(np.int64),
+            "tiles": tiles,
+        }
+    )
+    frame = pd.concat(gather_objects(rows, dist)).sort_values("index")
     frame["id"] = [bags.ids[i] for i in frame["index"]]
     frame["label"] = bags.labels.numpy()[frame["index"].to_numpy()]
-    frame["prob"] = 1 / (1 + np.exp(-frame["logit"]))
+    logit = frame["logit"].to_numpy()
+    # binary cross-entropy with logits, stably: max(x, 0) - x y + log(1 + exp(-|x|))
+    frame["loss"] = np.maximum(logit, 0) - logit * frame["label"] + np.log1p(np.exp(-np.abs(logit)))
+    frame["prob"] = 1 / (1 + np.exp(-logit))
     return frame.reset_index(drop=True)
 
 
