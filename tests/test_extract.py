@@ -138,7 +138,7 @@ def test_memory_does_not_grow_with_the_number_of_slides(slides, tmp_path):
     """200 slides in one process: what the first 40 leave in memory, the next 160 do not add to."""
     from cancernet.config import SlideConfig, load_config
     from cancernet.runtime.distributed import DistInfo
-    from cancernet.wsi.extract import extract_features, load_encoder
+    from cancernet.wsi.extract import Reading, extract_features, load_encoder
 
     folder = tmp_path / "many"
     folder.mkdir()
@@ -149,9 +149,9 @@ def test_memory_does_not_grow_with_the_number_of_slides(slides, tmp_path):
     cfg = load_config("base", ["model.arch=mobilenet_v3_small", "model.pretrained=none", "data.image_size=32"])
     encoder = load_encoder(dist, cfg=cfg, tile_mpp=2.0, tile=32)  # ~50 tiles a slide: the memory, not the model
     tissue = SlideConfig(stride=32)
-    extract_features(encoder, paths[:40], tmp_path / "f", dist, tissue, batch_size=64, num_workers=0)
+    extract_features(encoder, paths[:40], tmp_path / "f", dist, Reading(tissue, batch_size=64, num_workers=0))
     before = rss_mb()
-    rows = extract_features(encoder, paths, tmp_path / "f", dist, tissue, batch_size=64, num_workers=0)
+    rows = extract_features(encoder, paths, tmp_path / "f", dist, Reading(tissue, batch_size=64, num_workers=0))
     assert [r["status"] for r in rows].count("done") == 160
     # measured here: 0.4 MB; keeping each slide's features (~9 MB for these 160) would fail it
     assert rss_mb() - before < 5, (before, rss_mb())

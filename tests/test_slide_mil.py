@@ -38,7 +38,7 @@ def slide_run(tmp_path_factory):
     from cancernet.config import SlideConfig, load_config
     from cancernet.runtime.distributed import DistInfo, session
     from cancernet.train.runner import run
-    from cancernet.wsi.extract import extract_features, load_encoder
+    from cancernet.wsi.extract import Reading, extract_features, load_encoder
     from cancernet.wsi.predict import list_slides
 
     root = tmp_path_factory.mktemp("slide_mil")
@@ -46,7 +46,8 @@ def slide_run(tmp_path_factory):
     backbone = patch_checkpoint(root / "patch.pt", seed=0)
     encoder = load_encoder(DistInfo(), str(backbone))
     slide_cfg = dataclasses.replace(SlideConfig(), stride=encoder.tile)
-    rows = extract_features(encoder, list_slides([root / "slides"]), root / "feats", DistInfo(), slide_cfg, None, 64, 0)
+    reading = Reading(slide_cfg, batch_size=64, num_workers=0)
+    rows = extract_features(encoder, list_slides([root / "slides"]), root / "feats", DistInfo(), reading)
     assert all(r["status"] == "done" for r in rows)
     cfg = load_config(
         CONFIGS / "mil.yaml",

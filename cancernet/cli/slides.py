@@ -158,7 +158,7 @@ def cmd_extract_features(args) -> int:
     from cancernet.config import load_config
     from cancernet.engine.numerics import resolve_amp
     from cancernet.runtime.distributed import session
-    from cancernet.wsi.extract import extract_features, load_encoder
+    from cancernet.wsi.extract import Reading, extract_features, load_encoder
     from cancernet.wsi.predict import list_slides
 
     if (args.arch is None) == (args.checkpoint is None):
@@ -170,18 +170,8 @@ def cmd_extract_features(args) -> int:
         encoder = load_encoder(dist, args.checkpoint, cfg, args.tile_mpp, args.tile)
         slide_cfg = dataclasses.replace(cfg.slide, stride=args.stride or encoder.tile)
         amp, _ = resolve_amp(args.amp, dist.device)
-        rows = extract_features(
-            encoder,
-            list_slides(args.slides),
-            Path(args.out),
-            dist,
-            slide_cfg,
-            args.mpp,
-            args.batch_size,
-            args.num_workers,
-            amp,
-            args.part,
-        )
+        reading = Reading(slide_cfg, args.mpp, args.batch_size, args.num_workers, amp)
+        rows = extract_features(encoder, list_slides(args.slides), Path(args.out), dist, reading, args.part)
         failed = [r for r in rows if r["status"] == "failed"]
         if dist.is_main:
             done = sum(r["status"] == "done" for r in rows)

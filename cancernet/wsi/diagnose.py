@@ -37,12 +37,11 @@ from torch import nn
 
 from cancernet.config import Config, SlideConfig
 from cancernet.engine import checkpoint
-from cancernet.engine.inference import sha256_of
 from cancernet.engine.predict import autocast
 from cancernet.models.mil import build_mil
 from cancernet.runtime.distributed import DistInfo, gather_objects
 from cancernet.runtime.errors import UserError
-from cancernet.wsi.extract import TISSUE_KEYS, Encoder, SlideFeatures, encoder_of, slide_features
+from cancernet.wsi.extract import TISSUE_KEYS, Encoder, Reading, SlideFeatures, encoder_of, slide_features
 from cancernet.wsi.predict import RESULT, done_before
 from cancernet.wsi.slide import level0_mpp
 
@@ -83,10 +82,6 @@ class SlideModel:
         }
 
 
-def is_mil(ckpt: checkpoint.Checkpoint) -> bool:
-    return ckpt.get("task") == "mil"
-
-
 def load_slide_model(
     ckpt: checkpoint.Checkpoint,
     dist: DistInfo,
@@ -111,13 +106,6 @@ def load_slide_model(
         if threshold is None:
             log.warning("MIL checkpoint %s holds no operating point: slides get a probability, no label", ckpt.path)
     return SlideModel(model.eval(), cfg, dist, str(ckpt.path), ckpt.get("sha256"), encoder, made, threshold, **kwargs)
-
-
-def read_slide_model(path: str, dist: DistInfo, **kwargs) -> SlideModel:
-    ckpt = checkpoint.read_on_main(path, dist, extra=lambda: {"sha256": sha256_of(path)})
-    if not is_mil(ckpt):
-        raise UserError(f"checkpoint {path} is not a slide-level (MIL) model")
-    return load_slide_model(ckpt, dist, **kwargs)
 
 
 def score_bag(sm: SlideModel, features: np.ndarray) -> tuple[float, np.ndarray]:
@@ -197,7 +185,7 @@ def diagnose_slides(sm: SlideModel, slides: list[Path], out: Path, mpp: float | 
     """Each slide not done before (this rank's share); on every rank: every slide's outcome
     (done / skipped / failed with why). A bad slide costs one line and the others are still done."""
     dist, out, mine = sm.dist, Path(out), {"done": [], "skipped": [], "failed": []}
-    here = DistInfo(device=dist.device)  # each rank reads all tiles of its own slides
+    reading = Reading(sm.slide_cfg, mpp, sm.batch_size, sm.num_workers, sm.amp)
     for path in slides[dist.rank :: dist.world_size]:
         target, start = out / path.stem, time.perf_counter()
         try:
@@ -206,17 +194,7 @@ def diagnose_slides(sm: SlideModel, slides: list[Path], out: Path, mpp: float | 
                 log.info("slide %s: done before (%s), skipped", path, target / RESULT)
                 mine["skipped"].append(path)
                 continue
-            found = slide_features(
-                sm.encoder,
-                path,
-                sm.slide_cfg,
-                mpp,
-                here,
-                sm.batch_size,
-                sm.num_workers,
-                sm.amp,
-                scores=sm.encoder.source == "checkpoint",
-            )
+            found = slide_features(sm.encoder, path, reading, dist.device, scores=sm.encoder.source == "checkpoint")
         except UserError as e:
             log.error("%s", e)
             mine["failed"].append((path, str(e)))

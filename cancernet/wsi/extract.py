@@ -77,6 +77,19 @@ class Encoder:
         }
 
 
+@dataclass
+class Reading:
+    """How a slide's tiles are read and run: the tissue mask and tiling (slide.*: stride, block,
+    tissue), the level-0 resolution where the slide lacks it (--mpp), the batch, the reader
+    processes and the precision."""
+
+    slide: SlideConfig
+    mpp: float | None = None
+    batch_size: int = 256
+    num_workers: int = 4
+    amp: str = "off"
+
+
 def _weights_sha256(model: nn.Module) -> str:
     """sha256 of the weights the features depend on: the classifier's, less its head (which only
     scores them; a random head of --arch, or a head retrained on a frozen backbone, changes nothing)."""
@@ -157,12 +170,12 @@ def encoder_of(made: dict, dist: DistInfo, backbone: str | None = None) -> Encod
     return encoder
 
 
-def settings(encoder: Encoder, slide_cfg: SlideConfig, mpp: float | None) -> dict:
+def settings(encoder: Encoder, reading: Reading) -> dict:
     """What a slide's file depends on besides the slide: a file with the same is not made again."""
     return {
-        **encoder.settings(slide_cfg.stride),
-        "mpp_given": mpp,
-        "tissue": {k: getattr(slide_cfg, k) for k in TISSUE_KEYS},
+        **encoder.settings(reading.slide.stride),
+        "mpp_given": reading.mpp,
+        "tissue": {k: getattr(reading.slide, k) for k in TISSUE_KEYS},
     }
 
 
@@ -203,61 +216,44 @@ class SlideFeatures:
 
 
 def slide_features(
-    encoder: Encoder,
-    path: Path,
-    slide_cfg: SlideConfig,
-    mpp: float | None,
-    device_dist: DistInfo,
-    batch_size: int,
-    num_workers: int,
-    amp: str,
-    scores: bool = False,
+    encoder: Encoder, path: Path, reading: Reading, device: torch.device, scores: bool = False
 ) -> SlideFeatures:
-    """Every tissue tile of a slide through the backbone (scores: and the patch model's head).
-    Raises UserError for a slide that cannot be read."""
-    start = time.perf_counter()
-    plan, thumb = plan_slide(path, encoder.tile_mpp, slide_cfg, mpp, tile=encoder.tile)
-    tiles = SlideTiles(plan, slide_cfg.block)
-    batch = max(1, batch_size // slide_cfg.block**2)
-    loader = Waited(scoring_loader(tiles, device_dist, batch, num_workers, collate_fn=cat_blocks))
+    """Every tissue tile of a slide through the backbone (scores: and the patch model's head), in
+    this process's loader workers. The features stay on the device until the slide is done (no
+    wait for it per batch). Raises UserError for a slide that cannot be read."""
+    start, block = time.perf_counter(), reading.slide.block
+    plan, thumb = plan_slide(path, encoder.tile_mpp, reading.slide, reading.mpp, tile=encoder.tile)
+    tiles = SlideTiles(plan, block)
+    batch = max(1, reading.batch_size // block**2)
+    here = DistInfo(device=device)  # all the slide's tiles, in order
+    loader = Waited(scoring_loader(tiles, here, batch, reading.num_workers, collate_fn=cat_blocks))
     parts, logits, order = [], [], []
     with torch.no_grad():
         for images, labels, index in loader:
             if (labels == UNREADABLE).any():
                 raise UserError(f"slide {path}: OpenSlide could not read some of its tiles; truncated or corrupt?")
-            images = images.to(device_dist.device, non_blocking=True)
-            with autocast(device_dist.device, amp):
+            images = images.to(device, non_blocking=True)
+            with autocast(device, reading.amp):
                 feats, out = embed(encoder.model, encoder.preprocess(images), with_logits=True)
-            parts.append(feats.to(torch.float16).cpu())
-            logits.append(tumour_log_odds(out.float(), encoder.temperature).cpu())
+            parts.append(feats.to(torch.float16))
+            logits.append(tumour_log_odds(out.float(), encoder.temperature))
             order.append(index)
     n = len(tiles.rows)
     features, log_odds = np.empty((n, 0), np.float16), np.empty(n, np.float32)
     if parts:
         index = torch.cat(order).numpy()
         features = np.empty((n, parts[0].shape[1]), np.float16)
-        features[index] = torch.cat(parts).numpy()
-        log_odds[index] = torch.cat(logits).numpy()
-    return SlideFeatures(
-        plan, thumb, tiles, features, log_odds if scores else None, time.perf_counter() - start, loader.seconds
-    )
+        features[index] = torch.cat(parts).cpu().numpy()
+        log_odds[index] = torch.cat(logits).cpu().numpy()
+    seconds = time.perf_counter() - start
+    return SlideFeatures(plan, thumb, tiles, features, log_odds if scores else None, seconds, loader.seconds)
 
 
-def extract_slide(
-    encoder: Encoder,
-    path: Path,
-    out: Path,
-    slide_cfg: SlideConfig,
-    mpp: float | None,
-    device_dist: DistInfo,
-    batch_size: int,
-    num_workers: int,
-    amp: str,
-) -> dict:
+def extract_slide(encoder: Encoder, path: Path, out: Path, reading: Reading, device: torch.device) -> dict:
     """One slide's features into out/<slide>.h5; returns its slides.csv row. Raises UserError."""
     import h5py
 
-    found = slide_features(encoder, path, slide_cfg, mpp, device_dist, batch_size, num_workers, amp)
+    found = slide_features(encoder, path, reading, device)
     features, plan = found.features, found.plan
     read = {"level": plan.level, "slide_mpp": plan.mpp}
     target = out / f"{path.stem}.h5"
@@ -265,7 +261,7 @@ def extract_slide(
         with h5py.File(tmp, "w") as f:
             f.create_dataset("features", data=features)
             f.create_dataset("coords", data=found.coords)
-            f.attrs["settings"] = json.dumps(settings(encoder, slide_cfg, mpp))
+            f.attrs["settings"] = json.dumps(settings(encoder, reading))
             f.attrs["read"] = json.dumps(read)
             f.attrs["slide"] = str(path)
             f.attrs["seconds"] = found.seconds
@@ -285,19 +281,14 @@ def extract_features(
     slides: list[Path],
     out: Path,
     dist: DistInfo,
-    slide_cfg: SlideConfig,
-    mpp: float | None = None,
-    batch_size: int = 256,
-    num_workers: int = 4,
-    amp: str = "off",
+    reading: Reading,
     part: tuple[int, int] = (0, 1),
 ) -> list[dict]:
     """Every slide not done before of this job's part (k, n): slides k, k + n, ... (a Slurm array's
     task k of n), dealt out over the ranks; rank 0 writes slides.csv (slides.<k>-of-<n>.csv for a
     part). Returns every slide's row of the part (on every rank); a failed slide's row says why."""
     out.mkdir(parents=True, exist_ok=True)
-    wanted = settings(encoder, slide_cfg, mpp)
-    here = DistInfo(device=dist.device)  # each rank reads all tiles of its own slides
+    wanted = settings(encoder, reading)
     k, n = part
     rows = []
     for path in slides[k::n][dist.rank :: dist.world_size]:
@@ -307,7 +298,7 @@ def extract_features(
             rows.append({"slide": path.stem, "path": str(path), **before, "status": "skipped"})
             continue
         try:
-            row = extract_slide(encoder, path, out, slide_cfg, mpp, here, batch_size, num_workers, amp)
+            row = extract_slide(encoder, path, out, reading, dist.device)
         except UserError as e:
             log.error("%s", e)
             rows.append({"slide": path.stem, "path": str(path), "status": "failed", "error": str(e)})
