@@ -1,0 +1,119 @@
+"""A slide-level (MIL) model's evaluation: every bag scored over the ranks, and the test report.
+
+score_bags gives each slide's logit, probability, loss and attention statistics (gathered on
+every rank); test_report scores the validation and test bags with best.pt, chooses the threshold
+on validation (stored in best.pt for predict-slide), and writes the per-slide predictions,
+metrics.json (slide-level AUC, AP, accuracy, balanced accuracy, sensitivity and specificity at
+that threshold with bootstrap intervals, Brier score, ECE), the ROC and the confusion matrix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from cancernet.config import Config
+from cancernet.data.bags import Bags, bag_loader
+from cancernet.data.datasets import ShardSampler
+from cancernet.engine import checkpoint
+from cancernet.engine.predict import autocast
+from cancernet.engine.rundir import RunDir
+from cancernet.evaluate import plots, report
+from cancernet.evaluate.evaluation import operating_point
+from cancernet.evaluate.metrics import CALIBRATION, METRICS
+from cancernet.runtime.atomic import atomic_path, write_text
+from cancernet.runtime.distributed import DistInfo, gather_objects
+
+log = logging.getLogger(__name__)
+
+
+def scoring_loader(bags: Bags, dist: DistInfo, workers: int) -> DataLoader:
+    """Every bag once over the ranks (contiguous shards); kept for the run (persistent workers)."""
+    return bag_loader(bags, ShardSampler(len(bags), dist.rank, dist.world_size), workers)
+
+
+def score_bags(model, loader: DataLoader, dist: DistInfo, amp: str) -> pd.DataFrame:
+    """Every bag of a scoring_loader, all its tiles; on every rank: index, logit, loss, and the
+    attention statistics (max, and its entropy relative to uniform). The device's numbers come
+    to the host once, at the end (no wait for the device per bag)."""
+    bags, index, tiles, stats = loader.dataset, [], [], []
+    model.eval()
+    with torch.no_grad():
+        for feats, _, i in loader:
+            with autocast(dist.device, amp):
+                logit, attention = model(feats[None].to(dist.device, non_blocking=True).float())
+            weights = torch.softmax(attention.float()[0], 0)
+            entropy = -(weights * weights.clamp_min(1e-12).log()).sum() / max(math.log(len(weights)), 1e-12)
+            stats.append(torch.stack([logit.float()[0], weights.max(), entropy, weights.argmax().float()]))
+            index.append(int(i))
+            tiles.append(len(weights))
+    values = torch.stack(stats).cpu().numpy() if stats else np.zeros((0, 4))
+    rows = pd.DataFrame(
+        {
+            "index": index,
+            "logit": values[:, 0].astype(np.float64),
+            "attention_max": values[:, 1],
+            "attention_entropy": values[:, 2],
+            "top_tile": values[:, 3].astype(np.int64),
+            "tiles": tiles,
+        }
+    )
+    frame = pd.concat(gather_objects(rows, dist)).sort_values("index")
+    frame["id"] = [bags.ids[i] for i in frame["index"]]
+    frame["label"] = bags.labels.numpy()[frame["index"].to_numpy()]
+    logit = frame["logit"].to_numpy()
+    # binary cross-entropy with logits, stably: max(x, 0) - x y + log(1 + exp(-|x|))
+    frame["loss"] = np.maximum(logit, 0) - logit * frame["label"] + np.log1p(np.exp(-np.abs(logit)))
+    frame["prob"] = 1 / (1 + np.exp(-logit))
+    return frame.reset_index(drop=True)
+
+
+def test_report(cfg: Config, dist: DistInfo, run_dir: RunDir, scoring: dict, model, amp: str, tracker) -> dict | None:
+    """best.pt on validation (the threshold) and test: per-slide predictions, metrics.json, figures."""
+    best = checkpoint.load_on_main(run_dir.best, model, dist)
+    val = score_bags(model, scoring["val"], dist, amp)
+    test = score_bags(model, scoring["test"], dist, amp)
+    if not dist.is_main:
+        return None
+    if val["label"].nunique() == 2:  # stored in best.pt: predict-slide labels new slides with it
+        point = operating_point(val, None, tta=False, temperature=1.0)
+        checkpoint.store_evaluation(run_dir.best, 1.0, point)
+    else:
+        point = {"threshold": 0.5, "method": "fixed: one class in validation", "chosen_on": "val"}
+    threshold = point["threshold"]
+    keep = ["id", "label", "prob", "attention_max", "attention_entropy", "top_tile", "tiles"]
+    for split, frame in (("val", val), ("test", test)):
+        path = run_dir.predictions(split)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text(path, frame[keep].assign(pred=(frame["prob"] >= threshold).astype(int)).to_csv(index=False))
+    metrics = report.compute_metrics(
+        test,
+        {"threshold": threshold, "rule": point["method"], "chosen_on": "val"},
+        cfg.report.bootstrap,
+        cfg.train.seed,
+    )
+    metrics.update(
+        split="test",
+        checkpoint=str(run_dir.best),
+        level="slide",
+        run={"task": "mil", "mil": cfg.model.mil, "best_epoch": best.epoch, "slides": len(test)},
+    )
+    del metrics["classification_report"]
+    metrics.update({k: METRICS[k](test["label"], test["prob"]) for k in CALIBRATION}, temperature=1.0)
+    run_dir.report.mkdir(parents=True, exist_ok=True)
+    write_text(run_dir.metrics, json.dumps(metrics, indent=1, default=float))
+    for name, figure in (
+        ("roc", plots.roc(test["label"], test["prob"], threshold)),
+        ("confusion_matrix", plots.confusion_matrix(test["label"], test["prob"], threshold)),
+    ):
+        with atomic_path(run_dir.figure(name)) as tmp:
+            figure.savefig(tmp, dpi=100, format="png")
+    log.info("test (slides, n=%d): %s", len(test), report.headline(metrics))
+    tracker.log_summary({f"test/{k}": metrics[k] for k in ("roc_auc", "balanced_accuracy")})
+    return metrics
