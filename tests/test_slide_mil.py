@@ -120,6 +120,8 @@ def test_a_backbone_changed_since_extraction_is_refused_and_backbone_points_to_t
 
 
 def test_patch_only_options_and_patch_commands_refuse_a_mil_checkpoint(slide_run, tmp_path, capsys, monkeypatch):
+    from test_wsi import run_cli
+
     from cancernet.engine.inference import Predictor
     from cancernet.runtime.distributed import DistInfo
     from cancernet.runtime.errors import UserError
@@ -129,6 +131,8 @@ def test_patch_only_options_and_patch_commands_refuse_a_mil_checkpoint(slide_run
     assert code == 2 and "--tta, --geojson: not for a slide-level (MIL) checkpoint" in err, err
     with pytest.raises(UserError, match="is a slide-level \\(MIL\\) model.*predict-slide"):
         Predictor.load(best, DistInfo())
+    code, _, err = run_cli(capsys, monkeypatch, "evaluate", "--run", slide_run / "run")
+    assert code == 2 and "is a slide-level (MIL) run" in err and "evaluate-slides" in err, err
 
 
 def test_evaluate_slides_scores_new_labelled_slides_by_slide_prob_and_the_attention_against_masks(

@@ -6,6 +6,7 @@ import logging
 
 from cancernet.cli.options import calibration_option, device_options, takes_overrides, tta_option
 from cancernet.runtime.console import setup_logging
+from cancernet.runtime.errors import UserError
 
 log = logging.getLogger("cancernet")
 
@@ -17,6 +18,11 @@ def cmd_evaluate(args) -> int:
 
     run = RunDir(args.run)
     cfg = run.load_config(args.overrides)
+    if cfg.model.mil != "none":
+        raise UserError(
+            f"{args.run} is a slide-level (MIL) run: its test report is written when training ends "
+            f"({run.metrics}); labelled slides of elsewhere: evaluate-slides --checkpoint {run.best}"
+        )
     with session(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_min) as dist:
         setup_logging(dist.rank)
         evaluate_checkpoint(
