@@ -231,3 +231,30 @@ def test_aggregate_over_folds_gives_the_spread_and_the_out_of_fold_slide_auc(bag
     assert val["unit"] == "slides" and val["kind"].startswith("out-of-fold: every train+val slide once")
     assert val["patches"] == val["unique_patches"] == 160 - each[0]["n"]
     assert (tmp_path / "agg" / "aggregate.html").read_text().count("slides") >= 1
+
+
+def test_an_offline_wandb_run_holds_each_epochs_row_and_the_slide_level_test_result(bags, tmp_path, monkeypatch):
+    import torch
+
+    from wandb_log import history, records, run_ids
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    out = tmp_path / "run"
+    assert mil_run(bags, out, "model.mil=mean", "train.epochs=2") == "done"
+    (log,) = sorted(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
+    rows = history(log)
+    epochs = [row for row in rows if "val_auc" in row]
+    summary = pd.read_csv(out / "summary.csv")
+    assert [row["epoch"] for row in epochs] == summary["epoch"].tolist() == [1, 2]
+    assert [row["val_auc"] for row in epochs] == pytest.approx(summary["val_auc"].tolist(), abs=1e-9)
+    assert run_ids(log) == {torch.load(out / "checkpoints" / "last.pt", weights_only=True)["run_state"]["wandb_id"]}
+    # the run's summary holds the slide-level test AUC of report/metrics.json
+    updates = {
+        item.key or "/".join(item.nested_key): json.loads(item.value_json)
+        for record in records(log)
+        if record.WhichOneof("record_type") == "summary"
+        for item in record.summary.update
+    }
+    metrics = json.loads((out / "report" / "metrics.json").read_text())
+    assert updates["test/roc_auc"] == pytest.approx(metrics["roc_auc"], abs=1e-12)
