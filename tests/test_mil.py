@@ -190,6 +190,7 @@ def test_two_ranks_train_one_model_over_the_bags(bags, tmp_path):
             f"train.out_dir={tmp_path / 'run'}",
             *COMMON,
             "train.epochs=4",
+            "data.num_workers=2",  # as configs/mil.yaml reads: loader workers kept for the run
         ],
         cwd=ROOT,
         env=python_env(),
@@ -258,3 +259,17 @@ def test_an_offline_wandb_run_holds_each_epochs_row_and_the_slide_level_test_res
     }
     metrics = json.loads((out / "report" / "metrics.json").read_text())
     assert updates["test/roc_auc"] == pytest.approx(metrics["roc_auc"], abs=1e-12)
+
+
+def test_a_big_slide_gives_another_draw_of_its_tiles_each_epoch_and_the_same_on_a_resume(bags):
+    """The draw travels with the index (bag, epoch): persistent loader workers, which never hear
+    of a new epoch, still give each epoch its own draw."""
+    import torch
+
+    from cancernet.data.bags import Bags
+
+    labels = pd.read_csv(bags / "labels.csv")
+    big = Bags(bags, labels["slide"], labels["label"].to_numpy(), max_instances=50, seed=0)
+    first, again, later = big[(3, 0)][0], big[(3, 0)][0], big[(3, 1)][0]
+    assert first.shape[0] == 50 and first.dtype == torch.float16
+    assert (first == again).all() and not (first == later).all()
