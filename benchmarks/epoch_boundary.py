@@ -18,7 +18,7 @@ from cancernet.config import load_config
 from cancernet.engine.rundir import RunDir
 from cancernet.runtime.distributed import DistInfo
 from cancernet.train.loop import EpochStats, EpochTotals
-from cancernet.train.runner import save_checkpoints, validate_epoch
+from cancernet.train.runner import validate_epoch
 from cancernet.train.state import build
 
 BOUNDARIES = 3
@@ -55,26 +55,27 @@ def main(root: str, overrides: list[str]) -> None:
                 *overrides,
             ],
         )
-        t = build(cfg, DistInfo(), RunDir(tmp))
-        for param in t.model_without_ddp.parameters():  # one step, so the optimizer holds its moments
+        training = build(cfg, DistInfo(), RunDir(tmp))
+        writer, loaders = training.checkpointer.writer, training.task.loaders
+        for param in training.model_without_ddp.parameters():  # one step, so the optimizer holds its moments
             param.grad = param.detach() * 0 + 1e-3
-        t.parts.optimizer.step()
+        training.parts.optimizer.step()
         waits = []
-        wait = t.writer.wait
+        wait = writer.wait
 
         def timed_wait():
             start = time.perf_counter()
             wait()
             waits.append(time.perf_counter() - start)
 
-        t.writer.wait = timed_wait  # the runner's wait before validation, timed (copy() waits too)
-        timed = FirstBatchTimed(t.loaders["val"].loader)
-        t.loaders["val"] = dataclasses.replace(t.loaders["val"], loader=timed)
+        writer.wait = timed_wait  # the runner's wait before validation, timed (copy() waits too)
+        timed = FirstBatchTimed(loaders["val"].loader)
+        loaders["val"] = dataclasses.replace(loaders["val"], loader=timed)
         for boundary in range(BOUNDARIES):
-            t.state.history.append({"ckpt_s": float("nan")})
-            ckpt_s = save_checkpoints(t, best=True)
+            training.state.history.append({"ckpt_s": float("nan")})
+            ckpt_s = training.checkpointer.save(training, last=True, best=True)
             waits.clear()
-            row = validate_epoch(t, boundary, EpochStats(EpochTotals(), 1, 1.0, 0.0, 0))
+            row = validate_epoch(training, boundary, EpochStats(EpochTotals(), 1, 1.0, 0.0, 0))
             wait_s, val_start_s = sum(waits), timed.starts[-1]
             out = {
                 "boundary": boundary + 1,
@@ -86,7 +87,7 @@ def main(root: str, overrides: list[str]) -> None:
                 "fixed_s": round(ckpt_s + wait_s + val_start_s, 3),
             }
             print(json.dumps(out), flush=True)
-        t.writer.wait = wait
+        writer.wait = wait
         wait()
 
 

@@ -133,7 +133,7 @@ def _bench_step(cfg: Config, device: torch.device, steps: int, warmup: int, ddp:
 
     model = build_for_weights(cfg).to(device)
     optimizer = build_optimizer(cfg.optim, model, device)
-    model = wrap_for_training(model, cfg.model, DistInfo(device=device), ddp=ddp)
+    model = wrap_for_training(model, cfg.model, DistInfo(device=device), ddp=ddp)  # the bare forward: logits
     n, size = cfg.train.batch_size, cfg.data.image_size
     images = torch.randn(n, 3, size, size, device=device)
     if cfg.model.channels_last:
@@ -187,7 +187,7 @@ def bench_train(cfg: Config, steps: int, warmup: int = 5) -> Iterator[dict]:
     then one epoch boundary: validation and the blocking part of a checkpoint. Two rows, each
     yielded as soon as it is measured (a time box that ends during the boundary keeps the first)."""
     from cancernet.engine.rundir import RunDir
-    from cancernet.train.runner import save_checkpoints, validate_epoch
+    from cancernet.train.runner import validate_epoch
     from cancernet.train.state import build
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -197,28 +197,27 @@ def bench_train(cfg: Config, steps: int, warmup: int = 5) -> Iterator[dict]:
             data=dataclasses.replace(cfg.data, val_fraction=0.02, test_fraction=0.01),
         )
         device = pick_device(cfg.train.device, 0)
-        cfg = numerics.resolve(cfg, device)
-        t = build(cfg, DistInfo(device=device), RunDir(tmp))
-        split = t.loaders["train"]
-        timings = []
+        training = build(numerics.resolve(cfg, device), DistInfo(device=device), RunDir(tmp))
+        cfg, task, timings = training.cfg, training.task, []
         for epoch, n in enumerate((warmup, steps)):
-            set_epoch(split, epoch)
+            task.sampler.set_epoch(epoch)
             _sync(device)
             start = time.perf_counter()
-            stats = train_one_epoch(t.parts, _Limited(split.loader, n), split.augment, cfg, t.dist, epoch, position=0)
+            loader = _Limited(task.train_loader, n)
+            stats = train_one_epoch(training.parts, loader, task, cfg, training.dist, epoch, position=0)
             _sync(device)
             timings.append((stats.images, time.perf_counter() - start))
             if epoch == 1:
                 yield _train_row(cfg, device, *timings[1])
-        row = validate_epoch(t, 1, stats)
-        ckpt_s = save_checkpoints(t, best=True)
-        t.writer.wait()
+        row = validate_epoch(training, 1, stats)
+        ckpt_s = training.checkpointer.save(training, last=True, best=True)
+        training.checkpointer.wait()
         yield {
             "bench": "boundary",
             "path": cfg.data.format,
             "arch": cfg.model.arch,
             "val_s": round(row.val_s, 3),
-            "val_images": len(t.loaders["val"].ids),
+            "val_images": len(task.loaders["val"].ids),
             "ckpt_s": round(ckpt_s, 3),
             "batch_size": cfg.train.batch_size,
             **_context(cfg, device),
@@ -245,7 +244,7 @@ def bench_slide(cfg: Config, slide: str, repeats: int = 2) -> dict:
     """predict-slide over one slide with cfg's model (its weights do not matter for speed):
     tiles per second from reading to probabilities, and the share of that time the model waited
     for the reader. The first pass warms up (workers, autotuning, page cache); the last counts."""
-    from cancernet.wsi.predict import Scorer, predict_slides
+    from cancernet.wsi.heatmap import Scorer
 
     device = pick_device(cfg.train.device, 0)
     amp, _ = numerics.resolve_amp(cfg.train.amp, device)
@@ -263,7 +262,7 @@ def bench_slide(cfg: Config, slide: str, repeats: int = 2) -> dict:
     )
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(repeats):
-            predict_slides(scorer, [Path(slide)], Path(tmp) / str(i))
+            scorer.job(Path(tmp) / str(i)).run(Path(slide))
         summary = json.loads((Path(tmp) / str(repeats - 1) / Path(slide).stem / "slide.json").read_text())
     return {
         "bench": "slide",
@@ -294,6 +293,7 @@ def bench_ops(cfg: Config, batch: int = 8) -> dict:
     from cancernet.train.ema import ModelEma
     from cancernet.train.loop import DeviceSums, optimizer_step
     from cancernet.train.optim import LrSchedule
+    from cancernet.train.patch_task import ClassifierLoss
 
     class Count(TorchDispatchMode):
         def __init__(self):
@@ -314,7 +314,7 @@ def bench_ops(cfg: Config, batch: int = 8) -> dict:
     scaler = torch.amp.GradScaler("cpu", enabled=cfg.train.amp == "fp16")
     ema = ModelEma(model, cfg.train.ema_decay, cfg.train.ema_warmup) if cfg.train.ema_decay else None
     augment = Augment(cfg.data, cfg.train.seed, cfg.model.channels_last)
-    sums = DeviceSums(device)
+    sums, loss_module = DeviceSums(device), ClassifierLoss(model, cfg.optim.label_smoothing)
     images = torch.randint(0, 256, (batch, PATCH_SIZE, PATCH_SIZE, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
     labels, index = torch.randint(0, 2, (batch,)), torch.arange(batch)
     counts: dict[str, int] = {}
@@ -324,11 +324,10 @@ def bench_ops(cfg: Config, batch: int = 8) -> dict:
             inputs = augment(images, index, step)
         with phases["model"]:
             with autocast(device, cfg.train.amp):
-                logits = model(inputs).float()
-                loss = F.cross_entropy(logits, labels, label_smoothing=cfg.optim.label_smoothing)
+                loss, correct = loss_module(inputs, labels)
             scaler.scale(loss).backward()
         with phases["sums"]:
-            sums.add(loss.detach(), logits.detach(), labels)
+            sums.add(loss.detach(), correct.detach(), len(labels))
         schedule.step(step * batch, batch)
         with phases["optimizer"]:
             optimizer_step(optimizer, scaler, cfg.train.clip_grad)

@@ -85,16 +85,20 @@ def test_the_final_plan_gives_only_what_is_left_of_the_budget():
     from cancernet.train.optim import LrSchedule
     from cancernet.train.plan import RunPlan
 
-    warmup = {"final": False, "planned_at_sample": 0, "samples": 20_000, "eval_images_per_s_per_rank": 100.0}
+    warmup = {"final": False, "planned_at_sample": 0, "samples": 20_000, "validation_s": 2.0}
     run_plan = RunPlan(SHAPE.per_epoch, SHAPE.cap // SHAPE.per_epoch, warmup)
     state = SimpleNamespace(history=[{"val_s": 2.0, "ckpt_s": 0.5}], train_s=20.0)
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     schedule = LrSchedule(optimizer, OptimConfig(), 1.0, lambda: run_plan.samples, 0)
-    t = SimpleNamespace(
-        state=state, dist=DistInfo(), cfg=SimpleNamespace(train=SimpleNamespace(time_budget="100s")), plan=run_plan
+    training = SimpleNamespace(
+        state=state,
+        dist=DistInfo(),
+        cfg=SimpleNamespace(train=SimpleNamespace(time_budget="100s")),
+        plan=run_plan,
+        task=SimpleNamespace(sample_name="img"),
     )
     budget = TimeBudget.__new__(TimeBudget)
-    budget.t, budget.seconds, budget.shape = t, 100.0, SHAPE
+    budget.training, budget.seconds, budget.shape = training, 100.0, SHAPE
     budget.refine(0, {"samples_seen": 1000, "epoch_s": 20.0, "val_s": 2.0, "ckpt_s": 0.5})
     plan = run_plan.budget
     # 22.5 s spent; 50 samples/s; 2.5 s per validation and checkpoint: 0.95 x 77.5 s left

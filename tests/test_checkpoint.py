@@ -139,9 +139,10 @@ def test_checkpoint_every_skips_last_pt_between_saves_but_a_stop_and_the_end_sti
     every = (*COMMON, "train.checkpoint_every=1h")
     stop = StopFlag()
 
-    def look(t, row):  # after each epoch's save: what a preemption now would resume from
-        t.writer.wait()
-        seen.append(torch.load(t.run.last, weights_only=True)["epoch"] if t.run.last.is_file() else None)
+    def look(training, row):  # after each epoch's save: what a preemption now would resume from
+        training.checkpointer.wait()
+        last = training.run.last
+        seen.append(torch.load(last, weights_only=True)["epoch"] if last.is_file() else None)
         stop.requested = row["epoch"] == 2
 
     with session("cpu") as dist:

@@ -156,3 +156,106 @@ def test_a_time_budget_reads_as_a_duration(value, seconds):
 
     cfg = load_config(CONFIGS / "cpu_test.yaml", [f"train.time_budget={value}"])
     assert parse_duration(cfg.train.time_budget) == seconds
+
+
+# Every key that acts on both kinds of run (patches, and slides under model.mil); the keys that act
+# on one kind only are config.ONE_KIND's. A new key fails the first test until it is placed.
+BOTH = {
+    *("data.num_workers", "data.val_fraction", "data.test_fraction", "data.folds", "data.fold"),
+    "model.mil",
+    *("optim.name", "optim.lr", "optim.lr_scale", "optim.max_lr", "optim.base_batch", "optim.weight_decay"),
+    *("optim.decay_norm_bias", "optim.momentum", "optim.schedule", "optim.warmup_epochs"),
+    *("train.epochs", "train.grad_accum", "train.clip_grad", "train.amp", "train.deterministic"),
+    *("train.time_budget", "train.checkpoint_every", "train.select_metric", "train.ema_decay", "train.ema_warmup"),
+    *("train.device", "train.out_dir", "train.resume", "train.overwrite", "train.seed", "train.eval_every"),
+    *("train.log_every", "train.sync_every", "train.progress"),
+    "dist.backend",
+    "dist.timeout_min",
+    *("wandb.mode", "wandb.project", "wandb.entity", "wandb.name", "wandb.tags", "wandb.log_model"),
+    "wandb.init_timeout",
+    *("report.bootstrap", "report.calibrate", "report.figures"),
+}
+# a value other than the default for each key of one kind (as an override)
+OTHER_VALUE = {
+    **{
+        "data.root": "elsewhere",
+        "data.format": "packed",
+        "data.packed_dir": "pack",
+        "data.stage_dir": "/tmp/stage",
+        "data.image_size": "192",
+        "data.crop": "64",
+        "data.limit": "100",
+        "data.groups_csv": "groups.csv",
+        "data.split_by": "pcam",
+        "data.on_bad_image": "skip",
+        "data.verify_ids": "off",
+        "data.mpp": "0.5",
+        "data.mean": "[0.5,0.5,0.5]",
+        "data.std": "[0.2,0.2,0.2]",
+        "data.augment": "none",
+        "data.jitter": "0.2",
+        "data.hue": "0.05",
+        "data.stain": "hed",
+        "data.stain_sigma": "0.1",
+        "data.stain_bias": "0.02",
+    },
+    **{
+        "model.arch": "resnet18",
+        "model.pretrained": "none",
+        "model.weights_url": "/mirror",
+        "model.freeze_backbone": "true",
+        "model.head": "seed",
+        "model.channels_last": "false",
+        "model.compile": "true",
+        "model.compile_scope": "ddp",
+        "model.sync_bn": "true",
+    },
+    **{"optim.label_smoothing": "0.1", "optim.head_lr_mult": "10", "optim.layer_decay": "0.7"},
+    **{"train.batch_size": "64", "train.eval_batch_size": "64", "train.feature_cache": "on"},
+    "train.feature_cache_dir": "/tmp/cache",
+    **{
+        "slide.stride": "64",
+        "slide.tissue_mpp": "4",
+        "slide.min_saturation": "0.1",
+        "slide.fill_holes_um2": "1000",
+        "slide.min_tissue": "0.5",
+        "slide.block": "4",
+        "slide.top_k": "5",
+        "slide.score": "max",
+    },
+    **{"data.features": "feats", "data.slides_csv": "labels.csv", "data.max_instances": "512"},
+}
+KIND_BASE = {"patch": [], "slide": ["model.mil=abmil"]}
+
+
+def test_every_config_key_acts_on_both_kinds_of_run_or_is_refused_where_it_does_not():
+    """The table of where each key acts, checked against the config's sections: a key set on a
+    kind of run that ignores it (data.augment on a slide-level run, data.features on a patch run)
+    is refused in one line naming it, and accepted on the kind it acts on."""
+    import dataclasses
+
+    from cancernet.config import KIND_NAMES, ONE_KIND, Config
+
+    config = Config()
+    keys = {
+        f"{s.name}.{f.name}" for s in dataclasses.fields(config) for f in dataclasses.fields(getattr(config, s.name))
+    }
+    assert not BOTH & set(ONE_KIND)
+    assert keys == BOTH | set(ONE_KIND), sorted(keys ^ (BOTH | set(ONE_KIND)))
+    assert set(OTHER_VALUE) == set(ONE_KIND)
+    for key, (kind, _) in ONE_KIND.items():
+        other = "slide" if kind == "patch" else "patch"
+        override = f"{key}={OTHER_VALUE[key]}"
+        assert load_config(None, [*KIND_BASE[kind], override]) is not None  # it acts here
+        with pytest.raises(
+            ConfigError, match=rf"config key '{key}' does not apply to a {re.escape(KIND_NAMES[other])}"
+        ):
+            load_config(None, [*KIND_BASE[other], override])
+
+
+def test_the_shipped_slide_level_config_sets_only_keys_a_slide_level_run_reads():
+    from cancernet.config import SLIDE, task_kind
+
+    assert task_kind(load_config(CONFIGS / "mil.yaml")) == SLIDE
+    with pytest.raises(ConfigError, match="'optim.momentum' acts with optim.name=sgd only"):
+        load_config(CONFIGS / "mil.yaml", ["optim.momentum=0.5"])

@@ -18,6 +18,7 @@ from cancernet.runtime.distributed import DistInfo
 from cancernet.train.ema import ModelEma
 from cancernet.train.loop import StepParts, optimizer_step, train_one_epoch
 from cancernet.train.optim import LrSchedule
+from cancernet.train.patch_task import PatchTask
 
 
 class Tiny(nn.Module):
@@ -44,21 +45,27 @@ def _batches(sizes, seed=0):
     return out
 
 
-def _parts(model, lr=0.1, scaler=None):
+def _parts(model, lr=0.1, scaler=None, cfg=None):
+    """What a step touches: the patch task's loss module (of cfg's optim section) around model."""
     optimizer = torch.optim.SGD([{"params": list(model.parameters()), "lr_scale": 1.0}], lr=lr)
     schedule = LrSchedule(optimizer, OptimConfig(schedule="none"), lr, 10**6, 0)
-    return StepParts(model, optimizer, schedule, scaler or torch.amp.GradScaler("cpu", enabled=False))
+    loss = PatchTask(cfg or Config(), DistInfo(), None, None, {}, None, "").loss_module(model)
+    return StepParts(loss, optimizer, schedule, scaler or torch.amp.GradScaler("cpu", enabled=False))
 
 
-def _to_unit(images, index, epoch):
-    return images.float() / 255
+class Unit:
+    """The task of these tests: images scaled to [0, 1], labels as they come."""
+
+    @staticmethod
+    def inputs(batch, epoch):
+        return batch[0].float() / 255, batch[1]
 
 
 def _train(batches, accum):
     model = Tiny()
     parts = _parts(model)
     cfg = Config(train=TrainConfig(grad_accum=accum, log_every=0))
-    stats = train_one_epoch(parts, batches, _to_unit, cfg, DistInfo(), 0, position=0)
+    stats = train_one_epoch(parts, batches, Unit, cfg, DistInfo(), 0, position=0)
     return model, parts, stats
 
 
@@ -140,12 +147,11 @@ def _packed_training(packed_root, tmp_path, *overrides):
 def test_a_training_step_never_waits_for_the_device_between_sync_points(packed_root, tmp_path):
     # fp32 here: bf16 autocast only inserts casts (no syncs), and runs ~20x slower on this CPU;
     # tests/test_gpu.py runs bf16 and fp16 steps under torch.cuda.set_sync_debug_mode("error")
-    cfg, t = _packed_training(packed_root, tmp_path)
-    train = t.loaders["train"]
-    batches = list(train.loader)  # uint8 batches as the loader hands them over (its work is host-only)
+    cfg, training = _packed_training(packed_root, tmp_path)
+    batches = list(training.task.train_loader)  # uint8 batches as the loader hands them over (host-only work)
     recorder = SyncRecorder(host=[index for _, _, index in batches])
     with recorder, recorder.dispatch:
-        train_one_epoch(t.parts, batches, train.augment, cfg, t.dist, 0, position=0, progress=recorder)
+        train_one_epoch(training.parts, batches, training.task, cfg, training.dist, 0, position=0, progress=recorder)
     steps = len(batches)
     # sync points: after optimizer steps 3, 6, ... (recorded before that step's progress update) and the epoch end
     expected = {k for k in range(steps) if (k + 1) % 3 == 0} | {steps}
@@ -153,18 +159,19 @@ def test_a_training_step_never_waits_for_the_device_between_sync_points(packed_r
 
 
 def test_the_sync_recorder_catches_a_nonzero_or_item_in_the_step(packed_root, tmp_path):
-    cfg, t = _packed_training(packed_root, tmp_path, "train.sync_every=100")
-    train = t.loaders["train"]
+    cfg, training = _packed_training(packed_root, tmp_path, "train.sync_every=100")
 
-    def syncing_augment(images, index, epoch):  # what the step did before: index a batch with nonzero()
-        (index > 3).nonzero()
-        float(images.float().mean())
-        return train.augment(images, index, epoch)
+    class Syncing:  # what the step did before: index a batch with nonzero()
+        @staticmethod
+        def inputs(batch, epoch):
+            (batch[2] > 3).nonzero()
+            float(batch[0].float().mean())
+            return training.task.inputs(batch, epoch)
 
-    batches = list(train.loader)
+    batches = list(training.task.train_loader)
     recorder = SyncRecorder()
     with recorder, recorder.dispatch:
-        train_one_epoch(t.parts, batches, syncing_augment, cfg, t.dist, 0, position=0, progress=recorder)
+        train_one_epoch(training.parts, batches, Syncing, cfg, training.dist, 0, position=0, progress=recorder)
     names = {name for step, name in recorder.events if step == 0}
     assert {"nonzero", "aten::nonzero", "__float__", "aten::_local_scalar_dense"} <= names
 
@@ -192,9 +199,8 @@ def test_bf16_autocast_on_cpu_learns():
     model = Tiny()
     parts = _parts(model, lr=0.5)
     cfg = Config(train=TrainConfig(amp="bf16", log_every=0))
-    losses = [
-        train_one_epoch(parts, batches, _to_unit, cfg, DistInfo(), e, position=0).totals.train_loss for e in range(15)
-    ]
+    stats = [train_one_epoch(parts, batches, Unit, cfg, DistInfo(), e, position=0) for e in range(15)]
+    losses = [s.totals.train_loss for s in stats]
     assert losses[-1] < 0.6 * losses[0], losses
 
 
@@ -374,7 +380,7 @@ def test_label_smoothing_is_applied_to_the_training_loss():
         expected = {s: nn.functional.cross_entropy(model(images), labels, label_smoothing=s).item() for s in (0.0, 0.2)}
     for smoothing in (0.0, 0.2):
         cfg = Config(train=TrainConfig(log_every=0), optim=Optim(label_smoothing=smoothing))
-        stats = train_one_epoch(_parts(model, lr=0.0), batches, _to_unit, cfg, DistInfo(), 0, position=0)
+        stats = train_one_epoch(_parts(model, lr=0.0, cfg=cfg), batches, Unit, cfg, DistInfo(), 0, position=0)
         assert stats.totals.train_loss == pytest.approx(expected[smoothing], rel=1e-5)
     assert expected[0.2] != pytest.approx(expected[0.0], rel=1e-3)
 

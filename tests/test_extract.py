@@ -1,5 +1,6 @@
 """extract-features: slides to one feature file per slide (the input of slide-level MIL models)."""
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -203,6 +204,7 @@ def test_the_backbone_is_rebuilt_from_a_files_settings_and_other_weights_are_ref
     """What predict-slide does with a MIL checkpoint's record: the --arch backbone, built with
     the config the extraction used (here a non-default input size), is found equal; a record of
     other weights is refused, naming the fingerprint."""
+    from cancernet.data.tile_features import TileFeatures, TileSettings
     from cancernet.runtime.distributed import DistInfo
     from cancernet.runtime.errors import UserError
     from cancernet.wsi.extract import encoder_of
@@ -212,14 +214,65 @@ def test_the_backbone_is_rebuilt_from_a_files_settings_and_other_weights_are_ref
     shutil.copy(slides / "slide_000.tif", one)
     code, _, err = extract(capsys, monkeypatch, one, tmp_path / "f", "data.image_size=64")
     assert code == 0, err
-    with h5py.File(tmp_path / "f" / "slide_000.h5") as f:
-        made = json.loads(f.attrs["settings"])
-    assert made["source"] == "arch" and made["tile"] == 64 and made["preprocessing"]["image_size"] == 64
+    made = TileFeatures(tmp_path / "f" / "slide_000.h5").settings
+    assert made.source == "arch" and made.tile == 64 and made.preprocessing["image_size"] == 64
     encoder = encoder_of(made, DistInfo())
-    assert {k: v for k, v in made.items() if k in encoder.settings(96)} == encoder.settings(made["stride"])
+    assert not made.differences(encoder.settings(made.stride), TileSettings.BACKBONE)
     # the head only scores the features: another one is the same backbone
-    made["model"]["head"] = {"seed": "linear", "linear": "seed"}[made["model"]["head"]]
-    assert encoder_of(made, DistInfo()).fingerprint == made["fingerprint"]
-    made["fingerprint"] = "0" * 64  # features of other weights (another release of the model, say)
+    head = {"seed": "linear", "linear": "seed"}[made.model["head"]]
+    other_head = dataclasses.replace(made, model={**made.model, "head": head})
+    assert encoder_of(other_head, DistInfo()).fingerprint == made.fingerprint
+    other = dataclasses.replace(made, fingerprint="0" * 64)  # features of other weights (another release, say)
     with pytest.raises(UserError, match="fingerprint: 0{64} then"):
-        encoder_of(made, DistInfo())
+        encoder_of(other, DistInfo())
+
+
+# Loaded into every rank through PYTHONPATH: the slide SLOW_SLIDE takes SLOW_S seconds longer.
+SLOW_SLIDE = """
+import builtins, os, sys, time
+_import = builtins.__import__
+def _patched(*args, **kwargs):
+    module = _import(*args, **kwargs)
+    for name, job in (("cancernet.wsi.extract", "ExtractJob"), ("cancernet.wsi.heatmap", "HeatmapJob")):
+        cls = getattr(sys.modules.get(name), job, None)
+        if cls is not None and not getattr(cls.run, "slowed", False):
+            def run(self, path, real=cls.run):
+                if path.stem == os.environ["SLOW_SLIDE"]:
+                    time.sleep(float(os.environ["SLOW_S"]))
+                return real(self, path)
+            run.slowed = True
+            cls.run = run
+    return module
+builtins.__import__ = _patched
+"""
+
+
+def test_a_rank_whose_slides_outlast_the_process_group_timeout_is_waited_for(slides, tmp_path):
+    """extract-features and predict-slide under torchrun, one rank's slide taking 30 s longer than
+    the other rank's work with a 10 s process-group timeout: neither rank waits in a collective
+    meanwhile, so both finish, slides.csv lists every slide, and the exit code is 0."""
+    from test_slide_mil import patch_checkpoint
+
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(SLOW_SLIDE)
+    env = {**python_env(), "PYTHONPATH": str(tmp_path / "inject"), "SLOW_SLIDE": "slide_001", "SLOW_S": "30"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cancernet"]
+    checkpoint = patch_checkpoint(tmp_path / "patch.pt", seed=0)
+    commands = {
+        "feats": ["extract-features", slides, "--out", tmp_path / "feats", *BACKBONE],
+        "maps": ["predict-slide", slides, "--out", tmp_path / "maps", "--checkpoint", checkpoint, "--num-workers", "1"],
+    }
+    for out, command in commands.items():
+        proc = subprocess.run(
+            [*launcher, *command, "--device", "cpu", "--timeout", "10s"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        listed = pd.read_csv(tmp_path / out / "slides.csv")
+        assert sorted(listed["slide"]) == ["slide_000", "slide_001", "slide_002"], listed
+        assert (listed["status"] == "done").all()
+        assert not (tmp_path / out / ".ranks").exists()  # the rows' exchange leaves nothing behind

@@ -102,11 +102,11 @@ def test_no_host_device_sync_inside_a_training_step(cuda, packed_root, tmp_path,
         "train.clip_grad=1.0",
         "model.channels_last=true",
     )
-    t = build(cfg, DistInfo(device=cuda), RunDir(tmp_path))
-    assert next(t.model_without_ddp.parameters()).is_cuda
-    train = t.loaders["train"]
-    batches = [tuple(x.pin_memory() for x in b) for b in train.loader]
-    train_one_epoch(t.parts, batches[:2], train.augment, cfg, t.dist, 0, position=0)  # warm-up
+    training = build(cfg, DistInfo(device=cuda), RunDir(tmp_path))
+    assert next(training.model_without_ddp.parameters()).is_cuda
+    task = training.task
+    batches = [tuple(x.pin_memory() for x in b) for b in task.train_loader]
+    train_one_epoch(training.parts, batches[:2], task, cfg, training.dist, 0, position=0)  # warm-up
     torch.cuda.synchronize()
     tagger = _Tagger()
     with warnings.catch_warnings():  # restores warnings.showwarning on exit
@@ -114,7 +114,7 @@ def test_no_host_device_sync_inside_a_training_step(cuda, packed_root, tmp_path,
         warnings.showwarning = tagger.record
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            train_one_epoch(t.parts, batches, train.augment, cfg, t.dist, 1, position=0, progress=tagger)
+            train_one_epoch(training.parts, batches, task, cfg, training.dist, 1, position=0, progress=tagger)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     steps = len(batches)
@@ -171,7 +171,7 @@ def test_slide_heatmap_on_cuda_matches_the_cpu(cuda, synth_root, tmp_path):
 
     from cancernet.evaluate.metrics import roc_auc
     from cancernet.runtime.distributed import DistInfo
-    from cancernet.wsi.predict import load_scorer, predict_slides
+    from cancernet.wsi.heatmap import load_scorer
     from cancernet.wsi.synthetic import write_slide
 
     train(synth_root, tmp_path / "run", "train.epochs=3", "data.image_size=48")
@@ -182,7 +182,7 @@ def test_slide_heatmap_on_cuda_matches_the_cpu(cuda, synth_root, tmp_path):
         dist = DistInfo(device=torch.device(device))
         scorer = load_scorer(tmp_path / "run" / "checkpoints" / "best.pt", dist, [], None, amp=amp, num_workers=2)
         out = tmp_path / f"{device}-{amp}"
-        assert predict_slides(scorer, [slide], out)["done"] == [slide]
+        assert scorer.job(out).run(slide)["status"] == "done"
         maps[device, amp] = np.load(out / "case" / "heatmap.npy")
     assert torch.cuda.max_memory_allocated() > MODEL_BYTES  # scored on the GPU
     cpu = maps["cpu", "off"]

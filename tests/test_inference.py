@@ -10,7 +10,7 @@ import torch
 from cancernet.cli import main
 from cancernet.data.patch import read_patch
 from cancernet.engine.inference import Predictor
-from cancernet.evaluate.inference import predict_folder
+from cancernet.evaluate.patch_predict import predict_folder
 from cancernet.runtime.console import main_guard
 from cancernet.runtime.distributed import DistInfo
 

@@ -34,7 +34,7 @@ def bags(tmp_path_factory):
     return folder
 
 
-def mil_run(bags, out, *overrides, stop_after=None, stop=None) -> str:
+def mil_run(bags, out, *overrides, stop_after=None, stop=None, hook=None) -> str:
     from cancernet.config import load_config
     from cancernet.runtime.distributed import session
     from cancernet.runtime.signals import StopFlag
@@ -52,12 +52,14 @@ def mil_run(bags, out, *overrides, stop_after=None, stop=None) -> str:
     )
     stop = stop or StopFlag()
 
-    def hook(state, row):
+    def on_epoch_end(training, row):
+        if hook is not None:
+            hook(training, row)
         if stop_after is not None and row["epoch"] >= stop_after:
             stop.requested = True
 
     with session("cpu") as dist:
-        return run(cfg, dist, stop, hook)
+        return run(cfg, dist, stop, on_epoch_end)
 
 
 @pytest.fixture(scope="module")
@@ -95,11 +97,10 @@ def test_a_run_stopped_inside_an_epoch_resumes_to_the_same_result(bags, abmil, t
 
     out = tmp_path / "run"
     # 80 training bags an epoch, one a step: the stop request is read every 10 steps
-    # (train.sync_every) but the epoch's last, and at its end: 8 looks an epoch; the 35th is 30
-    # bags into epoch 5
-    assert mil_run(bags, out, "model.mil=abmil", stop=StopAfterSyncs(35)) == "stopped"
+    # (train.sync_every) and at the epoch's end: 9 looks an epoch; the 39th is 30 bags into epoch 5
+    assert mil_run(bags, out, "model.mil=abmil", stop=StopAfterSyncs(39)) == "stopped"
     saved = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
-    assert saved["epoch"] == 4 and saved["run_state"]["mid_epoch"]["steps"] == 30
+    assert saved["epoch"] == 4 and saved["run_state"]["mid_epoch"]["samples"] == 30
     assert len(pd.read_csv(out / "summary.csv")) == 4  # the unfinished epoch is not in the summary
     assert mil_run(bags, out, "model.mil=abmil") == "done"
     a, b = pd.read_csv(abmil / "summary.csv"), pd.read_csv(out / "summary.csv")
@@ -109,6 +110,58 @@ def test_a_run_stopped_inside_an_epoch_resumes_to_the_same_result(bags, abmil, t
     assert np.allclose(pa["prob"], pb["prob"], atol=1e-6)
 
 
+def test_ema_clipping_accumulation_and_a_checkpoint_cadence_stop_inside_an_epoch_and_resume_exactly(bags, tmp_path):
+    """What a patch run has, a slide-level run has, through the same loop: an EMA of the weights
+    (what best.pt and the report use) reaching its decay, clipped gradients, two bags per
+    optimizer step, last.pt at most every train.checkpoint_every (a stop still saves at once)."""
+    import torch
+
+    common = (
+        "model.mil=abmil",
+        "train.epochs=4",
+        "train.ema_decay=0.99",
+        "train.ema_warmup=40",
+        "train.clip_grad=0.5",
+        "train.grad_accum=2",
+        "train.checkpoint_every=1h",
+        "train.log_every=0",  # no log line's sync point among the looks counted below
+    )
+    uninterrupted = tmp_path / "uninterrupted"
+    assert mil_run(bags, uninterrupted, *common) == "done"
+    out, seen = tmp_path / "run", []
+
+    def last_pt_exists(training, row):
+        seen.append((out / "checkpoints" / "last.pt").exists())
+
+    # 80 bags an epoch, two an optimizer step: the stop request is read every 10 optimizer steps
+    # and at the epoch's end (5 looks an epoch); the 12th look is 40 bags into epoch 3
+    assert mil_run(bags, out, *common, stop=StopAfterSyncs(12), hook=last_pt_exists) == "stopped"
+    assert seen == [False, False]  # the cadence: no last.pt after epochs 1 and 2 (1 hour had not passed)
+    saved = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert saved["epoch"] == 2 and saved["run_state"]["mid_epoch"]["samples"] == 40 and "ema" in saved
+    assert mil_run(bags, out, *common) == "done"
+    a, b = pd.read_csv(uninterrupted / "summary.csv"), pd.read_csv(out / "summary.csv")
+    columns = ["train_loss", "train_acc", "val_loss", "val_auc", "lr", "samples_seen", "ema_decay"]
+    assert np.allclose(a[columns], b[columns], rtol=1e-5, atol=1e-6)
+    assert b["ema_decay"].tolist() == pytest.approx([0.99] * 4)  # warmed up within the first epoch
+    pa, pb = pd.read_csv(uninterrupted / "predictions" / "test.csv"), pd.read_csv(out / "predictions" / "test.csv")
+    assert np.allclose(pa["prob"], pb["prob"], atol=1e-6)
+    assert torch.load(out / "checkpoints" / "best.pt", weights_only=True)["weights"] == "ema"
+
+
+def test_fp16_on_the_cpu_runs_the_grad_scaler_path_of_a_slide_level_run(bags, tmp_path):
+    """train.amp=fp16 (what amp=auto gives a pre-Ampere GPU): the loss is scaled, the scaler's
+    state goes into last.pt, and the model still learns (max pooling: it learns these bags fast)."""
+    import torch
+
+    out = tmp_path / "run"
+    assert mil_run(bags, out, "model.mil=max", "train.amp=fp16", "train.epochs=4") == "done"
+    scaler = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["scaler"]
+    assert scaler["scale"] > 0 and "_growth_tracker" in scaler
+    summary = pd.read_csv(out / "summary.csv")
+    assert np.isfinite(summary["train_loss"]).all() and summary["val_auc"].iloc[-1] > 0.9
+
+
 def test_a_time_budget_fixes_the_epochs_after_the_first_and_a_resume_keeps_them(bags, tmp_path, caplog):
     import logging
 
@@ -116,19 +169,20 @@ def test_a_time_budget_fixes_the_epochs_after_the_first_and_a_resume_keeps_them(
 
     caplog.set_level(logging.INFO, logger="cancernet")
     out, common = tmp_path / "run", ("model.mil=mean", "train.epochs=500", "train.time_budget=8s")
+    # the patch run's budget: planned 20 steps into the first epoch, fixed after the first whole
+    # epoch trained under that plan (the second: 160 bags)
     assert mil_run(bags, out, *common, stop_after=2) == "stopped"
-    plan = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["run_state"]["budget"]
-    assert plan["final"] and plan["budget_s"] == 8.0 and plan["planned_at_sample"] == 80
-    assert caplog.text.count("time budget 8s") == 1
+    plan = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["run_state"]["budget_plan"]
+    assert plan["final"] and plan["budget_s"] == 8.0 and plan["planned_at_sample"] == 160
+    assert caplog.text.count("time budget 8s (") == 2  # the warm-up's plan, then the fixed one
     assert mil_run(bags, out, *common) == "done"
-    assert caplog.text.count("time budget 8s") == 1  # the resumed run keeps the plan
+    assert caplog.text.count("time budget 8s (") == 2  # the resumed run keeps the plan
     summary = pd.read_csv(out / "summary.csv")
     # the run ends where the plan said, far short of train.epochs, the LR schedule with it
     assert summary["samples_seen"].iloc[-1] == plan["samples"] and 2 <= len(summary) < 500
     assert summary["lr"].iloc[-1] < 0.05 * summary["lr"].max()
-    # and the plan fits the budget at the pace of the epoch it measured (training and validation)
-    first = summary.iloc[0]
-    assert plan["samples"] / 80 * (first["epoch_s"] + first["val_s"]) <= 8.0
+    # and the plan fits the budget: training, validations and checkpoints at the pace it measured
+    assert plan["estimated_s"] <= 8.0
 
 
 def test_a_label_file_naming_a_slide_without_features_is_refused_with_its_name(bags, tmp_path):
@@ -156,26 +210,47 @@ def test_a_label_file_naming_a_slide_without_features_is_refused_with_its_name(b
     assert proc.returncode == 2 and "lost_slide" in proc.stderr and "no feature file" in proc.stderr, proc.stderr
 
 
-def test_feature_files_of_two_backbones_are_refused_and_best_pt_names_the_one_used(bags, abmil, tmp_path):
-    import shutil
-
+def test_best_pt_names_the_features_it_was_trained_on_and_the_validation_operating_point(bags, abmil):
     import torch
 
     best = torch.load(abmil / "checkpoints" / "best.pt", weights_only=True)
-    assert best["features"] == {"backbone": "synthetic", "fingerprint": "seed 0", "dim": 32}
+    assert best["features"]["backbone"] == "synthetic" and best["features"]["fingerprint"] == "synthetic seed 0"
+    assert best["feature_dim"] == 32 and best["task"] == "slide"
     # the operating point the report used, chosen on validation, for predict-slide to label new slides
     metrics = json.loads((abmil / "report" / "metrics.json").read_text())
     assert best["operating_point"]["chosen_on"] == "val"
     assert best["operating_point"]["threshold"] == metrics["at_val_threshold"]["threshold"]
-    mixed = tmp_path / "mixed"
-    shutil.copytree(bags, mixed)
-    with h5py.File(mixed / "slide_007.h5", "r+") as f:
-        f.attrs["settings"] = json.dumps({"backbone": "other", "fingerprint": "x", "dim": 32})
-    from cancernet.data.bags import read_slide_labels
+
+
+@pytest.mark.parametrize(
+    "setting, value",
+    [
+        ("fingerprint", "0" * 64),  # the same backbone's name, other weights
+        ("tile", 112),
+        ("stride", 112),
+        ("tile_mpp", 1.0),  # another resolution
+        ("tissue", {"tissue_mpp": 8.0, "min_saturation": 0.1, "fill_holes_um2": 20000.0, "min_tissue": 0.25}),
+    ],
+)
+def test_a_run_over_feature_files_made_otherwise_is_refused_naming_the_setting(bags, tmp_path, setting, value):
+    """Features of one slide made with the same backbone name but another setting would train
+    silently beside the others: the run refuses them before it trains, naming the setting."""
+    import dataclasses
+    import shutil
+
+    from cancernet.data.tile_features import TileFeatures
     from cancernet.runtime.errors import DataError
 
-    with pytest.raises(DataError, match="slide_000 and slide_007 were extracted with different settings"):
-        read_slide_labels(mixed / "labels.csv", mixed)
+    mixed = tmp_path / "mixed"
+    shutil.copytree(bags, mixed)
+    made = TileFeatures(mixed / "slide_007.h5").settings
+    with h5py.File(mixed / "slide_007.h5", "r+") as f:
+        f.attrs["settings"] = json.dumps(dataclasses.replace(made, **{setting: value}).to_dict())
+    with pytest.raises(
+        DataError, match=rf"slides slide_000 and slide_007 were extracted with different settings \({setting}\)"
+    ):
+        mil_run(mixed, tmp_path / "run", "model.mil=mean", "train.epochs=1")
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before it trained
 
 
 def test_two_ranks_train_one_model_over_the_bags(bags, tmp_path):
@@ -202,7 +277,40 @@ def test_two_ranks_train_one_model_over_the_bags(bags, tmp_path):
     metrics = json.loads((tmp_path / "run" / "report" / "metrics.json").read_text())
     assert metrics["n"] == 48 and len(pd.read_csv(tmp_path / "run" / "summary.csv")) == 4
     # each epoch: 80 training bags = 40 steps of two bags, one per rank
-    assert pd.read_csv(tmp_path / "run" / "summary.csv")["samples_seen"].tolist() == [80, 160, 240, 320]
+    summary = pd.read_csv(tmp_path / "run" / "summary.csv")
+    assert summary["samples_seen"].tolist() == [80, 160, 240, 320]
+    # the run's length counts the bags of both ranks: the warm-up (mil.yaml: one epoch, 80 bags)
+    # and the cosine are laid over all 320 (one rank's count would end the cosine halfway); each
+    # epoch's lr is that of its last step, 2 bags before its end
+    import torch
+
+    from cancernet.config import OptimConfig
+    from cancernet.train.optim import LrSchedule
+
+    parameter = torch.zeros(1, requires_grad=True)
+    schedule = LrSchedule(torch.optim.SGD([{"params": [parameter], "lr_scale": 1.0}]), OptimConfig(), 1e-3, 320, 80)
+    expected = []
+    for seen in summary["samples_seen"]:
+        schedule.step(seen - 2, 2)
+        expected.append(schedule.lr)
+    assert summary["lr"].to_numpy() == pytest.approx(expected, rel=1e-6)
+
+
+def test_the_operating_point_is_chosen_on_the_validation_slides(abmil):
+    """The report's threshold, and best.pt's for predict-slide, come from the validation slides'
+    probabilities (choosing on the test slides would flatter the report)."""
+    import torch
+
+    from cancernet.evaluate.metrics import youden_threshold
+
+    val, test = (pd.read_csv(abmil / "predictions" / f"{split}.csv") for split in ("val", "test"))
+    chosen = youden_threshold(val["label"].to_numpy(), val["prob"].to_numpy())
+    assert youden_threshold(test["label"].to_numpy(), test["prob"].to_numpy()) != pytest.approx(chosen)
+    best = torch.load(abmil / "checkpoints" / "best.pt", weights_only=True)
+    metrics = json.loads((abmil / "report" / "metrics.json").read_text())
+    assert best["operating_point"]["threshold"] == pytest.approx(chosen)
+    assert metrics["at_val_threshold"]["threshold"] == pytest.approx(chosen)
+    assert (test["pred"] == (test["prob"] >= chosen)).all()
 
 
 def test_aggregate_over_folds_gives_the_spread_and_the_out_of_fold_slide_auc(bags, tmp_path):

@@ -128,7 +128,7 @@ def test_a_resume_that_regroups_the_parameters_keeps_each_ones_moments(saved_as)
 @pytest.mark.parametrize("arch", [*FAMILIES, *TIMM_FAMILIES])
 def test_each_family_trains_resumes_predicts_and_exports(arch, synth_root, tmp_path):
     from cancernet.engine.inference import Predictor
-    from cancernet.evaluate.inference import Exported, export, predict_folder
+    from cancernet.evaluate.patch_predict import Exported, export, predict_folder
     from cancernet.runtime.distributed import DistInfo
 
     from conftest import train
@@ -254,3 +254,48 @@ def test_imagenet_without_network_says_how_to_prefetch(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="fetch-weights --arch efficientnet_b0") as err:
         models.imagenet_state_dict("efficientnet_b0", mirror="http://127.0.0.1:9")  # nothing listens
     assert "hub/checkpoints/efficientnet_b0_rwightman-" in str(err.value)  # the DEFAULT weights' file name
+
+
+def test_scoring_a_bag_of_100k_tiles_builds_no_tile_by_tile_tensor():
+    """Evaluation reads every tile of a slide (100,000 and more). No slide-level model may build
+    an N x N tensor on the way: TransMIL's own attention output does (about 10 N^2 bytes, out of
+    memory on an 80 GB GPU above ~85k tiles), so its class token's row is computed alone."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    from cancernet.models.config import MIL_ARCHS
+    from cancernet.models.mil import build_mil
+
+    n = 100_000
+
+    class NoSquare(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and sum(size >= n for size in t.shape) >= 2:
+                    raise AssertionError(f"{func} made a {tuple(t.shape)} tensor")
+            return out
+
+    bag = torch.randn(1, n, 16)
+    for arch in MIL_ARCHS:
+        torch.manual_seed(0)
+        model = build_mil(arch, 16).eval()
+        with torch.no_grad(), NoSquare():
+            logit, attention = model(bag)
+        assert logit.shape == (1,) and attention.shape == (1, n) and torch.isfinite(attention).all(), arch
+
+
+def test_transmils_attention_is_its_own_class_token_row_over_the_tiles():
+    """The O(N) computation gives what torchmil's whole attention matrix gives (its softmax
+    recovers the weights; torchmil returns them already normalised)."""
+    from cancernet.models.mil import build_mil
+
+    torch.manual_seed(0)
+    model = build_mil("transmil", 24).eval()
+    for n in (3, 257, 700):
+        bag = torch.randn(1, n, 24)
+        with torch.no_grad():
+            logit, attention = model(bag)
+            reference_logit, reference = model.net(bag, return_att=True)
+        assert torch.equal(logit, reference_logit)
+        assert torch.allclose(attention.exp(), reference.clamp_min(1e-12), atol=1e-7)

@@ -98,3 +98,17 @@ def test_a_run_records_the_precision_auto_chose_and_trains_with_the_deterministi
     expected = resolve_amp("auto", CPU)[0]  # bf16 or off, depending on this machine
     assert seen == {"amp": expected, "deterministic": True}
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["amp"] == expected
+
+
+@pytest.mark.slow
+def test_fp16_on_the_cpu_runs_the_grad_scaler_path_of_a_patch_run(synth_root, tmp_path):
+    """train.amp=fp16 (what amp=auto gives a pre-Ampere GPU): the loss is scaled and the
+    scaler's state goes into last.pt."""
+    from cancernet.train.runner import run
+
+    from conftest import make_cfg, session
+
+    with session("cpu") as dist:
+        assert run(make_cfg(synth_root, tmp_path, "train.amp=fp16", "data.limit=200", "train.epochs=1"), dist) == "done"
+    scaler = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["scaler"]
+    assert scaler["scale"] > 0 and "_growth_tracker" in scaler

@@ -70,7 +70,7 @@ def test_an_installed_wheel_runs_from_outside_the_source_tree(wheel, synth_root,
     away.mkdir()
     cancernet = str(venv / "bin" / "cancernet")
     where = subprocess.run(
-        [python, "-c", "import cancernet.wsi.predict as m; print(m.__file__)"], cwd=away, capture_output=True, text=True
+        [python, "-c", "import cancernet.wsi.heatmap as m; print(m.__file__)"], cwd=away, capture_output=True, text=True
     )
     assert where.returncode == 0, where.stderr[-2000:]
     assert Path(where.stdout.strip()).is_relative_to(Path(site)), where.stdout

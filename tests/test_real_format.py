@@ -50,7 +50,7 @@ def test_prepare_packs_real_patches_byte_for_byte(real_root):
 @pytest.mark.slow
 def test_train_and_predict_read_real_patches(real_root, tmp_path):
     from cancernet.engine.inference import Predictor
-    from cancernet.evaluate.inference import predict_folder
+    from cancernet.evaluate.patch_predict import predict_folder
     from cancernet.runtime.distributed import DistInfo
 
     from conftest import train

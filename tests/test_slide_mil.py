@@ -38,8 +38,8 @@ def slide_run(tmp_path_factory):
     from cancernet.config import SlideConfig, load_config
     from cancernet.runtime.distributed import DistInfo, session
     from cancernet.train.runner import run
+    from cancernet.wsi.driver import list_slides
     from cancernet.wsi.extract import Reading, extract_features, load_encoder
-    from cancernet.wsi.predict import list_slides
 
     root = tmp_path_factory.mktemp("slide_mil")
     write_slide_set(root, 12, rows=24, cols=32, seed=3)
@@ -90,6 +90,13 @@ def test_predict_slide_gives_the_runs_slide_probability_and_attention_beside_the
             assert (tiles[["x", "y"]].to_numpy() == f["coords"][:]).all()
         # the attention weights sum to one; the run's top tile is (to rounding) the top one here too
         assert tiles["attention"].sum() == pytest.approx(1, abs=1e-4)
+        # slide.json's top tiles are the most attended, most first, each where tiles.csv has it
+        top = summary["top_tiles"]
+        assert [t["attention"] for t in top] == pytest.approx(
+            sorted(tiles["attention"], reverse=True)[: len(top)], abs=1e-6
+        )
+        at = tiles.set_index(["x", "y"])["attention"]
+        assert all(at[(t["x"], t["y"])] == pytest.approx(t["attention"], abs=1e-6) for t in top)
         assert tiles["attention"].max() == pytest.approx(row.attention_max, abs=1e-4) == summary["attention_max"]
         assert tiles["attention"][row.top_tile] == pytest.approx(row.attention_max, abs=1e-4)
         # the backbone is a trained patch model: its own P(tumour) of each tile, as a heatmap beside
@@ -99,6 +106,41 @@ def test_predict_slide_gives_the_runs_slide_probability_and_attention_beside_the
         assert np.nanmax(attention) == 1.0 and (folder / "attention.png").stat().st_size > 10_000
     code, log, _ = predict(capsys, monkeypatch, best, tmp_path / "out", *slides)
     assert code == 0 and f"0 done, {len(slides)} done before" in log  # a rerun skips what is done
+
+
+@pytest.mark.parametrize("arch", ["abmil", "clam_sb", "transmil", "dsmil", "mean", "max"])
+def test_every_slide_level_model_trains_reports_and_predicts_slides(slide_run, tmp_path, capsys, monkeypatch, arch):
+    """Each model.mil choice through the whole path: two epochs, the test report, predict-slide
+    giving the run's own probability of a test slide."""
+    from cancernet.config import load_config
+    from cancernet.runtime.distributed import session
+    from cancernet.train.runner import run
+
+    cfg = load_config(
+        CONFIGS / "mil.yaml",
+        [
+            f"data.features={slide_run / 'feats'}",
+            f"data.slides_csv={slide_run / 'slides.csv'}",
+            f"train.out_dir={tmp_path / 'run'}",
+            f"model.mil={arch}",
+            *("train.device=cpu", "train.amp=off", "data.num_workers=0", "train.epochs=2"),
+            *("data.val_fraction=0.25", "data.test_fraction=0.25", "report.bootstrap=50"),
+        ],
+    )
+    with session("cpu") as dist:
+        assert run(cfg, dist) == "done"
+    metrics = json.loads((tmp_path / "run" / "report" / "metrics.json").read_text())
+    test = pd.read_csv(tmp_path / "run" / "predictions" / "test.csv")
+    assert metrics["level"] == "slide" and metrics["n"] == len(test) > 0 and metrics["run"]["mil"] == arch
+    best = tmp_path / "run" / "checkpoints" / "best.pt"
+    row = test.iloc[0]
+    slide = slide_run / "slides" / f"{row.id}.tif"
+    # the extraction's batch and the run's precision (auto would be bf16 on some CPUs)
+    code, _, err = predict(capsys, monkeypatch, best, tmp_path / "out", slide, "--batch-size", "64", "--amp", "off")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "out" / row.id / "slide.json").read_text())
+    assert summary["slide_prob"] == pytest.approx(row.prob, abs=1e-3) and summary["score_kind"] == f"mil:{arch}"
+    assert pd.read_csv(tmp_path / "out" / row.id / "tiles.csv")["attention"].sum() == pytest.approx(1, abs=1e-4)
 
 
 def test_a_backbone_changed_since_extraction_is_refused_and_backbone_points_to_the_right_one(

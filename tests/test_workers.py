@@ -54,11 +54,12 @@ def test_validation_starts_its_workers_once_and_runs_while_the_checkpoint_is_wri
     from cancernet.engine import checkpoint
     from cancernet.engine.rundir import RunDir
     from cancernet.train.loop import EpochStats, EpochTotals
-    from cancernet.train.runner import save_checkpoints, validate_epoch
+    from cancernet.train.runner import validate_epoch
     from cancernet.train.state import build
 
     cfg = make_cfg(synth_root, tmp_path, "data.num_workers=1", "train.eval_batch_size=16")
-    t = build(cfg, DistInfo(), RunDir(tmp_path))
+    training = build(cfg, DistInfo(), RunDir(tmp_path))
+    writer = training.checkpointer.writer
     release = threading.Event()
     save = checkpoint.save
 
@@ -70,15 +71,15 @@ def test_validation_starts_its_workers_once_and_runs_while_the_checkpoint_is_wri
     workers = []
     for epoch in range(2):
         release.clear()
-        save_checkpoints(t, best=False)
-        row = validate_epoch(t, epoch, EpochStats(EpochTotals(), 1, 1.0, 0.0, 0))
-        assert t.writer._thread.is_alive(), "validation waited for the checkpoint's write"
+        training.checkpointer.save(training, last=True, best=False)
+        row = validate_epoch(training, epoch, EpochStats(EpochTotals(), 1, 1.0, 0.0, 0))
+        assert writer._thread.is_alive(), "validation waited for the checkpoint's write"
         assert row.val_loss == row.val_loss  # it did validate
-        workers.append([w.pid for w in t.loaders["val"].loader._iterator._workers])
+        workers.append([w.pid for w in training.task.loaders["val"].loader._iterator._workers])
         release.set()
-        t.writer.wait()
+        writer.wait()
     assert workers[0] == workers[1]  # the same processes, not a new start per epoch
-    assert "model" in torch.load(t.run.last, weights_only=False)  # the background write is whole
+    assert "model" in torch.load(training.run.last, weights_only=False)  # the background write is whole
 
 
 STARTS_AND_IS_SIGNALLED = """

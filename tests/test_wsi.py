@@ -234,7 +234,10 @@ def test_bad_slides_cost_one_line_each_and_the_rest_are_done(ckpt, slide, tmp_pa
         assert any(name in line and why in line for line in errors), (name, errors)
     assert "5 of 6 slides failed" in err
     done = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert done == ["good"]  # nothing half-written for the failed slides
+    assert done == ["good", "slides.csv"]  # nothing half-written for the failed slides
+    table = pd.read_csv(tmp_path / "out" / "slides.csv").set_index("slide")
+    assert table["status"].to_dict() == {name: "done" if name == "good" else "failed" for name in table.index}
+    assert len(table) == 6 and "no tissue" in table.loc["blank", "error"]
     stamp = (tmp_path / "out" / "good" / "slide.json").stat().st_mtime_ns
     code, log, err = predict(
         capsys, monkeypatch, ckpt, tmp_path / "out", folder / "good.tif", folder / "nompp.tif", "--mpp", "0.486"

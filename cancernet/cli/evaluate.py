@@ -12,13 +12,14 @@ log = logging.getLogger("cancernet")
 
 
 def cmd_evaluate(args) -> int:
+    from cancernet.config import SLIDE, task_kind
     from cancernet.engine.rundir import RunDir
-    from cancernet.evaluate.evaluation import Request, evaluate_checkpoint, open_run
+    from cancernet.evaluate.patch_eval import Request, evaluate_checkpoint, open_run
     from cancernet.runtime.distributed import session
 
     run = RunDir(args.run)
     cfg = run.load_config(args.overrides)
-    if cfg.model.mil != "none":
+    if task_kind(cfg) == SLIDE:
         raise UserError(
             f"{args.run} is a slide-level (MIL) run: its test report is written when training ends "
             f"({run.metrics}); labelled slides of elsewhere: evaluate-slides --checkpoint {run.best}"
@@ -34,7 +35,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from cancernet.evaluate.inference import predict_to_csv
+    from cancernet.evaluate.patch_predict import predict_to_csv
     from cancernet.runtime.distributed import session
 
     with session(args.device, "auto") as dist:
@@ -57,7 +58,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from cancernet.evaluate.inference import EXPORT_FILES, export
+    from cancernet.evaluate.patch_predict import EXPORT_FILES, export
 
     info = export(args.checkpoint, args.out, calibrated=not args.no_calibration)
     log.info(

@@ -50,7 +50,7 @@ def install_once_handler() -> bool:
 def preflight(argv: list[str]) -> str | None:
     """The training run's config and model weights, checked once: None when they are fine, else
     the problem. argv: torchrun's arguments; the config follows the script (the first *.py)."""
-    from cancernet.config import load_config
+    from cancernet.config import SLIDE, load_config, task_kind
     from cancernet.models.classifier import build_model, resolve_preprocessing
     from cancernet.runtime.errors import UserError
 
@@ -63,7 +63,7 @@ def preflight(argv: list[str]) -> str | None:
         return None  # not a training script of ours: nothing to check
     try:
         cfg = load_config(args.config, args.overrides)
-        if cfg.model.mil != "none":  # a slide-level run reads stored features: its bags are checked at start
+        if task_kind(cfg) == SLIDE:  # a slide-level run reads stored features: check them instead of weights
             from cancernet.data.bags import slide_table
 
             slide_table(cfg.data)

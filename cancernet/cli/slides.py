@@ -21,9 +21,24 @@ def _checkpoint(args, dist):
     return checkpoint.read_on_main(args.checkpoint, dist, extra=lambda: {"sha256": sha256_of(args.checkpoint)})
 
 
-def _scorer(args, dist, ckpt=None):
+def _session(args):
+    """The process group of a slide command, with its --timeout."""
+    from cancernet.config import parse_duration
+    from cancernet.runtime.distributed import session
+
+    return session(args.device, "auto", parse_duration(args.timeout, "--timeout") / 60)
+
+
+def slide_scorer(args, dist, ckpt):
+    """Either kind of checkpoint as a slide scorer (what predict-slide and evaluate-slides call)."""
+    from cancernet.config import SLIDE
+
+    return _slide_model(args, dist, ckpt) if ckpt.task == SLIDE else _scorer(args, dist, ckpt)
+
+
+def _scorer(args, dist, ckpt):
     from cancernet.engine.numerics import resolve_amp
-    from cancernet.wsi.predict import load_scorer
+    from cancernet.wsi.heatmap import load_scorer
 
     overrides = list(args.overrides)
     if args.stride is not None:
@@ -43,42 +58,9 @@ def _scorer(args, dist, ckpt=None):
         amp=amp,
         batch_size=args.batch_size,
         num_workers=args.num_workers,
+        tiff=args.tiff,
+        geojson=args.geojson,
     )
-
-
-def _slides_outcome(outcome: dict, out) -> int:
-    failed = outcome["failed"]
-    n = sum(len(v) for v in outcome.values())
-    log.info(
-        "%d slides: %d done, %d done before, %d failed -> %s",
-        n,
-        len(outcome["done"]),
-        len(outcome["skipped"]),
-        len(failed),
-        out,
-    )
-    if failed:
-        print(f"error: {len(failed)} of {n} slides failed: " + "; ".join(str(p) for p, _ in failed), file=sys.stderr)
-        return 1
-    return 0
-
-
-def cmd_predict_slide(args) -> int:
-    from pathlib import Path
-
-    from cancernet.runtime.distributed import session
-    from cancernet.wsi.predict import list_slides, predict_slides
-
-    with session(args.device, "auto") as dist:
-        setup_logging(dist.rank)
-        ckpt = _checkpoint(args, dist)
-        if ckpt.get("task") == "mil":
-            outcome = _diagnose(args, dist, ckpt)
-        else:
-            scorer = _scorer(args, dist, ckpt)
-            slides = list_slides(args.slides)
-            outcome = predict_slides(scorer, slides, Path(args.out), args.mpp, args.tiff, args.geojson)
-        return _slides_outcome(outcome, args.out) if dist.is_main else (1 if outcome["failed"] else 0)
 
 
 PATCH_ONLY = {  # predict-slide options that a slide-level (MIL) checkpoint has no use for
@@ -87,21 +69,8 @@ PATCH_ONLY = {  # predict-slide options that a slide-level (MIL) checkpoint has 
     "train_mpp": "--train-mpp",
     "tiff": "--tiff",
     "geojson": "--geojson",
-    "no_calibration": "--no-calibration",
     "overrides": "key=value overrides",
 }
-
-
-def _diagnose(args, dist, ckpt) -> dict:
-    """predict-slide with a MIL checkpoint: its backbone's features of each slide, the slide's
-    probability and the attention map (wsi/diagnose.py)."""
-    from pathlib import Path
-
-    from cancernet.wsi.diagnose import diagnose_slides
-    from cancernet.wsi.predict import list_slides
-
-    model = _slide_model(args, dist, ckpt)
-    return diagnose_slides(model, list_slides(args.slides), Path(args.out), args.mpp)
 
 
 def _slide_model(args, dist, ckpt):
@@ -121,22 +90,55 @@ def _slide_model(args, dist, ckpt):
         dist,
         backbone=args.backbone,
         threshold=args.threshold,
+        calibrated=not args.no_calibration,
         amp=amp,
         batch_size=args.batch_size,
         num_workers=args.num_workers,
     )
 
 
+def _outcome(rows: list[dict], out, dist) -> int:
+    """One line on rank 0 (and the failed slides'), the exit code: 1 when a slide failed."""
+    failed = [r for r in rows if r["status"] == "failed"]
+    if dist.is_main:
+        done = sum(r["status"] == "done" for r in rows)
+        log.info(
+            "%d slides: %d done, %d done before, %d failed -> %s",
+            len(rows),
+            done,
+            len(rows) - done - len(failed),
+            len(failed),
+            out,
+        )
+        if failed:
+            shown = "; ".join(r["path"] for r in failed[:5]) + (
+                f" and {len(failed) - 5} more" if len(failed) > 5 else ""
+            )
+            print(f"error: {len(failed)} of {len(rows)} slides failed: {shown}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_predict_slide(args) -> int:
+    from pathlib import Path
+
+    from cancernet.wsi.driver import drive, list_slides
+
+    with _session(args) as dist:
+        setup_logging(dist.rank)
+        scorer = slide_scorer(args, dist, _checkpoint(args, dist))
+        out = Path(args.out)
+        rows = drive(scorer.job(out, args.mpp), list_slides(args.slides), out, dist)
+        return _outcome(rows, args.out, dist)
+
+
 def cmd_evaluate_slides(args) -> int:
     from pathlib import Path
 
-    from cancernet.runtime.distributed import session
-    from cancernet.wsi.evaluate import evaluate_slides
+    from cancernet.wsi.slide_eval import evaluate_slides
 
-    with session(args.device, "auto") as dist:
+    with _session(args) as dist:
         setup_logging(dist.rank)
-        ckpt = _checkpoint(args, dist)
-        scorer = _slide_model(args, dist, ckpt) if ckpt.get("task") == "mil" else _scorer(args, dist, ckpt)
+        scorer = slide_scorer(args, dist, _checkpoint(args, dist))
         metrics = evaluate_slides(
             scorer,
             Path(args.slides),
@@ -145,8 +147,6 @@ def cmd_evaluate_slides(args) -> int:
             args.masks and Path(args.masks),
             args.mask_downsample,
             args.mpp,
-            args.tiff,
-            args.geojson,
         )
         return 1 if metrics and metrics["failed"] else 0
 
@@ -157,38 +157,21 @@ def cmd_extract_features(args) -> int:
 
     from cancernet.config import load_config
     from cancernet.engine.numerics import resolve_amp
-    from cancernet.runtime.distributed import session
+    from cancernet.wsi.driver import list_slides
     from cancernet.wsi.extract import Reading, extract_features, load_encoder
-    from cancernet.wsi.predict import list_slides
 
     if (args.arch is None) == (args.checkpoint is None):
         raise UserError("extract-features needs one of --arch (a backbone's name) or --checkpoint (a trained model)")
-    with session(args.device, "auto") as dist:
+    overrides = list(args.overrides) + ([f"model.arch={args.arch}"] if args.arch else [])
+    cfg = load_config(args.config, overrides)
+    with _session(args) as dist:
         setup_logging(dist.rank)
-        overrides = list(args.overrides) + ([f"model.arch={args.arch}"] if args.arch else [])
-        cfg = load_config(args.config, overrides)
         encoder = load_encoder(dist, args.checkpoint, cfg, args.tile_mpp, args.tile)
         slide_cfg = dataclasses.replace(cfg.slide, stride=args.stride or encoder.tile)
         amp, _ = resolve_amp(args.amp, dist.device)
         reading = Reading(slide_cfg, args.mpp, args.batch_size, args.num_workers, amp)
         rows = extract_features(encoder, list_slides(args.slides), Path(args.out), dist, reading, args.part)
-        failed = [r for r in rows if r["status"] == "failed"]
-        if dist.is_main:
-            done = sum(r["status"] == "done" for r in rows)
-            log.info(
-                "%d slides: %d done, %d done before, %d failed -> %s",
-                len(rows),
-                done,
-                len(rows) - done - len(failed),
-                len(failed),
-                args.out,
-            )
-            if failed:
-                print(
-                    f"error: {len(failed)} of {len(rows)} slides failed: " + "; ".join(r["path"] for r in failed),
-                    file=sys.stderr,
-                )
-        return 1 if failed else 0
+        return _outcome(rows, args.out, dist)
 
 
 def cmd_synth_slides(args) -> int:
@@ -204,6 +187,17 @@ def cmd_synth_slides(args) -> int:
         time.perf_counter() - start,
     )
     return 0
+
+
+def timeout_option(p) -> None:
+    from cancernet.config import DistConfig
+
+    default = f"{DistConfig.timeout_min}m"
+    p.add_argument(
+        "--timeout",
+        default=default,
+        help=f"the process group's timeout under torchrun (default {default}, dist.timeout_min's); 90s, 30m, 2h",
+    )
 
 
 def _part(text: str) -> tuple[int, int]:
@@ -249,6 +243,7 @@ def _slide_options(p) -> None:
         help="a MIL checkpoint's feature backbone checkpoint, where it is now if it moved (checked by fingerprint)",
     )
     device_options(p, "slide-reading processes")
+    timeout_option(p)
     p.add_argument("--progress", choices=["auto", "on", "off"], default=None)
     takes_overrides(p, "slide.score=max")
 
@@ -305,6 +300,7 @@ def register(sub) -> None:
     )
     slide_mpp_option(p)
     device_options(p, "slide-reading processes")
+    timeout_option(p)
     takes_overrides(p, "model.pretrained=none")
     p.set_defaults(func=cmd_extract_features)
     p = sub.add_parser(

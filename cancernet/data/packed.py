@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from cancernet.data.patch import PATCH_SHAPE
+from cancernet.runtime.atomic import partial_dir, publish
 from cancernet.runtime.errors import DataError
 
 ROW_BYTES = int(np.prod(PATCH_SHAPE))
@@ -132,8 +133,7 @@ def stage(pack: Pack, stage_dir: Path) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)  # the node's other processes wait here while one copies
         if _is_copy(staged, pack.path, manifest):
             return staged
-        start, partial = time.perf_counter(), staged.with_name(staged.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
+        start = time.perf_counter()
         shutil.rmtree(staged, ignore_errors=True)
         need = sum(f.stat().st_size for f in pack.path.iterdir() if f.is_file())
         free = shutil.disk_usage(stage_dir).free
@@ -141,13 +141,13 @@ def stage(pack: Pack, stage_dir: Path) -> Path:
             raise DataError(
                 f"data.stage_dir={stage_dir}: the pack needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} free"
             )
-        partial.mkdir()
+        partial = partial_dir(staged)
         for f in sorted(pack.path.iterdir(), key=lambda f: f.name == "manifest.json"):  # the manifest last
             if f.is_file():
                 shutil.copyfile(f, partial / f.name)
         if not _is_copy(partial, pack.path, manifest):
             raise DataError(f"data.stage_dir={stage_dir}: the copy of {pack.path} differs from it (disk full?)")
-        os.replace(partial, staged)
+        publish(partial, staged)
         log.info("staged the pack (%.1f GiB) in %s in %.1f s", need / 2**30, staged, time.perf_counter() - start)
         return staged
 
@@ -178,12 +178,10 @@ class PackWriter:
     error the partial folder is removed."""
 
     def __init__(self, final: Path):
-        self.final = Path(final)
-        self.path = self.final.with_name(self.final.name + ".partial")
+        self.final, self.path = Path(final), None
 
     def __enter__(self) -> PackWriter:
-        shutil.rmtree(self.path, ignore_errors=True)
-        self.path.mkdir(parents=True)
+        self.path = partial_dir(self.final)
         return self
 
     def __exit__(self, kind, error, traceback) -> None:
@@ -205,7 +203,5 @@ class PackWriter:
         (self.path / "ids.txt").write_text("\n".join(ids) + "\n")
         manifest = {"version": VERSION, "shape": list(PATCH_SHAPE), "dtype": "uint8", "count": len(ids), **manifest}
         (self.path / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        if self.final.exists():
-            shutil.rmtree(self.final)
-        os.replace(self.path, self.final)
+        publish(self.path, self.final)
         return self.final

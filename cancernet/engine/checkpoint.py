@@ -25,6 +25,7 @@ RESUME_FIXED = (
     "model.arch",
     "model.head",
     "model.freeze_backbone",
+    "model.mil",
     "optim.name",
     "data.val_fraction",
     "data.test_fraction",
@@ -150,6 +151,8 @@ MODEL, CONFIG, OPTIMIZER, SCHEDULER, SCALER, EMA = "model", "config", "optimizer
 RNG, WORLD_SIZE, EPOCH, WEIGHTS, RUN_STATE = "rng", "world_size", "epoch", "weights", "run_state"
 TEMPERATURE, OPERATING_POINT, OPERATING_POINT_TTA = "temperature", "operating_point", "operating_point_tta"
 PREPROCESS = "preprocess"  # what the model's inputs were made with (mean, std, size), when not data.*
+TASK = "task"  # the kind of run that wrote it: config.PATCH or config.SLIDE (older slide-level files: "mil")
+FEATURES, FEATURE_DIM = "features", "feature_dim"  # a slide-level model's: the settings of the features it reads
 TRAINING_PARTS = (OPTIMIZER, SCHEDULER, SCALER, EMA, RNG, RUN_STATE, "history")  # resume only: never sent between ranks
 
 
@@ -199,6 +202,13 @@ class Checkpoint:
         """Where a training run is and what it found (train.state.RunState's fields); files written
         before it had its own key hold the fields at the top level."""
         return self.state.get(RUN_STATE, self.state)
+
+    @property
+    def task(self) -> str:
+        """config.PATCH or config.SLIDE: what the checkpoint's model scores."""
+        from cancernet.config import PATCH, SLIDE
+
+        return SLIDE if self.state.get(TASK) in (SLIDE, "mil") else PATCH
 
     @property
     def is_resumable(self) -> bool:

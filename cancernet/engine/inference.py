@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset
 
-from cancernet.config import Config, from_dict, merge, parse_overrides
+from cancernet.config import SLIDE, Config, from_dict, merge, parse_overrides
 from cancernet.data.augment import Preprocess
 from cancernet.data.datasets import ShardSampler
 from cancernet.engine import checkpoint
@@ -77,7 +77,7 @@ class Predictor:
         adjust the checkpoint's config (slide.*, train.progress, ...); ckpt: the file as
         read_on_main read it already (with its sha256)."""
         ckpt = ckpt or checkpoint.read_on_main(path, dist, extra=lambda: {"sha256": sha256_of(path)})
-        if ckpt.get("task") == "mil":
+        if ckpt.task == SLIDE:
             raise UserError(
                 f"checkpoint {path} is a slide-level (MIL) model, not a patch model: "
                 f"`python -m cancernet predict-slide SLIDES --checkpoint {path} --out DIR` scores slides with it"

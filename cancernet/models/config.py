@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 from cancernet.runtime.schema import choice
 
+# slide-level models over a bag of tile features (models/mil.py builds each)
+MIL_ARCHS = ("abmil", "clam_sb", "transmil", "dsmil", "mean", "max")
+
 
 @dataclass
 class ModelConfig:
@@ -18,4 +21,4 @@ class ModelConfig:
     compile: bool = False
     compile_scope: str = choice("model", "model", "ddp")  # compile the bare model inside DDP, or DDP itself
     sync_bn: bool = False  # SyncBatchNorm across ranks (CUDA)
-    mil: str = choice("none", "none", "abmil", "clam_sb", "transmil", "dsmil", "mean", "max")  # slide-level model
+    mil: str = choice("none", "none", *MIL_ARCHS)  # a slide-level model: the run trains on slides, not patches

@@ -153,6 +153,21 @@ def broadcast_object(obj, dist: DistInfo):
     return box[0]
 
 
+def on_main(fn, dist: DistInfo):
+    """fn() on rank 0 alone, its result on every rank; a UserError it raises is raised on every
+    rank (so none waits for the others). A collective."""
+    result, error = None, None
+    if dist.is_main:
+        try:
+            result = fn()
+        except UserError as e:
+            error = e
+    result, error = broadcast_object((result, error), dist)
+    if error is not None:
+        raise error
+    return result
+
+
 def gather_objects(obj, dist: DistInfo) -> list:
     """[rank 0's obj, rank 1's obj, ...] on every rank."""
     if not dist.is_distributed:

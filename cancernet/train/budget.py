@@ -60,12 +60,8 @@ def plan_length(seconds_left: float, position: int, shape: Shape, train_rate: fl
     return max(total, math.ceil((position + 1) / shape.window) * shape.window)
 
 
-def eval_rate(
-    model: torch.nn.Module, batch: int, size: int, device: torch.device, amp: str, channels_last: bool
-) -> float:
-    """Samples per second of one rank's evaluation forward (one warm-up call, one timed)."""
-    x = torch.zeros(batch, 3, size, size, device=device)
-    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+def forward_seconds(model: torch.nn.Module, inputs: torch.Tensor, device: torch.device, amp: str) -> float:
+    """Seconds of one evaluation forward over inputs (one warm-up call, one timed)."""
     was_training = model.training
     model.eval()
     try:
@@ -73,50 +69,52 @@ def eval_rate(
             seconds = []
             for _ in range(2):
                 start = time.perf_counter()
-                model(x)
+                model(inputs)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)  # once per run, outside every training step
                 seconds.append(time.perf_counter() - start)
     finally:
         model.train(was_training)
-    return batch / max(seconds[-1], 1e-9)
+    return seconds[-1]
 
 
 class TimeBudget:
     """The planner: its `sync(epoch)` is the training loop's on_sync for that epoch. It reads the
-    run (throughput, time spent) and changes only its plan (t.plan.fix)."""
+    run (throughput, time spent) and changes only its plan (training.plan.fix)."""
 
-    def __init__(self, t, seconds: float):
-        self.t, self.seconds = t, seconds
-        sampler = t.loaders["train"].sampler
+    def __init__(self, training, seconds: float):
+        self.training, self.seconds = training, seconds
+        sampler, cfg = training.task.sampler, training.cfg
         self.shape = Shape(
             per_epoch=sampler.samples_per_epoch(),
-            window=sampler.global_batch * t.cfg.train.grad_accum,
-            cap=sampler.samples_per_epoch() * t.cfg.train.epochs,
-            eval_every=t.cfg.train.eval_every,
+            window=sampler.global_batch * cfg.train.grad_accum,
+            cap=sampler.samples_per_epoch() * cfg.train.epochs,
+            eval_every=cfg.train.eval_every,
         )
-        self.val_size = len(t.loaders["val"].ids)
 
     @classmethod
-    def from_config(cls, t) -> TimeBudget | None:
-        return cls(t, parse_duration(t.cfg.train.time_budget)) if t.cfg.train.time_budget else None
+    def from_config(cls, training) -> TimeBudget | None:
+        budget = training.cfg.train.time_budget
+        return cls(training, parse_duration(budget)) if budget else None
 
     def used_s(self) -> float:
         """Seconds already spent, over all sessions: training, validations and checkpoints."""
-        rows = self.t.state.history
-        return self.t.state.train_s + sum(r["val_s"] + (0.0 if math.isnan(r["ckpt_s"]) else r["ckpt_s"]) for r in rows)
+        rows = self.training.state.history
+        return self.training.state.train_s + sum(
+            r["val_s"] + (0.0 if math.isnan(r["ckpt_s"]) else r["ckpt_s"]) for r in rows
+        )
 
     def sync(self, epoch: int):
         """on_sync for this epoch: measures, then plans once; returns where this epoch ends."""
-        if self.t.plan.budget is not None:
+        if self.training.plan.budget is not None:
             return None
-        mid, before = self.t.state.mid_epoch, self.used_s()
+        mid, before = self.training.state.mid_epoch, self.used_s()
         # the window starts at the first sync point (the start-up of the loader and the first,
         # slow steps left out); an epoch too short for that is measured whole
         first = {"samples": mid["samples"] if mid else 0, "seconds": 0.0, "synced": False}
 
         def on_sync(in_epoch: int, elapsed: float, last: bool) -> int | None:
-            if self.t.plan.budget is not None:
+            if self.training.plan.budget is not None:
                 return None
             if not first["synced"] and not last:
                 first.update(samples=in_epoch, seconds=elapsed, synced=True)
@@ -125,40 +123,29 @@ class TimeBudget:
                 return None
             rate = (in_epoch - first["samples"]) / max(elapsed - first["seconds"], 1e-9)
             self.plan(epoch, epoch * self.shape.per_epoch + in_epoch, before + elapsed, rate)
-            return self.t.plan.end_in(epoch)
+            return self.training.plan.end_in(epoch)
 
         return on_sync
 
     def plan(self, epoch: int, position: int, used: float, train_rate: float) -> None:
         """Fix the run's length on rank 0, give it to every rank, lay the LR schedule over it."""
-        t, plan = self.t, None
-        if t.dist.is_main:
-            cfg = t.cfg
-            rate = eval_rate(
-                t.eval_model,
-                cfg.train.eval_batch_size,
-                cfg.data.image_size,
-                t.dist.device,
-                cfg.train.amp,
-                cfg.model.channels_last,
-            )
-            val_s = self.val_size / t.dist.world_size / rate
+        training, plan = self.training, None
+        if training.dist.is_main:
+            val_s = training.task.validation_seconds(training.eval_model)
             samples = plan_length(SAFETY * (self.seconds - used), position, self.shape, train_rate, val_s)
             estimate = used + (samples - position) / train_rate + val_s * self._validations(epoch, samples)
-            plan = self._describe(
-                samples, estimate, train_rate, position, final=False, eval_images_per_s_per_rank=round(rate, 1)
-            )
+            plan = self._describe(samples, estimate, train_rate, position, final=False, validation_s=round(val_s, 3))
         self._set(plan)
 
     def refine(self, epoch: int, row: dict) -> None:
         """After each epoch (every rank): the first whole epoch trained under the warm-up's plan
         re-measures the cost of an epoch, validation and checkpoint included, and fixes the length."""
-        t, plan = self.t, self.t.plan.budget
+        training, plan = self.training, self.training.plan.budget
         start = epoch * self.shape.per_epoch
-        if plan is None or plan["final"] or plan["planned_at_sample"] > start or t.plan.epochs <= epoch + 1:
+        if plan is None or plan["final"] or plan["planned_at_sample"] > start or training.plan.epochs <= epoch + 1:
             return
         new = None
-        if t.dist.is_main:
+        if training.dist.is_main:
             trained = row["samples_seen"] - start
             rate = trained / row["epoch_s"]
             val_s = row["val_s"] + row["ckpt_s"]
@@ -171,7 +158,7 @@ class TimeBudget:
                 rate,
                 row["samples_seen"],
                 final=True,
-                eval_images_per_s_per_rank=plan["eval_images_per_s_per_rank"],
+                validation_s=round(val_s, 3),
                 warmup_samples=plan["samples"],
             )
         self._set(new)
@@ -188,11 +175,12 @@ class TimeBudget:
             "final": final,
         }
         log.info(
-            "time budget %s (%s): %.0f img/s training; the run trains %d samples = %.2f epochs%s, an estimated "
+            "time budget %s (%s): %.0f %s/s training; the run trains %d samples = %.2f epochs%s, an estimated "
             "%.0f s of training, validation and checkpoints; the LR schedule ends there",
-            self.t.cfg.train.time_budget,
+            self.training.cfg.train.time_budget,
             "fixed after a whole epoch" if final else "after the warm-up",
             rate,
+            self.training.task.sample_name,
             samples,
             plan["epochs"],
             " (train.epochs caps it)" if samples >= self.shape.cap else "",
@@ -201,7 +189,9 @@ class TimeBudget:
         return plan
 
     def _set(self, plan: dict | None) -> None:
-        self.t.plan.fix(broadcast_object(plan, self.t.dist))  # rank 0's, on every rank; the schedule reads it
+        self.training.plan.fix(
+            broadcast_object(plan, self.training.dist)
+        )  # rank 0's, on every rank; the schedule reads it
 
     def _validations(self, epoch: int, samples: int) -> int:
         epochs = math.ceil(samples / self.shape.per_epoch)

@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from cancernet.data.augment import dihedral
 from cancernet.data.stored import FeatureStore, open_store
 from cancernet.engine.predict import autocast
 from cancernet.models.classifier import embed
+from cancernet.runtime.atomic import partial_dir, publish
 from cancernet.runtime.distributed import DistInfo, all_reduce_sum, barrier
 from cancernet.runtime.errors import ConfigError, UserError
 
@@ -121,12 +121,11 @@ def build_store(cfg: Config, dist: DistInfo, model: nn.Module, table: pd.DataFra
         log.info("feature cache: reusing %s (%d images x %d views x %d)", folder, len(ids), store.views, store.dim)
         return store
     start = time.perf_counter()
-    partial = folder.with_name(folder.name + ".partial")
+    partial = folder.with_name(folder.name + ".partial")  # partial_dir's name: every rank writes into it
     views = VIEWS[cfg.data.augment]
     dim = _feature_dim(cfg, model, dist)
     if dist.is_main:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
+        partial_dir(folder)
         np.lib.format.open_memmap(partial / "features.npy", "w+", np.float16, (len(ids), views, dim)).flush()
         (partial / "ids.txt").write_text("\n".join(ids) + "\n")
     barrier(dist)
@@ -147,8 +146,7 @@ def build_store(cfg: Config, dist: DistInfo, model: nn.Module, table: pd.DataFra
             "seconds": round(time.perf_counter() - start, 1),
         }
         (partial / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(partial, folder)
+        publish(partial, folder)
         log.info(
             "feature cache: %d images x %d views x %d features in %.1f s -> %s",
             len(ids),

@@ -1,7 +1,10 @@
-"""train_one_epoch: the training loop over a loader (no file I/O).
+"""train_one_epoch: the training loop over a loader (no file I/O), for every kind of run.
 
-Inside a training step the host never waits for the device: counts are kept on the host, sums
-on the device, and both are read together every `train.sync_every` optimizer steps.
+The task (train/task.py) turns a batch into the device's inputs and labels; the model the loop
+calls is the task's loss module (DDP-wrapped under torchrun), which returns the loss and the
+number of correct predictions. Inside a training step the host never waits for the device:
+counts are kept on the host, sums on the device, and both are read together every
+`train.sync_every` optimizer steps.
 """
 
 from __future__ import annotations
@@ -14,11 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cancernet.config import Config
-from cancernet.data.datasets import to_device
 from cancernet.engine.predict import autocast
 from cancernet.runtime.distributed import DistInfo, all_reduce_sum
 from cancernet.runtime.errors import NonFiniteLossError
@@ -70,7 +71,7 @@ class EpochStats:
 class StepParts:
     """What one optimizer step touches (its settings come from the config)."""
 
-    model: nn.Module  # what the loop calls: compiled and/or DDP-wrapped
+    model: nn.Module  # what the loop calls, (inputs, labels) -> (loss, correct): the task's loss module, wrapped
     optimizer: torch.optim.Optimizer
     schedule: LrSchedule
     scaler: torch.amp.GradScaler
@@ -85,9 +86,9 @@ class DeviceSums:
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.correct = torch.zeros((), dtype=torch.int64, device=device)
 
-    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        self.loss_sum.add_(loss, alpha=len(labels))
-        self.correct.add_((logits.argmax(1) == labels).sum())
+    def add(self, loss: torch.Tensor, correct: torch.Tensor, samples: int) -> None:
+        self.loss_sum.add_(loss, alpha=samples)
+        self.correct.add_(correct)
 
     def reduced(self, dist: DistInfo, stop: bool = False) -> tuple[float, float, bool, bool]:
         """(loss sum, correct, a loss was non-finite, any rank asked to stop): all ranks', on the host."""
@@ -100,7 +101,7 @@ class DeviceSums:
 def train_one_epoch(
     parts: StepParts,
     loader,
-    augment,
+    task,
     config: Config,
     dist: DistInfo,
     epoch: int,
@@ -111,13 +112,14 @@ def train_one_epoch(
     progress=None,
     on_sync: Callable[[int, float, bool], int | None] | None = None,
 ) -> EpochStats:
-    """One pass over loader (which already skips start.samples). position: samples seen before.
+    """One pass over loader (which already skips start.samples); task.inputs(batch, epoch) makes
+    each batch's inputs and labels on the device. position: samples seen before.
 
     on_sync(samples into the epoch, seconds, last) runs on every rank at every sync point, where
     the device has caught up (a time budget measures there), last=True at the epoch's end; it
     may return where the epoch ends.
     """
-    cfg, smoothing = config.train, config.optim.label_smoothing
+    cfg = config.train
     parts.model.train()
     n_batches, accum = len(loader), cfg.grad_accum
     earlier = start.totals if start else EpochTotals()
@@ -128,18 +130,15 @@ def train_one_epoch(
     clock = _Clock(epoch, n_batches, cfg.log_every, progress)
     for k, batch in enumerate(loader):
         clock.fetched()
-        # the index stays on the host: the augmentation draws its parameters there
-        (images_u8, labels), index = to_device(batch[:2], dist.device), batch[2]
-        inputs = augment(images_u8, index, epoch)
+        inputs, labels = task.inputs(batch, epoch)
         window = min(accum, n_batches - k // accum * accum)  # the epoch's last window may be short
         closes_window = (k + 1) % accum == 0 or k + 1 == n_batches
         sync_grads = contextlib.nullcontext() if closes_window or not dist.is_distributed else parts.model.no_sync()
         with sync_grads:
             with autocast(dist.device, cfg.amp):  # forward only: backward runs outside autocast
-                logits = parts.model(inputs).float()
-                loss = F.cross_entropy(logits, labels, label_smoothing=smoothing)
+                loss, correct = parts.model(inputs, labels)
             parts.scaler.scale(loss / window).backward()
-        sums.add(loss.detach(), logits.detach(), labels)
+        sums.add(loss.detach(), correct.detach(), len(labels))
         n = len(labels) * dist.world_size  # host arithmetic: the shape is known without the device
         images, in_epoch, window_samples = images + len(labels), in_epoch + n, window_samples + n
         if closes_window:

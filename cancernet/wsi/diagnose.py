@@ -15,7 +15,7 @@ fingerprint), the MIL model reads the bag, and OUT/<slide>/ gets
     thumbnail.jpg
 
 written to a temporary folder and renamed; a slide done before with the same settings is
-skipped. Slides are dealt out over the ranks (rank r takes slides r, r + world, ...).
+skipped. Slides are dealt out over the ranks by the slide driver (wsi/driver.py).
 """
 
 from __future__ import annotations
@@ -24,8 +24,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,13 +34,15 @@ import torch
 from torch import nn
 
 from cancernet.config import Config, SlideConfig
+from cancernet.data.tile_features import TileSettings
 from cancernet.engine import checkpoint
 from cancernet.engine.predict import autocast
 from cancernet.models.mil import build_mil
-from cancernet.runtime.distributed import DistInfo, gather_objects
+from cancernet.runtime.atomic import atomic_dir
+from cancernet.runtime.distributed import DistInfo
 from cancernet.runtime.errors import UserError
-from cancernet.wsi.extract import TISSUE_KEYS, Encoder, Reading, SlideFeatures, encoder_of, slide_features
-from cancernet.wsi.predict import RESULT, done_before
+from cancernet.wsi.driver import RESULT, done_before
+from cancernet.wsi.extract import TISSUE_KEYS, Encoder, Reading, SlideFeatures, encoder_of, plan_tiles, slide_features
 from cancernet.wsi.slide import level0_mpp
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,8 @@ TOP_TILES = 5  # listed in slide.json
 
 @dataclass
 class SlideModel:
-    """A MIL checkpoint with the backbone its features came from."""
+    """A slide-level (MIL) checkpoint with the backbone its features came from, as a slide scorer:
+    what predict-slide and evaluate-slides call (its job, per folder)."""
 
     model: nn.Module
     cfg: Config
@@ -59,27 +60,40 @@ class SlideModel:
     checkpoint: str
     checkpoint_sha256: str
     encoder: Encoder
-    features: dict  # extract-features' settings the model was trained on
+    features: TileSettings  # extract-features' settings the model was trained on
     threshold: float | None
+    temperature: float = 1.0
     amp: str = "off"
     batch_size: int = 256
     num_workers: int = 4
 
+    cell_map = "attention.npy"  # what evaluate-slides compares with tumour masks: where it looked
+    cells_scored_by = "attention"
+    tta = False
+
+    @property
+    def score_kind(self) -> str:
+        return f"mil:{self.cfg.model.mil}"
+
     @property
     def slide_cfg(self) -> SlideConfig:
         """Tiles and tissue mask exactly as in the training features."""
-        tissue = {k: v for k, v in self.features.get("tissue", {}).items() if k in TISSUE_KEYS}
-        return dataclasses.replace(SlideConfig(), stride=self.features["stride"], **tissue)
+        tissue = {k: v for k, v in (self.features.tissue or {}).items() if k in TISSUE_KEYS}
+        return dataclasses.replace(SlideConfig(), stride=self.features.stride, **tissue)
 
     def settings(self, mpp: float) -> dict:
         """What a slide's outputs depend on besides the slide (a done slide with the same is skipped)."""
         return {
             "checkpoint": str(Path(self.checkpoint).resolve()),
             "checkpoint_sha256": self.checkpoint_sha256,
-            "features": self.features,
+            "features": self.features.to_dict(),
             "mpp": mpp,
             "threshold": self.threshold,
+            "temperature": self.temperature,
         }
+
+    def job(self, out: Path, mpp: float | None = None) -> DiagnosisJob:
+        return DiagnosisJob(self, Path(out), mpp)
 
 
 def load_slide_model(
@@ -87,15 +101,14 @@ def load_slide_model(
     dist: DistInfo,
     backbone: str | None = None,
     threshold: float | None = None,
+    calibrated: bool = True,
     **kwargs,
 ) -> SlideModel:
     """ckpt from checkpoint.read_on_main (with its sha256); a collective under torchrun."""
-    made, dim = ckpt.get("features") or {}, ckpt.get("feature_dim")
-    if dim is None or "tile" not in made:
-        raise UserError(
-            f"MIL checkpoint {ckpt.path} was not trained on extract-features' files (its features say "
-            f"{made or 'nothing'}): predict-slide cannot make its inputs"
-        )
+    recorded, dim = ckpt.get(checkpoint.FEATURES) or {}, ckpt.get(checkpoint.FEATURE_DIM)
+    if dim is None:
+        raise UserError(f"slide-level checkpoint {ckpt.path} does not record its features' dimension")
+    made = TileSettings.from_dict(recorded, f"slide-level checkpoint {ckpt.path}")
     cfg = ckpt.config()
     model = build_mil(cfg.model.mil, int(dim)).to(dist.device)
     checkpoint.load_weights_on_main(ckpt, model, dist)
@@ -105,16 +118,20 @@ def load_slide_model(
         threshold = None if point is None else float(point["threshold"])
         if threshold is None:
             log.warning("MIL checkpoint %s holds no operating point: slides get a probability, no label", ckpt.path)
-    return SlideModel(model.eval(), cfg, dist, str(ckpt.path), ckpt.get("sha256"), encoder, made, threshold, **kwargs)
+    temperature = ckpt.temperature(calibrated)
+    return SlideModel(
+        model.eval(), cfg, dist, str(ckpt.path), ckpt.get("sha256"), encoder, made, threshold, temperature, **kwargs
+    )
 
 
 def score_bag(sm: SlideModel, features: np.ndarray) -> tuple[float, np.ndarray]:
-    """The slide's probability and each tile's attention weight (softmax: they sum to 1)."""
+    """The slide's probability (at the checkpoint's temperature) and each tile's attention weight
+    (softmax: they sum to 1)."""
     device = sm.dist.device
     with torch.no_grad(), autocast(device, sm.amp):
         logit, attention = sm.model(torch.from_numpy(features.astype(np.float32))[None].to(device))
     weights = torch.softmax(attention.float()[0], 0).cpu().numpy()
-    return float(torch.sigmoid(logit.float()[0])), weights
+    return float(torch.sigmoid(logit.float()[0] / sm.temperature)), weights
 
 
 def summarise(sm: SlideModel, path: Path, found: SlideFeatures, prob: float, weights: np.ndarray, mpp: float) -> dict:
@@ -128,7 +145,8 @@ def summarise(sm: SlideModel, path: Path, found: SlideFeatures, prob: float, wei
         "threshold": sm.threshold,
         "slide_label": label,
         "score": prob,  # what slide-level readers (evaluate-slides, aggregate scripts) read
-        "score_kind": f"mil:{sm.cfg.model.mil}",
+        "score_kind": sm.score_kind,
+        "temperature": sm.temperature,
         "attention_max": float(weights.max()),
         "attention_entropy": entropy,
         "top_tiles": [
@@ -155,12 +173,14 @@ def summarise(sm: SlideModel, path: Path, found: SlideFeatures, prob: float, wei
 
 def write_outputs(target: Path, found: SlideFeatures, weights: np.ndarray, summary: dict) -> None:
     """Every file into a temporary folder, renamed to target when complete."""
+    with atomic_dir(target) as tmp:
+        _write_outputs(tmp, found, weights, summary)
+
+
+def _write_outputs(tmp: Path, found: SlideFeatures, weights: np.ndarray, summary: dict) -> None:
     from cancernet.wsi.figures import attention_figure
 
     tiles, plan = found.tiles, found.plan
-    tmp = target.with_name(f".{target.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     grid = np.full(plan.shape, np.nan, dtype=np.float32)
     grid[tiles.rows, tiles.cols] = weights / weights.max()
     np.save(tmp / "attention.npy", grid)
@@ -176,29 +196,35 @@ def write_outputs(target: Path, found: SlideFeatures, weights: np.ndarray, summa
     found.thumb.save(tmp / "thumbnail.jpg", quality=90)
     attention_figure(tmp / "attention.png", found.thumb, grid, heatmap, summary)
     (tmp / RESULT).write_text(json.dumps(summary, indent=2))
-    if target.exists():  # an unfinished attempt's leftovers (complete folders were skipped)
-        shutil.rmtree(target)
-    os.replace(tmp, target)
 
 
-def diagnose_slides(sm: SlideModel, slides: list[Path], out: Path, mpp: float | None = None) -> dict[str, list]:
-    """Each slide not done before (this rank's share); on every rank: every slide's outcome
-    (done / skipped / failed with why). A bad slide costs one line and the others are still done."""
-    dist, out, mine = sm.dist, Path(out), {"done": [], "skipped": [], "failed": []}
-    reading = Reading(sm.slide_cfg, mpp, sm.batch_size, sm.num_workers, sm.amp)
-    for path in slides[dist.rank :: dist.world_size]:
-        target, start = out / path.stem, time.perf_counter()
-        try:
-            slide_mpp = level0_mpp(path, mpp)
-            if done_before(target, sm.settings(slide_mpp)) == "skipped":
-                log.info("slide %s: done before (%s), skipped", path, target / RESULT)
-                mine["skipped"].append(path)
-                continue
-            found = slide_features(sm.encoder, path, reading, dist.device, scores=sm.encoder.source == "checkpoint")
-        except UserError as e:
-            log.error("%s", e)
-            mine["failed"].append((path, str(e)))
-            continue
+@dataclass
+class DiagnosisJob:
+    """predict-slide of one slide with a slide-level model into OUT/<slide>/ (the slide driver's job)."""
+
+    model: SlideModel
+    out: Path
+    mpp: float | None = None  # --mpp: level 0's microns per pixel, for slides lacking it
+
+    @property
+    def reading(self) -> Reading:
+        sm = self.model
+        return Reading(sm.slide_cfg, self.mpp, sm.batch_size, sm.num_workers, sm.amp)
+
+    def size(self, path: Path) -> int:
+        if done_before(self.out / path.stem, self.model.settings(level0_mpp(path, self.mpp))):
+            return 0
+        return int(plan_tiles(self.model.encoder, path, self.reading)[0].tissue.sum())
+
+    def run(self, path: Path) -> dict:
+        """The slide's probability, attention and outputs, unless done before with the same settings."""
+        sm, target, start = self.model, self.out / path.stem, time.perf_counter()
+        row = {"slide": path.stem, "path": str(path)}
+        slide_mpp = level0_mpp(path, self.mpp)
+        if done_before(target, sm.settings(slide_mpp)):
+            log.info("slide %s: done before (%s), skipped", path, target / RESULT)
+            return {**row, "status": "skipped"}
+        found = slide_features(sm.encoder, path, self.reading, sm.dist.device, scores=sm.encoder.source == "checkpoint")
         prob, weights = score_bag(sm, found.features)
         summary = summarise(sm, path, found, prob, weights, slide_mpp)
         summary["seconds"] = time.perf_counter() - start
@@ -214,9 +240,4 @@ def diagnose_slides(sm: SlideModel, slides: list[Path], out: Path, mpp: float | 
             summary["attention_max"],
             target,
         )
-        mine["done"].append(path)
-    every = {k: [] for k in mine}
-    for part in gather_objects(mine, dist):
-        for k, v in part.items():
-            every[k] += v
-    return every
+        return {**row, "status": "done", "tiles": summary["tiles"], "score": prob, "seconds": summary["seconds"]}

@@ -2,17 +2,11 @@
 
 Each slide's tissue (the tissue mask predict-slide uses) is cut into tiles of `tile` px at
 `tile_mpp` microns per pixel (non-overlapping when stride = tile), and a backbone turns each tile
-into a feature vector. Per slide, <out>/<slide>.h5 holds
-
-    features  (N, D) float16   the backbone's features of each tile
-    coords    (N, 2) int64     level-0 (x, y) of each tile's top-left corner
-    attrs     settings (JSON: backbone, its fingerprint, preprocessing, mpp, tile, stride, the
-              level read), slide, tiles, seconds
-
-written under a temporary name and renamed, so a file is whole or absent. A slide whose file
-holds the same settings is skipped: a stopped run continues where it was. Slides are dealt out
-over all ranks of all nodes (rank r takes slides r, r + world, ...), each rank reading its
-slide's tiles in loader workers; a bad slide costs one line and the others are still done.
+into a feature vector: <out>/<slide>.h5 (data/tile_features.py: the features, their level-0
+coordinates and the settings they were made with), whole or absent. A slide whose file holds the
+same settings is skipped: a stopped run continues where it was. The slide driver
+(wsi/driver.py) deals the slides over all ranks of all nodes by size, each rank reading its
+slides' tiles in loader workers; a bad slide costs one line and the others are still done.
 <out>/slides.csv lists every slide of the run: tiles, seconds, status.
 """
 
@@ -20,26 +14,26 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from PIL import Image
 from torch import nn
 
 from cancernet.config import Config, SlideConfig
+from cancernet.data import tile_features
 from cancernet.data.augment import Preprocess
+from cancernet.data.tile_features import TileSettings
 from cancernet.engine.inference import Predictor, preprocessing, scoring_loader
 from cancernet.engine.predict import autocast
 from cancernet.models.classifier import build_model, embed, resolve_preprocessing, tumour_log_odds
-from cancernet.runtime.atomic import atomic_path, write_text
-from cancernet.runtime.distributed import DistInfo, gather_objects
+from cancernet.runtime.distributed import DistInfo
 from cancernet.runtime.errors import UserError
+from cancernet.wsi.driver import drive
 from cancernet.wsi.slide import Plan, plan_slide
 from cancernet.wsi.tiles import UNREADABLE, SlideTiles, Waited, cat_blocks
 
@@ -62,19 +56,22 @@ class Encoder:
     temperature: float = 1.0  # the checkpoint's, for its patch scores
     preprocess: Preprocess = field(repr=False, default=None)
 
-    def settings(self, stride: int) -> dict:
+    def settings(self, stride: int, reading: Reading | None = None) -> TileSettings:
+        """What its features of a slide depend on (reading: and how the slide is read)."""
         d = self.cfg.data
-        return {
-            "backbone": self.name,
-            "source": self.source,
-            "arch": self.cfg.model.arch,
-            **({"model": dataclasses.asdict(self.cfg.model)} if self.source == "arch" else {}),
-            "fingerprint": self.fingerprint,
-            "preprocessing": {"mean": d.mean, "std": d.std, "image_size": d.image_size},
-            "tile_mpp": self.tile_mpp,
-            "tile": self.tile,
-            "stride": stride,
-        }
+        return TileSettings(
+            backbone=self.name,
+            source=self.source,
+            arch=self.cfg.model.arch,
+            model=dataclasses.asdict(self.cfg.model) if self.source == "arch" else None,
+            fingerprint=self.fingerprint,
+            preprocessing={"mean": d.mean, "std": d.std, "image_size": d.image_size},
+            tile_mpp=self.tile_mpp,
+            tile=self.tile,
+            stride=stride,
+            mpp_given=reading.mpp if reading else None,
+            tissue={k: getattr(reading.slide, k) for k in TISSUE_KEYS} if reading else None,
+        )
 
 
 @dataclass
@@ -139,60 +136,33 @@ def load_encoder(
     return encoder
 
 
-def encoder_of(made: dict, dist: DistInfo, backbone: str | None = None) -> Encoder:
+def encoder_of(made: TileSettings, dist: DistInfo, backbone: str | None = None) -> Encoder:
     """The backbone a feature file's settings name (`backbone`: where its checkpoint is now, if it
     moved), rebuilt and checked: weights of another fingerprint, or other preprocessing or tiles,
     are refused naming what differs. A collective under torchrun."""
     from cancernet.config import Config, from_dict, merge
 
-    if "tile" not in made or "fingerprint" not in made:
-        raise UserError(f"features made with {made.get('backbone')!r} do not say how (not extract-features')")
-    source = made.get("source", "checkpoint" if str(made["backbone"]).endswith(".pt") else "arch")
-    if source == "checkpoint":
-        path = backbone or made["backbone"]
+    if made.source == "checkpoint":
+        path = backbone or made.backbone
         if not Path(path).is_file():
             raise UserError(
                 f"the features' backbone checkpoint {path} does not exist: pass --backbone (where it is now)"
             )
-        encoder = load_encoder(dist, path, tile_mpp=made["tile_mpp"], tile=made["tile"])
+        encoder = load_encoder(dist, path, tile_mpp=made.tile_mpp, tile=made.tile)
     else:
-        recorded = {"model": made.get("model") or {"arch": made["arch"]}, "data": made.get("preprocessing", {})}
+        recorded = {"model": made.model or {"arch": made.arch}, "data": made.preprocessing}
         cfg = from_dict(merge(Config().to_dict(), recorded))
-        encoder = load_encoder(dist, None, cfg, made["tile_mpp"], made["tile"])
-    now = encoder.settings(made["stride"])
-    differ = sorted(k for k in now if k != "backbone" and k in made and now[k] != made[k])
+        encoder = load_encoder(dist, None, cfg, made.tile_mpp, made.tile)
+    now = encoder.settings(made.stride)
+    differ = made.differences(now, TileSettings.BACKBONE)
     if differ:
-        shown = "; ".join(f"{k}: {made[k]} then, {now[k]} now" for k in differ if k != "model")
+        then, current = made.to_dict(), now.to_dict()
+        shown = "; ".join(f"{k}: {then[k]} then, {current[k]} now" for k in differ if k != "model")
         raise UserError(
             f"backbone {encoder.name} is not the one the features were made with ({', '.join(differ)} differ"
             f"{': ' + shown if shown else ''}); the model trained on them would read other features"
         )
     return encoder
-
-
-def settings(encoder: Encoder, reading: Reading) -> dict:
-    """What a slide's file depends on besides the slide: a file with the same is not made again."""
-    return {
-        **encoder.settings(reading.slide.stride),
-        "mpp_given": reading.mpp,
-        "tissue": {k: getattr(reading.slide, k) for k in TISSUE_KEYS},
-    }
-
-
-def _done_before(path: Path, settings: dict) -> dict | None:
-    """The slides.csv row of a file made with these settings, else None (made again)."""
-    import h5py
-
-    if not path.is_file():
-        return None
-    try:
-        with h5py.File(path, "r") as f:
-            if json.loads(f.attrs["settings"]) != settings:
-                return None
-            tiles, dim = f["features"].shape
-            return {"tiles": tiles, "dim": dim, "seconds": round(float(f.attrs["seconds"]), 2)}
-    except (OSError, KeyError, ValueError):
-        return None
 
 
 @dataclass
@@ -215,6 +185,11 @@ class SlideFeatures:
         return np.stack([x, y], axis=1).astype(np.int64)
 
 
+def plan_tiles(encoder: Encoder, path: Path, reading: Reading) -> tuple[Plan, Image.Image]:
+    """The slide's tissue tiles as this backbone reads them (and the thumbnail of its tissue mask)."""
+    return plan_slide(path, encoder.tile_mpp, reading.slide, reading.mpp, tile=encoder.tile)
+
+
 def slide_features(
     encoder: Encoder, path: Path, reading: Reading, device: torch.device, scores: bool = False
 ) -> SlideFeatures:
@@ -222,7 +197,7 @@ def slide_features(
     this process's loader workers. The features stay on the device until the slide is done (no
     wait for it per batch). Raises UserError for a slide that cannot be read."""
     start, block = time.perf_counter(), reading.slide.block
-    plan, thumb = plan_slide(path, encoder.tile_mpp, reading.slide, reading.mpp, tile=encoder.tile)
+    plan, thumb = plan_tiles(encoder, path, reading)
     tiles = SlideTiles(plan, block)
     batch = max(1, reading.batch_size // block**2)
     here = DistInfo(device=device)  # all the slide's tiles, in order
@@ -249,31 +224,46 @@ def slide_features(
     return SlideFeatures(plan, thumb, tiles, features, log_odds if scores else None, seconds, loader.seconds)
 
 
-def extract_slide(encoder: Encoder, path: Path, out: Path, reading: Reading, device: torch.device) -> dict:
-    """One slide's features into out/<slide>.h5; returns its slides.csv row. Raises UserError."""
-    import h5py
+@dataclass
+class ExtractJob:
+    """extract-features of one slide into OUT/<slide>.h5 (the slide driver's job)."""
 
-    found = slide_features(encoder, path, reading, device)
-    features, plan = found.features, found.plan
-    read = {"level": plan.level, "slide_mpp": plan.mpp}
-    target = out / f"{path.stem}.h5"
-    with atomic_path(target) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("features", data=features)
-            f.create_dataset("coords", data=found.coords)
-            f.attrs["settings"] = json.dumps(settings(encoder, reading))
-            f.attrs["read"] = json.dumps(read)
-            f.attrs["slide"] = str(path)
-            f.attrs["seconds"] = found.seconds
-    return {
-        "slide": path.stem,
-        "path": str(path),
-        "tiles": len(features),
-        "dim": int(features.shape[1]),
-        "seconds": round(found.seconds, 2),
-        "reader_wait_s": round(found.wait_s, 2),
-        "status": "done",
-    }
+    encoder: Encoder
+    out: Path
+    reading: Reading
+    device: torch.device
+
+    @property
+    def settings(self) -> TileSettings:
+        return self.encoder.settings(self.reading.slide.stride, self.reading)
+
+    def size(self, path: Path) -> int:
+        if tile_features.TileFeatures(tile_features.path_of(self.out, path.stem)).done_with(self.settings):
+            return 0
+        return int(plan_tiles(self.encoder, path, self.reading)[0].tissue.sum())
+
+    def run(self, path: Path) -> dict:
+        """The slide's features, unless its file holds them with these settings; its slides.csv row."""
+        target = tile_features.TileFeatures(tile_features.path_of(self.out, path.stem))
+        row = {"slide": path.stem, "path": str(path)}
+        if target.done_with(self.settings):
+            log.info("slide %s: done before, skipped", path.name)
+            tiles, dim = target.shape
+            return {**row, "tiles": tiles, "dim": dim, "seconds": round(target.seconds, 2), "status": "skipped"}
+        found = slide_features(self.encoder, path, self.reading, self.device)
+        read = {"level": found.plan.level, "slide_mpp": found.plan.mpp}
+        tile_features.write(target.path, found.features, found.coords, self.settings, read, str(path), found.seconds)
+        tiles, dim = found.features.shape
+        log.info(
+            "slide %s: %d tiles x %d features in %.1fs (reader wait %.0f%%)",
+            path.name,
+            tiles,
+            dim,
+            found.seconds,
+            100 * found.wait_s / max(found.seconds, 1e-9),
+        )
+        seconds, wait_s = round(found.seconds, 2), round(found.wait_s, 2)
+        return {**row, "tiles": tiles, "dim": dim, "seconds": seconds, "reader_wait_s": wait_s, "status": "done"}
 
 
 def extract_features(
@@ -286,34 +276,7 @@ def extract_features(
 ) -> list[dict]:
     """Every slide not done before of this job's part (k, n): slides k, k + n, ... (a Slurm array's
     task k of n), dealt out over the ranks; rank 0 writes slides.csv (slides.<k>-of-<n>.csv for a
-    part). Returns every slide's row of the part (on every rank); a failed slide's row says why."""
-    out.mkdir(parents=True, exist_ok=True)
-    wanted = settings(encoder, reading)
+    part) and gets every slide's row of the part (a failed slide's says why), the others their own."""
     k, n = part
-    rows = []
-    for path in slides[k::n][dist.rank :: dist.world_size]:
-        before = _done_before(out / f"{path.stem}.h5", wanted)
-        if before is not None:
-            log.info("slide %s: done before, skipped", path.name)
-            rows.append({"slide": path.stem, "path": str(path), **before, "status": "skipped"})
-            continue
-        try:
-            row = extract_slide(encoder, path, out, reading, dist.device)
-        except UserError as e:
-            log.error("%s", e)
-            rows.append({"slide": path.stem, "path": str(path), "status": "failed", "error": str(e)})
-            continue
-        log.info(
-            "slide %s: %d tiles x %d features in %.1fs (reader wait %.0f%%)",
-            path.name,
-            row["tiles"],
-            row["dim"],
-            row["seconds"],
-            100 * row["reader_wait_s"] / max(row["seconds"], 1e-9),
-        )
-        rows.append(row)
-    every = [r for part in gather_objects(rows, dist) for r in part]
-    if dist.is_main:
-        frame = pd.DataFrame(every).sort_values("slide")
-        write_text(out / ("slides.csv" if n == 1 else f"slides.{k}-of-{n}.csv"), frame.to_csv(index=False))
-    return every
+    table = "slides.csv" if n == 1 else f"slides.{k}-of-{n}.csv"
+    return drive(ExtractJob(encoder, Path(out), reading, dist.device), slides[k::n], Path(out), dist, table)

@@ -16,8 +16,9 @@ from PIL import Image
 from cancernet.evaluate.metrics import METRICS, bootstrap_cis
 from cancernet.runtime.atomic import write_text
 from cancernet.runtime.errors import DataError
-from cancernet.wsi.diagnose import SlideModel, diagnose_slides
-from cancernet.wsi.predict import RESULT, Scorer, list_slides, predict_slides
+from cancernet.wsi.diagnose import SlideModel
+from cancernet.wsi.driver import RESULT, drive, list_slides
+from cancernet.wsi.heatmap import Scorer
 from cancernet.wsi.slide import cell_share
 
 log = logging.getLogger(__name__)
@@ -74,29 +75,23 @@ def cell_labels(path: Path, downsample: float, summary: dict) -> np.ndarray:
 
 
 def evaluate_slides(
-    scorer: Scorer | SlideModel,
+    scorer: Scorer | SlideModel,  # either kind of checkpoint, as a slide scorer
     slides_dir: Path,
     labels_csv: Path,
     out: Path,
     masks: Path | None = None,
     mask_downsample: float | None = None,
     mpp: float | None = None,
-    tiff: bool = False,
-    geojson: bool = False,
 ) -> dict | None:
     """Predict the labelled slides (those done before are reused), then rank 0 scores them."""
     if masks is not None and mask_downsample is None:
         raise DataError("--masks needs --mask-downsample (level-0 pixels per mask pixel)")
     table = read_labels(Path(labels_csv), list_slides([str(slides_dir)]))
-    mil = isinstance(scorer, SlideModel)
-    if mil:
-        outcome = diagnose_slides(scorer, list(table["slide"]), Path(out), mpp)
-    else:
-        outcome = predict_slides(scorer, list(table["slide"]), Path(out), mpp, tiff, geojson)
+    out = Path(out)
+    outcome = drive(scorer.job(out, mpp), list(table["slide"]), out, scorer.dist)
     if not scorer.dist.is_main:
         return None
-    cell_map = "attention.npy" if mil else "heatmap.npy"  # what is compared with the masks
-    out = Path(out)
+    cell_map = scorer.cell_map  # what is compared with the masks
     rows, entries, cell_y, cell_p = [], [], [], []
     for path, label in zip(table["slide"], table["label"]):
         result = out / path.stem / RESULT
@@ -132,10 +127,10 @@ def evaluate_slides(
     metrics = {
         "slides": len(frame),
         "positives": int(frame["label"].sum()) if len(frame) else 0,
-        "failed": [str(p) for p, _ in outcome["failed"]],
-        "score": f"mil:{scorer.cfg.model.mil}" if mil else scorer.cfg.slide.score,
-        "cells_scored_by": "attention" if mil else "P(tumour)",
-        "tta": getattr(scorer, "tta", False),
+        "failed": [row["path"] for row in outcome if row["status"] == "failed"],
+        "score": scorer.score_kind,
+        "cells_scored_by": scorer.cells_scored_by,
+        "tta": scorer.tta,
         "checkpoint": scorer.checkpoint,
     }
     if len(frame) and 0 < metrics["positives"] < len(frame):
@@ -170,7 +165,7 @@ def evaluate_slides(
         title = f"{len(frame)} slides" + (f", slide AUC {auc:.3f}" if auc is not None else "")
         if "cell_auc" in metrics:
             title += f", cell AUC {metrics['cell_auc']:.3f}"
-        slides_page(out / "slides_report.png", shown, title, "attention / its maximum" if mil else "P(tumour)")
+        slides_page(out / "slides_report.png", shown, title, scorer.cells_scored_by)
     if "slide_auc" in metrics:
         from cancernet.evaluate.plots import roc
 

@@ -1,8 +1,9 @@
-"""predict-slide: a checkpoint over whole slides, sharded over ranks, one folder of outputs per slide.
+"""predict-slide with a patch checkpoint: a tumour heatmap over each whole slide, one folder of
+outputs per slide.
 
-Per slide, rank 0 plans (level, cells, tissue) and every rank scores its share of the blocks
-with the project's evaluate loop (preprocessing, TTA, temperature, gather); rank 0 writes
-OUT/<slide>/ atomically, so a folder of slides resumes where it stopped.
+The slides are dealt over the ranks (wsi/driver.py); per slide, its rank plans it (level, cells,
+tissue), scores every tissue tile with the project's evaluate loop (preprocessing, TTA,
+temperature) and writes OUT/<slide>/ atomically, so a folder of slides resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -10,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,18 +23,20 @@ from cancernet.config import Config
 from cancernet.engine import checkpoint
 from cancernet.engine.inference import Predictor, preprocessing, scoring_loader
 from cancernet.engine.predict import evaluate
-from cancernet.runtime.distributed import DistInfo, broadcast_object
+from cancernet.runtime.atomic import atomic_dir
+from cancernet.runtime.distributed import DistInfo
 from cancernet.runtime.errors import DataError, UserError
-from cancernet.wsi.slide import SLIDE_SUFFIXES, Plan, level0_mpp, plan_slide, write_pyramid
+from cancernet.wsi.driver import RESULT, done_before
+from cancernet.wsi.slide import Plan, level0_mpp, plan_slide, write_pyramid
 from cancernet.wsi.tiles import UNREADABLE, SlideTiles, Waited, cat_blocks
 
 log = logging.getLogger(__name__)
-RESULT = "slide.json"  # written last: its presence marks a slide done
 
 
 @dataclass
 class Scorer:
-    """What is the same for every slide: the model and how its scores are made and read."""
+    """A patch checkpoint as a slide scorer: the model and how its scores are made and read,
+    the same for every slide. What predict-slide and evaluate-slides call (its job, per folder)."""
 
     model: nn.Module
     cfg: Config
@@ -49,6 +50,18 @@ class Scorer:
     batch_size: int = 256
     num_workers: int = 4
     checkpoint_sha256: str | None = None  # of the file: a checkpoint retrained at the same path differs
+    tiff: bool = False  # also heatmap.tif
+    geojson: bool = False  # also tumour.geojson
+
+    cell_map = "heatmap.npy"  # what evaluate-slides compares with tumour masks
+    cells_scored_by = "P(tumour)"
+
+    @property
+    def score_kind(self) -> str:
+        return self.cfg.slide.score
+
+    def job(self, out: Path, mpp: float | None = None) -> HeatmapJob:
+        return HeatmapJob(self, Path(out), mpp)
 
     def settings(self, mpp: float) -> dict:
         """What a slide's outputs depend on besides the slide: a done slide is skipped only when its
@@ -114,39 +127,19 @@ def load_scorer(
     )
 
 
-def list_slides(inputs: list[str]) -> list[Path]:
-    """Slide files, and the slides of folders (by suffix, sorted); one name (stem) per slide."""
-    slides = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            found = sorted(p for p in item.iterdir() if p.suffix.lower() in SLIDE_SUFFIXES and p.is_file())
-            if not found:
-                raise DataError(f"no slides ({', '.join(SLIDE_SUFFIXES)}) in {item}")
-            slides += found
-        elif item.exists():
-            slides.append(item)
-        else:
-            raise DataError(f"slide {item} does not exist")
-    names: dict[str, Path] = {}
-    for p in slides:
-        if p.stem in names and names[p.stem] != p:
-            raise DataError(f"slides {names[p.stem]} and {p} share the name {p.stem!r}: their outputs would collide")
-        names[p.stem] = p
-    return list(names.values())
-
-
 def score_slide(scorer: Scorer, plan: Plan) -> tuple[SlideTiles, dict, float]:
-    """Every rank: score its blocks; all ranks get every tile's probability (in tile order)."""
+    """Every tile's probability (in tile order), read and scored by this rank alone."""
     s, dist = scorer.cfg.slide, scorer.dist
     tiles = SlideTiles(plan, s.block)
     batch = max(1, scorer.batch_size // s.block**2)
-    loader = Waited(scoring_loader(tiles, dist, batch, scorer.num_workers, collate_fn=cat_blocks))
+    here = DistInfo(device=dist.device)  # the whole slide on this rank
+    loader = Waited(scoring_loader(tiles, here, batch, scorer.num_workers, collate_fn=cat_blocks))
     from cancernet.runtime.console import progress_bar
 
     bar = progress_bar(scorer.cfg.train.progress, dist.is_main, len(loader), Path(plan.path).stem)
     try:
         rows = evaluate(
-            scorer.model, loader, scorer.preprocess, dist, scorer.amp, scorer.tta, scorer.temperature, progress=bar
+            scorer.model, loader, scorer.preprocess, here, scorer.amp, scorer.tta, scorer.temperature, progress=bar
         )
     finally:
         if bar is not None:
@@ -199,13 +192,15 @@ def summarise(
 def write_outputs(
     target: Path, plan: Plan, thumb, tiles: SlideTiles, heatmap: np.ndarray, summary: dict, tiff: bool, geojson: bool
 ):
-    """Rank 0: every file into a temporary folder, renamed to OUT/<slide> when complete."""
+    """Every file into a temporary folder, renamed to OUT/<slide> when complete."""
+    with atomic_dir(target) as tmp:
+        _write_outputs(tmp, plan, thumb, tiles, heatmap, summary, tiff, geojson)
+
+
+def _write_outputs(tmp: Path, plan: Plan, thumb, tiles: SlideTiles, heatmap: np.ndarray, summary: dict, tiff, geojson):
     from cancernet.wsi.figures import heatmap_figure
 
     prob = heatmap[tiles.rows, tiles.cols]
-    tmp = target.with_name(f".{target.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     np.save(tmp / "heatmap.npy", heatmap)
     x, y = plan.tile_origin(tiles.rows, tiles.cols)
     frame = pd.DataFrame({"x": x, "y": y, "row": tiles.rows, "col": tiles.cols, "prob": prob})
@@ -219,9 +214,6 @@ def write_outputs(
 
         (tmp / "tumour.geojson").write_text(json.dumps(tumour_regions(heatmap, summary["threshold"], plan)))
     (tmp / RESULT).write_text(json.dumps(summary, indent=2))
-    if target.exists():  # an earlier, unfinished attempt's leftovers (complete folders were skipped)
-        shutil.rmtree(target)
-    os.replace(tmp, target)
 
 
 def overlay_rgba(heatmap: np.ndarray) -> np.ndarray:
@@ -233,77 +225,58 @@ def overlay_rgba(heatmap: np.ndarray) -> np.ndarray:
     return rgba
 
 
-def done_before(target: Path, settings: dict) -> str | None:
-    """'skipped' when target holds a complete result made with these settings."""
-    try:
-        saved = json.loads((target / RESULT).read_text()).get("settings")
-    except (OSError, ValueError):
-        return None
-    if saved == settings:
-        return "skipped"
-    changed = sorted(k for k in settings if saved is None or saved.get(k) != settings[k])
-    log.info("slide %s: done before with other settings (%s); predicting it again", target.name, ", ".join(changed))
-    return None
+@dataclass
+class HeatmapJob:
+    """predict-slide of one slide into OUT/<slide>/ (the slide driver's job)."""
 
+    scorer: Scorer
+    out: Path
+    mpp: float | None = None  # --mpp: level 0's microns per pixel, for slides lacking it
 
-def predict_slides(
-    scorer: Scorer,
-    slides: list[Path],
-    out: Path,
-    mpp: float | None = None,
-    tiff: bool = False,
-    geojson: bool = False,
-) -> dict[str, list]:
-    """Each slide not yet done; a bad slide costs one line and the others are still done."""
-    dist, done = scorer.dist, {"done": [], "skipped": [], "failed": []}
-    out = Path(out)
-    for path in slides:
-        target, state, start = out / path.stem, None, time.perf_counter()
-        if dist.is_main:
-            try:  # the resolution the slide is read at is one of its settings: --mpp, else its metadata
-                state = done_before(target, scorer.settings(level0_mpp(path, mpp)))
-                if state is None:
-                    plan, thumb = plan_slide(path, scorer.train_mpp, scorer.cfg.slide, mpp)
-            except UserError as e:
-                state = str(e)
-        state = broadcast_object(state, dist)
-        if state == "skipped":
+    def size(self, path: Path) -> int:
+        scorer = self.scorer
+        if done_before(self.out / path.stem, scorer.settings(level0_mpp(path, self.mpp))):
+            return 0
+        plan, _ = plan_slide(path, scorer.train_mpp, scorer.cfg.slide, self.mpp)
+        return int(plan.tissue.sum())
+
+    def run(self, path: Path) -> dict:
+        """The slide's heatmap and outputs, unless done before with the same settings; its row."""
+        scorer, target, start = self.scorer, self.out / path.stem, time.perf_counter()
+        row = {"slide": path.stem, "path": str(path)}
+        if done_before(target, scorer.settings(level0_mpp(path, self.mpp))):
             log.info("slide %s: done before (%s), skipped", path, target / RESULT)
-            done["skipped"].append(path)
-            continue
-        if state is not None:
-            log.error("%s", state)
-            done["failed"].append((path, state))
-            continue
-        plan = broadcast_object(plan if dist.is_main else None, dist)
+            return {**row, "status": "skipped"}
+        plan, thumb = plan_slide(path, scorer.train_mpp, scorer.cfg.slide, self.mpp)
         tiles, rows, wait_s = score_slide(scorer, plan)
         bad = np.flatnonzero(rows["label"] == UNREADABLE)
         if len(bad):
             x, y = plan.tile_origin(tiles.rows[bad[0]], tiles.cols[bad[0]])
-            message = (
+            raise DataError(
                 f"slide {path}: OpenSlide could not read {len(bad)} of {len(rows['label'])} tiles, the first at "
                 f"level-0 ({x}, {y}): truncated or corrupt?"
             )
-            log.error("%s", message)
-            done["failed"].append((path, message))
-            continue
-        if dist.is_main:
-            heatmap = np.full(plan.shape, np.nan, dtype=np.float32)
-            heatmap[tiles.rows, tiles.cols] = rows["prob"]
-            summary = summarise(scorer, plan, heatmap, time.perf_counter() - start, wait_s, tiles.read_share())
-            write_outputs(target, plan, thumb, tiles, heatmap, summary, tiff, geojson)
-            log.info(
-                "slide %s: %d tiles in %.1fs (%.0f tiles/s, reader wait %.0f%%); max %.3f, top-%d mean %.3f%s -> %s",
-                path.name,
-                summary["tiles"],
-                summary["seconds"],
-                summary["tiles_per_s"],
-                100 * wait_s / max(summary["seconds"], 1e-9),
-                summary["max"],
-                summary["top_k"],
-                summary["top_k_mean"],
-                "" if summary["tumour_area_mm2"] is None else f", tumour {summary['tumour_area_mm2']:.3f} mm2",
-                target,
-            )
-        done["done"].append(path)
-    return done
+        heatmap = np.full(plan.shape, np.nan, dtype=np.float32)
+        heatmap[tiles.rows, tiles.cols] = rows["prob"]
+        summary = summarise(scorer, plan, heatmap, time.perf_counter() - start, wait_s, tiles.read_share())
+        write_outputs(target, plan, thumb, tiles, heatmap, summary, scorer.tiff, scorer.geojson)
+        log.info(
+            "slide %s: %d tiles in %.1fs (%.0f tiles/s, reader wait %.0f%%); max %.3f, top-%d mean %.3f%s -> %s",
+            path.name,
+            summary["tiles"],
+            summary["seconds"],
+            summary["tiles_per_s"],
+            100 * wait_s / max(summary["seconds"], 1e-9),
+            summary["max"],
+            summary["top_k"],
+            summary["top_k_mean"],
+            "" if summary["tumour_area_mm2"] is None else f", tumour {summary['tumour_area_mm2']:.3f} mm2",
+            target,
+        )
+        return {
+            **row,
+            "status": "done",
+            "tiles": summary["tiles"],
+            "score": summary["score"],
+            "seconds": summary["seconds"],
+        }

@@ -1,10 +1,11 @@
 """A slide-level (MIL) model's evaluation: every bag scored over the ranks, and the test report.
 
 score_bags gives each slide's logit, probability, loss and attention statistics (gathered on
-every rank); test_report scores the validation and test bags with best.pt, chooses the threshold
-on validation (stored in best.pt for predict-slide), and writes the per-slide predictions,
-metrics.json (slide-level AUC, AP, accuracy, balanced accuracy, sensitivity and specificity at
-that threshold with bootstrap intervals, Brier score, ECE), the ROC and the confusion matrix.
+every rank); test_report scores the validation and test bags with best.pt, fits a temperature
+(report.calibrate) and chooses the threshold on validation (both stored in best.pt for
+predict-slide), and writes the per-slide predictions, metrics.json (slide-level AUC, AP,
+accuracy, balanced accuracy, sensitivity and specificity at that threshold with bootstrap
+intervals, Brier score, ECE), the ROC and the confusion matrix.
 """
 
 from __future__ import annotations
@@ -18,15 +19,15 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from cancernet.config import Config
+from cancernet.config import SLIDE, Config
 from cancernet.data.bags import Bags, bag_loader
 from cancernet.data.datasets import ShardSampler
 from cancernet.engine import checkpoint
 from cancernet.engine.predict import autocast
 from cancernet.engine.rundir import RunDir
 from cancernet.evaluate import plots, report
-from cancernet.evaluate.evaluation import operating_point
-from cancernet.evaluate.metrics import CALIBRATION, METRICS
+from cancernet.evaluate.metrics import CALIBRATION, METRICS, apply_temperature, fit_temperature
+from cancernet.evaluate.patch_eval import operating_point
 from cancernet.runtime.atomic import atomic_path, write_text
 from cancernet.runtime.distributed import DistInfo, gather_objects
 
@@ -35,7 +36,8 @@ log = logging.getLogger(__name__)
 
 def scoring_loader(bags: Bags, dist: DistInfo, workers: int) -> DataLoader:
     """Every bag once over the ranks (contiguous shards); kept for the run (persistent workers)."""
-    return bag_loader(bags, ShardSampler(len(bags), dist.rank, dist.world_size), workers)
+    sampler = ShardSampler(len(bags), dist.rank, dist.world_size)
+    return bag_loader(bags, sampler, workers, pin_memory=dist.device.type == "cuda")
 
 
 def score_bags(model, loader: DataLoader, dist: DistInfo, amp: str) -> pd.DataFrame:
@@ -74,20 +76,31 @@ def score_bags(model, loader: DataLoader, dist: DistInfo, amp: str) -> pd.DataFr
     return frame.reset_index(drop=True)
 
 
-def test_report(cfg: Config, dist: DistInfo, run_dir: RunDir, scoring: dict, model, amp: str, tracker) -> dict | None:
-    """best.pt on validation (the threshold) and test: per-slide predictions, metrics.json, figures."""
+def test_report(
+    cfg: Config, dist: DistInfo, run_dir: RunDir, scoring: dict, model, tracker, extra_facts: dict | None = None
+) -> dict | None:
+    """best.pt on validation (temperature and threshold) and test: per-slide predictions,
+    metrics.json, figures (rank 0)."""
+    amp = cfg.train.amp
     best = checkpoint.load_on_main(run_dir.best, model, dist)
-    val = score_bags(model, scoring["val"], dist, amp)
-    test = score_bags(model, scoring["test"], dist, amp)
+    val_raw = score_bags(model, scoring["val"], dist, amp)
+    test_raw = score_bags(model, scoring["test"], dist, amp)
     if not dist.is_main:
         return None
-    if val["label"].nunique() == 2:  # stored in best.pt: predict-slide labels new slides with it
-        point = operating_point(val, None, tta=False, temperature=1.0)
-        checkpoint.store_evaluation(run_dir.best, 1.0, point)
+    both_classes = val_raw["label"].nunique() == 2
+    temperature = (
+        fit_temperature(val_raw["label"].to_numpy(), val_raw["logit"].to_numpy())
+        if cfg.report.calibrate and both_classes
+        else 1.0
+    )
+    val, test = tempered(val_raw, temperature), tempered(test_raw, temperature)
+    if both_classes:  # stored in best.pt: predict-slide labels new slides with them
+        point = operating_point(val, None, tta=False, temperature=temperature)
     else:
         point = {"threshold": 0.5, "method": "fixed: one class in validation", "chosen_on": "val"}
+    checkpoint.store_evaluation(run_dir.best, temperature, point)
     threshold = point["threshold"]
-    keep = ["id", "label", "prob", "attention_max", "attention_entropy", "top_tile", "tiles"]
+    keep = ["id", "label", "prob", "logit", "attention_max", "attention_entropy", "top_tile", "tiles"]
     for split, frame in (("val", val), ("test", test)):
         path = run_dir.predictions(split)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -98,22 +111,31 @@ def test_report(cfg: Config, dist: DistInfo, run_dir: RunDir, scoring: dict, mod
         cfg.report.bootstrap,
         cfg.train.seed,
     )
-    metrics.update(
-        split="test",
-        checkpoint=str(run_dir.best),
-        level="slide",
-        run={"task": "mil", "mil": cfg.model.mil, "best_epoch": best.epoch, "slides": len(test)},
-    )
+    facts = {"task": SLIDE, "mil": cfg.model.mil, "best_epoch": best.epoch, "slides": len(test), **(extra_facts or {})}
+    metrics.update(split="test", checkpoint=str(run_dir.best), level="slide", run=facts, temperature=temperature)
     del metrics["classification_report"]
-    metrics.update({k: METRICS[k](test["label"], test["prob"]) for k in CALIBRATION}, temperature=1.0)
+    metrics.update({k: METRICS[k](test["label"], test["prob"]) for k in CALIBRATION})
+    if cfg.report.calibrate:
+        metrics["calibration"] = {
+            "temperature": temperature,
+            "fitted_on": "val",
+            "before": {k: METRICS[k](test_raw["label"], test_raw["prob"]) for k in CALIBRATION},
+            "after": {k: METRICS[k](test["label"], test["prob"]) for k in CALIBRATION},
+        }
     run_dir.report.mkdir(parents=True, exist_ok=True)
     write_text(run_dir.metrics, json.dumps(metrics, indent=1, default=float))
-    for name, figure in (
-        ("roc", plots.roc(test["label"], test["prob"], threshold)),
-        ("confusion_matrix", plots.confusion_matrix(test["label"], test["prob"], threshold)),
-    ):
-        with atomic_path(run_dir.figure(name)) as tmp:
-            figure.savefig(tmp, dpi=100, format="png")
+    if cfg.report.figures:
+        for name, figure in (
+            ("roc", plots.roc(test["label"], test["prob"], threshold)),
+            ("confusion_matrix", plots.confusion_matrix(test["label"], test["prob"], threshold)),
+        ):
+            with atomic_path(run_dir.figure(name)) as tmp:
+                figure.savefig(tmp, dpi=100, format="png")
     log.info("test (slides, n=%d): %s", len(test), report.headline(metrics))
     tracker.log_summary({f"test/{k}": metrics[k] for k in ("roc_auc", "balanced_accuracy")})
     return metrics
+
+
+def tempered(frame: pd.DataFrame, temperature: float) -> pd.DataFrame:
+    """The slides' probabilities at this temperature (their logits divided by it)."""
+    return frame.assign(prob=apply_temperature(frame["logit"], temperature))

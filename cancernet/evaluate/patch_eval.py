@@ -209,11 +209,19 @@ def evaluate_checkpoint(
     return metrics
 
 
-def evaluate_run(t, tracker, extra_facts: dict) -> dict | None:
-    """The end of training (t: training.Training): the best checkpoint, loaded into the run's own
-    model, on the test split."""
-    score = t.stored.part(t.model_without_ddp) if t.stored else None
-    setup = Setup(t.cfg, t.dist, t.run, t.model_without_ddp, t.table, t.loaders, score)
+def evaluate_run(
+    cfg: Config,
+    dist: DistInfo,
+    run: RunDir,
+    model: torch.nn.Module,
+    table: pd.DataFrame,
+    loaders: dict,
+    score: torch.nn.Module | None,
+    tracker,
+    extra_facts: dict,
+) -> dict | None:
+    """The end of training: the run's best checkpoint, loaded into its own model, on the test split."""
+    setup = Setup(cfg, dist, run, model, table, loaders, score)
     return evaluate_checkpoint(
-        setup, t.run.best, Request(split="test", calibrate=t.cfg.report.calibrate), tracker, extra_facts
+        setup, run.best, Request(split="test", calibrate=cfg.report.calibrate), tracker, extra_facts
     )
