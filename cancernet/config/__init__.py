@@ -1,4 +1,5 @@
-"""Typed run configuration: dataclasses, YAML loading, dotted overrides, validation."""
+"""Typed run configuration: the sections (config/sections.py), the kinds of run (config/kinds.py),
+YAML loading, dotted overrides, validation."""
 
 from __future__ import annotations
 
@@ -7,210 +8,49 @@ import dataclasses
 import subprocess
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from cancernet.config.kinds import KIND_NAMES, ONE_KIND, PATCH, SLIDE, check_kind, setting, task_kind
+from cancernet.config.sections import (
+    Config,
+    DistConfig,
+    OptimConfig,
+    ReportConfig,
+    SlideConfig,
+    TrainConfig,
+    WandbConfig,
+)
 from cancernet.data.config import DataConfig
 from cancernet.data.formats import check_format, format_of
 from cancernet.models.archs import check_arch
 from cancernet.models.config import ModelConfig
 from cancernet.runtime.errors import ConfigError
-from cancernet.runtime.schema import bounded, choice
 
-__all__ = ["Config", "ConfigError", "load_config", "from_dict", "resolved_yaml", "task_kind", "PATCH", "SLIDE"]
-PATCH, SLIDE = "patch", "slide"  # the two kinds of run: patches, or slides as bags of tile features
-KIND_NAMES = {PATCH: "patch-level", SLIDE: "slide-level (model.mil)"}
-
-
-@dataclass
-class OptimConfig:
-    name: str = choice("adamw", "adam", "adamw", "sgd")
-    lr: float = bounded(1e-3, 0)
-    lr_scale: str = choice("none", "none", "linear", "sqrt")  # lr x (global batch / base_batch), or its root
-    max_lr: float | None = bounded(None, 0)  # cap on the scaled lr (null: none)
-    base_batch: int = bounded(256, 1)
-    weight_decay: float = bounded(1e-4, 0)
-    decay_norm_bias: bool = False  # weight decay on normalisation weights and biases too
-    momentum: float = bounded(0.9, 0, 1)
-    schedule: str = choice("cosine", "cosine", "onecycle", "none")
-    warmup_epochs: float = bounded(0.0, 0)
-    label_smoothing: float = bounded(0.0, 0, 1, hi_open=True)
-    head_lr_mult: float = bounded(1.0, 0)  # head LR = lr x head_lr_mult
-    layer_decay: float = bounded(1.0, 0, 1)  # layer-wise LR decay over the backbone's stages; 1 = off
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = bounded(10, 1)
-    batch_size: int = bounded(256, 1)  # per process
-    eval_batch_size: int = bounded(512, 1)
-    grad_accum: int = bounded(1, 1)
-    clip_grad: float | None = bounded(None, 0)
-    amp: str = choice("auto", "auto", "bf16", "fp16", "off")  # on every device; auto: the fastest correct one
-    deterministic: bool = False  # repeatable kernels (no cuDNN autotuning), slower on GPUs
-    feature_cache: str = choice("auto", "auto", "on", "off")  # frozen backbone: its features computed once
-    feature_cache_dir: str | None = None  # default: <data.root>/features (shared by all ranks)
-    time_budget: str | None = field(default=None, metadata={"check": "duration"})  # e.g. 14m, 4h: fixes the length
-    # last.pt at most this often (e.g. 10m; null: every epoch); the final epoch and a stop always save
-    checkpoint_every: str | None = field(default=None, metadata={"check": "duration"})
-    select_metric: str = choice("val_auc", "val_auc", "val_loss", "val_acc")  # what makes best.pt the best
-    ema_decay: float = bounded(0.0, 0, 1, hi_open=True)  # EMA of the weights; 0 = off
-    ema_warmup: int = bounded(0, 0)  # training samples over which the EMA's decay ramps up from 0; 0 = none
-    device: str = choice("auto", "auto", "cpu", "cuda")
-    out_dir: str = "runs/default"
-    resume: str = "auto"  # auto | none | path to a checkpoint
-    overwrite: bool = False  # a fresh run (resume=none) may replace the run files in out_dir
-    seed: int = 0
-    eval_every: int = bounded(1, 1)  # validate every N epochs, and always after the last
-    log_every: int = bounded(50, 0)  # steps between log lines when no progress bar is shown
-    sync_every: int = bounded(10, 1)  # optimizer steps between the all-ranks check for stop / NaN loss
-    progress: str = choice("auto", "auto", "on", "off")
-
-
-@dataclass
-class DistConfig:
-    backend: str = choice("auto", "auto", "nccl", "gloo")
-    timeout_min: int = bounded(30, 1)
-
-
-@dataclass
-class WandbConfig:
-    mode: str = choice("disabled", "online", "offline", "disabled")
-    project: str = "cancernet"
-    entity: str | None = None
-    name: str | None = None
-    tags: list[str] = field(default_factory=list)
-    log_model: bool = False  # upload best.pt (weights only) as a model artifact
-    init_timeout: float = bounded(20.0, 1)  # seconds the online start may take before falling back
-
-
-@dataclass
-class ReportConfig:
-    bootstrap: int = bounded(1000, 0)  # resamples for the 95% CIs; 0 = none
-    calibrate: bool = True  # fit a temperature on validation predictions after training
-    figures: bool = True  # write the report figures (metrics.json and predictions always)
-
-
-@dataclass
-class SlideConfig:
-    """Whole-slide inference (predict-slide, evaluate-slides); lengths in training pixels."""
-
-    stride: int = bounded(32, 1)  # tile step; each tile's score fills the stride x stride cell at its centre
-    tissue_mpp: float = bounded(8.0, 0)  # resolution of the tissue mask (microns per pixel)
-    min_saturation: float = bounded(0.05, 0, 1)  # floor under Otsu's saturation threshold (near-empty slides)
-    fill_holes_um2: float = bounded(20000.0, 0)  # holes in the tissue up to this area are tissue
-    min_tissue: float = bounded(0.25, 0, 1, hi_open=True)  # tissue share a cell needs to be scored
-    block: int = bounded(8, 1)  # cells per side read as one region (tiles overlap: one read serves many)
-    top_k: int = bounded(20, 1)  # slide score: mean of the top-k cells
-    score: str = choice("top_k_mean", "top_k_mean", "max")
-
-    def __post_init__(self):
-        if self.stride % 2:
-            raise ConfigError(
-                f"config key 'slide.stride': {self.stride} is odd; 96 px tiles centre on their cells "
-                "only with an even stride"
-            )
-
-
-@dataclass
-class Config:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    dist: DistConfig = field(default_factory=DistConfig)
-    wandb: WandbConfig = field(default_factory=WandbConfig)
-    report: ReportConfig = field(default_factory=ReportConfig)
-    slide: SlideConfig = field(default_factory=SlideConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def task_kind(cfg: Config) -> str:
-    """The one place a run's kind is decided: slides (bags of stored tile features) when model.mil
-    names a slide-level model, else patches."""
-    return SLIDE if cfg.model.mil != "none" else PATCH
-
-
-def _keys(kind: str, why: str, *keys: str) -> dict[str, tuple[str, str]]:
-    return {key: (kind, why) for key in keys}
-
-
-# Keys that act on one kind of run only, and why; every other key acts on both (tests/test_config.py
-# holds that list). Set to anything but its default on the other kind, such a key is refused.
-ONE_KIND = {
-    **_keys(
-        PATCH,
-        "a slide-level run reads extract-features' files (data.features), not patches",
-        *("data.root", "data.format", "data.packed_dir", "data.stage_dir", "data.image_size", "data.crop"),
-        *("data.limit", "data.groups_csv", "data.split_by", "data.on_bad_image", "data.verify_ids"),
-        *("data.mpp", "data.mean", "data.std"),
-    ),
-    **_keys(
-        PATCH,
-        "augmentation acts on patches; a slide-level run trains on features extracted before",
-        *("data.augment", "data.jitter", "data.hue", "data.stain", "data.stain_sigma", "data.stain_bias"),
-    ),
-    **_keys(
-        PATCH,
-        "a slide-level run trains model.mil on stored features (extract-features chose their backbone)",
-        *("model.arch", "model.pretrained", "model.weights_url", "model.freeze_backbone", "model.head"),
-        *("model.channels_last", "model.compile", "model.compile_scope", "model.sync_bn"),
-    ),
-    **_keys(
-        PATCH,
-        "it shapes the patch classifier's loss and its backbone's stages, which a slide-level model has not",
-        "optim.label_smoothing",
-        "optim.head_lr_mult",
-        "optim.layer_decay",
-    ),
-    **_keys(
-        PATCH,
-        "a slide-level run trains and scores one bag (slide) per rank at a time",
-        "train.batch_size",
-        "train.eval_batch_size",
-    ),
-    **_keys(
-        PATCH,
-        "a slide-level run's features are stored already (extract-features)",
-        "train.feature_cache",
-        "train.feature_cache_dir",
-    ),
-    **_keys(
-        PATCH,
-        "it is the whole-slide setting predict-slide takes from a patch checkpoint; a slide-level model "
-        "reads the tiles its features were made from",
-        *(f"slide.{f.name}" for f in dataclasses.fields(SlideConfig)),
-    ),
-    **_keys(
-        SLIDE,
-        "it is read by slide-level runs (model.mil) only",
-        "data.features",
-        "data.slides_csv",
-        "data.max_instances",
-    ),
-}
-
-
-def setting(cfg: Config, key: str) -> Any:
-    """The value of a dotted key ('train.epochs')."""
-    section, name = key.split(".")
-    return getattr(getattr(cfg, section), name)
-
-
-def check_kind(cfg: Config) -> None:
-    """Refuse, naming it, a key set on a kind of run it does not act on."""
-    kind, defaults = task_kind(cfg), Config()
-    for key, (only, why) in ONE_KIND.items():
-        if only != kind and setting(cfg, key) != setting(defaults, key):
-            raise ConfigError(f"config key '{key}' does not apply to a {KIND_NAMES[kind]} run: {why}")
-    o = cfg.optim
-    if o.momentum != OptimConfig.momentum and o.name != "sgd":
-        raise ConfigError(f"config key 'optim.momentum' acts with optim.name=sgd only (this run: {o.name})")
+__all__ = [
+    "KIND_NAMES",
+    "ONE_KIND",
+    "PATCH",
+    "SLIDE",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "DistConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "ReportConfig",
+    "SlideConfig",
+    "TrainConfig",
+    "WandbConfig",
+    "check_kind",
+    "from_dict",
+    "load_config",
+    "resolved_yaml",
+    "setting",
+    "task_kind",
+]
 
 
 def _check_range(key: str, value: Any, bounds: tuple) -> None:
@@ -381,7 +221,7 @@ def from_dict(values: dict[str, Any]) -> Config:
     return _build(Config, values, "")
 
 
-SHIPPED = Path(__file__).parent / "configs"  # configs/ of the repository, installed with the package
+SHIPPED = Path(__file__).parent.parent / "configs"  # configs/ of the repository, installed with the package
 
 
 def config_path(name: str | Path) -> Path:
