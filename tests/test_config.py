@@ -217,6 +217,7 @@ OTHER_VALUE = {
         "slide.stride": "64",
         "slide.tissue_mpp": "4",
         "slide.min_saturation": "0.1",
+        "slide.min_texture": "5",
         "slide.fill_holes_um2": "1000",
         "slide.min_tissue": "0.5",
         "slide.block": "4",

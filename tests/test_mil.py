@@ -229,7 +229,7 @@ def test_best_pt_names_the_features_it_was_trained_on_and_the_validation_operati
         ("tile", 112),
         ("stride", 112),
         ("tile_mpp", 1.0),  # another resolution
-        ("tissue", {"tissue_mpp": 8.0, "min_saturation": 0.1, "fill_holes_um2": 20000.0, "min_tissue": 0.25}),
+        ("tissue", {"tissue_mpp": 8.0, "min_saturation": 0.1, "fill_holes_um2": 5000.0, "min_tissue": 0.25}),
     ],
 )
 def test_a_run_over_feature_files_made_otherwise_is_refused_naming_the_setting(bags, tmp_path, setting, value):

@@ -88,8 +88,9 @@ class SlideConfig:
 
     stride: int = bounded(32, 1)  # tile step; each tile's score fills the stride x stride cell at its centre
     tissue_mpp: float = bounded(8.0, 0)  # resolution of the tissue mask (microns per pixel)
-    min_saturation: float = bounded(0.05, 0, 1)  # floor under Otsu's saturation threshold (near-empty slides)
-    fill_holes_um2: float = bounded(20000.0, 0)  # holes in the tissue up to this area are tissue
+    min_saturation: float = bounded(0.05, 0, 1)  # HSV saturation above which a thumbnail pixel is stained tissue
+    min_texture: float = bounded(3.0, 0)  # brightness SD (0-255, 3x3 px) above which it is textured tissue; 0 = off
+    fill_holes_um2: float = bounded(5000.0, 0)  # holes in the tissue up to this area (um2) are tissue
     min_tissue: float = bounded(0.25, 0, 1, hi_open=True)  # tissue share a cell needs to be scored
     block: int = bounded(8, 1)  # cells per side read as one region (tiles overlap: one read serves many)
     top_k: int = bounded(20, 1)  # slide score: mean of the top-k cells

@@ -39,7 +39,13 @@ from cancernet.wsi.tiles import UNREADABLE, SlideTiles, Waited, cat_blocks
 
 log = logging.getLogger(__name__)
 HUB_MPP = 0.5  # microns per pixel foundation models are trained at (20x)
-TISSUE_KEYS = ("tissue_mpp", "min_saturation", "fill_holes_um2", "min_tissue")  # slide.* the tiles depend on
+TISSUE_KEYS = (
+    "tissue_mpp",
+    "min_saturation",
+    "min_texture",
+    "fill_holes_um2",
+    "min_tissue",
+)  # slide.* the tiles depend on
 
 
 @dataclass

@@ -64,24 +64,24 @@ def slide_mpp(slide, path: Path, override: float | None) -> float:
     return (x + y) / 2
 
 
-def otsu(values: np.ndarray) -> float:
-    """Otsu's threshold of uint8 values: the split maximising the between-class variance."""
-    hist = np.bincount(values.ravel(), minlength=256).astype(np.float64)
-    weight = np.cumsum(hist)
-    mean = np.cumsum(hist * np.arange(256))
-    total, grand = weight[-1], mean[-1]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        between = np.nan_to_num((grand * weight - mean * total) ** 2 / (weight * (total - weight)), nan=-1.0)
-    if between[:-1].max() <= 0:  # one value only: nothing to split
-        return 255.0
-    return float(np.argmax(between[:-1])) + 0.5
-
-
 def tissue_mask(thumb: Image.Image, um_per_px: float, cfg: SlideConfig) -> np.ndarray:
-    """Tissue of an RGB thumbnail: saturation above Otsu's threshold (at least min_saturation),
-    holes up to fill_holes_um2 filled."""
-    sat = np.asarray(thumb.convert("HSV"))[..., 1]
-    mask = sat > max(otsu(sat), cfg.min_saturation * 255)
+    """Tissue of an RGB thumbnail: stained (HSV saturation above slide.min_saturation) or textured
+    (the brightness's standard deviation over 3 x 3 pixels above slide.min_texture, one pixel in from
+    the texture's edge, so that the step from tissue to glass is not itself taken for tissue);
+    holes up to slide.fill_holes_um2 filled.
+
+    A fixed threshold, not Otsu's: with little glass in view Otsu's threshold splits the tissue
+    itself. Texture keeps pale tissue (fat, faint staining), which at the thumbnail's resolution
+    is barely more saturated than glass but is not flat as glass is (docs/SLIDES.md, measured on
+    slides of real patches)."""
+    hsv = np.asarray(thumb.convert("HSV")).astype(np.float32)
+    saturation, brightness = hsv[..., 1], hsv[..., 2]
+    mask = saturation > cfg.min_saturation * 255
+    if cfg.min_texture:
+        mean = ndimage.uniform_filter(brightness, 3)
+        variance = ndimage.uniform_filter(brightness * brightness, 3) - mean * mean
+        textured = np.sqrt(np.maximum(variance, 0)) > cfg.min_texture
+        mask |= ndimage.binary_erosion(textured, np.ones((3, 3), bool))
     holes, n = ndimage.label(~mask)
     if n:
         area = ndimage.sum_labels(np.ones_like(mask), holes, index=np.arange(1, n + 1)) * um_per_px**2
@@ -185,7 +185,9 @@ def plan_slide(
         mask = tissue_mask(thumb, thumb_mpp, cfg)
         tissue = cell_share(mask, cell0 * thumb.width / width, (rows, cols)) >= max(cfg.min_tissue, 1e-6)
         if not tissue.any():
-            raise DataError(f"slide {path}: no tissue found (saturation threshold; see slide.min_saturation)")
+            raise DataError(
+                f"slide {path}: no tissue found (see slide.min_saturation and slide.min_texture in docs/SLIDES.md)"
+            )
         plan = Plan(
             path=str(path),
             mpp=level0_mpp,

@@ -133,3 +133,54 @@ def write_slide_set(
     frame = pd.DataFrame(records)
     frame.to_csv(out / "slides.csv", index=False)
     return frame
+
+
+def write_patch_slide(
+    path: str | Path,
+    grid: np.ndarray,
+    patches: np.ndarray,
+    glass: np.ndarray,
+    mpp: float = PATCH_MPP,
+) -> Path:
+    """A pyramidal TIFF made of real patches: grid (rows, cols) holds an index into patches
+    (N, 96, 96, 3) per cell, or -1 for glass, which is the glass patch `glass` (96, 96, 3) mirrored
+    over the slide (one background, continuous at its seams, as a scanner's). Level 0 is the
+    patches' own resolution (mpp), so a 96 px tile at it is one patch."""
+    size = patches.shape[1]
+    rows, cols = grid.shape
+    reps = (-(-rows // 2), -(-cols // 2))  # a patch and its mirror image, repeated
+    pair = np.concatenate([glass, glass[::-1]], 0)
+    pair = np.concatenate([pair, pair[:, ::-1]], 1)
+    image = np.tile(pair, (*reps, 1))[: rows * size, : cols * size].copy()
+    for r, c in np.argwhere(grid >= 0):
+        image[r * size : (r + 1) * size, c * size : (c + 1) * size] = patches[grid[r, c]]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_pyramid(path, image, mpp)
+    return path
+
+
+def section_grid(rng: np.random.Generator, shape: tuple[int, int], cells: int) -> np.ndarray:
+    """A connected blob of `cells` cells (a random growth from the centre) in a grid of shape:
+    a small tissue section in much glass. Returns a bool mask."""
+    mask = np.zeros(shape, bool)
+    mask[shape[0] // 2, shape[1] // 2] = True
+    while mask.sum() < cells:
+        r, c = np.argwhere(mask)[rng.integers(mask.sum())]
+        dr, dc = ((0, 1), (1, 0), (0, -1), (-1, 0))[rng.integers(4)]
+        r, c = min(max(r + dr, 1), shape[0] - 2), min(max(c + dc, 1), shape[1] - 2)
+        mask[r, c] = True
+    return mask
+
+
+def focus_cells(rng: np.random.Generator, tissue: np.ndarray, size: int) -> np.ndarray:
+    """A connected focus of `size` tissue cells (a random walk that stays on tissue): where a
+    positive slide's tumour patches go. Returns a bool mask."""
+    focus = np.zeros_like(tissue)
+    focus[tuple(np.argwhere(tissue)[rng.integers(tissue.sum())])] = True
+    while focus.sum() < min(size, tissue.sum()):
+        r, c = np.argwhere(focus)[rng.integers(focus.sum())]
+        dr, dc = ((0, 1), (1, 0), (0, -1), (-1, 0))[rng.integers(4)]
+        if 0 <= r + dr < tissue.shape[0] and 0 <= c + dc < tissue.shape[1] and tissue[r + dr, c + dc]:
+            focus[r + dr, c + dc] = True
+    return focus
