@@ -21,6 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -48,7 +49,7 @@ def main() -> None:
     pale = np.isin(grid, np.arange(20, len(patches)))
     with tempfile.TemporaryDirectory() as tmp:
         path = write_patch_slide(Path(tmp) / "slide.tif", grid, patches, glass[0])
-        image = np.asarray(__import__("PIL.Image").Image.open(path).convert("RGB"))
+        image = np.asarray(Image.open(path).convert("RGB"))
         fig, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 4.6))
         for ax, (title, change) in zip(axes, PANELS):
             settings = dataclasses.replace(SlideConfig(stride=96), **change)
@@ -59,7 +60,9 @@ def main() -> None:
             for r, c in np.argwhere(pale):
                 ax.add_patch(plt.Rectangle((c * 96 + 2, r * 96 + 2), 92, 92, fill=False, ec="orange", lw=2))
             lost = int((tissue & ~kept).sum())
-            ax.set_title(f"{title}\n{int(kept[tissue].sum())}/{int(tissue.sum())} tissue cells, {lost} lost", fontsize=9)
+            ax.set_title(
+                f"{title}\n{int(kept[tissue].sum())}/{int(tissue.sum())} tissue cells, {lost} lost", fontsize=9
+            )
             ax.axis("off")
         fig.suptitle("green: scored cells; orange: pale tissue (fat, faint stain); top row: glass", fontsize=10)
         fig.tight_layout()
