@@ -165,7 +165,15 @@ BOTH = {
     "model.mil",
     *("optim.name", "optim.lr", "optim.lr_scale", "optim.max_lr", "optim.base_batch", "optim.weight_decay"),
     *("optim.decay_norm_bias", "optim.momentum", "optim.schedule", "optim.warmup_epochs"),
-    *("train.epochs", "train.grad_accum", "train.clip_grad", "train.amp", "train.deterministic"),
+    *(
+        "train.epochs",
+        "train.steps",
+        "train.patience",
+        "train.grad_accum",
+        "train.clip_grad",
+        "train.amp",
+        "train.deterministic",
+    ),
     *("train.time_budget", "train.checkpoint_every", "train.select_metric", "train.ema_decay", "train.ema_warmup"),
     *("train.device", "train.out_dir", "train.resume", "train.overwrite", "train.seed", "train.eval_every"),
     *("train.log_every", "train.sync_every", "train.progress"),
@@ -260,3 +268,8 @@ def test_the_shipped_slide_level_config_sets_only_keys_a_slide_level_run_reads()
     assert task_kind(load_config(CONFIGS / "mil.yaml")) == SLIDE
     with pytest.raises(ConfigError, match="'optim.momentum' acts with optim.name=sgd only"):
         load_config(CONFIGS / "mil.yaml", ["optim.momentum=0.5"])
+
+
+def test_a_length_in_steps_and_in_epochs_at_once_is_refused():
+    with pytest.raises(ConfigError, match="'train.steps' and 'train.epochs' are both set"):
+        load_config(None, ["train.steps=100", "train.epochs=5"])

@@ -87,6 +87,20 @@ def test_abmil_finds_the_focus_and_mean_pooling_does_clearly_worse(bags, abmil, 
     assert {"prob", "pred", "attention_max", "attention_entropy", "top_tile", "tiles"} <= set(test.columns)
 
 
+def test_the_report_sets_the_model_beside_its_baseline_and_says_whether_it_beats_it(abmil):
+    """Features without a patch head (here synthetic, as a foundation model's): the baseline is
+    the slides' mean feature under a logistic regression fitted on the training slides. Mean
+    pooling cannot see a 2% focus; ABMIL does, and the report says it beats the baseline, with
+    the paired interval of the difference."""
+    metrics = json.loads((abmil / "report" / "metrics.json").read_text())
+    baseline = metrics["baselines"]["mean feature, logistic regression"]
+    assert baseline["roc_auc"] < metrics["roc_auc"] - 0.1
+    assert baseline["difference"] == pytest.approx(metrics["roc_auc"] - baseline["roc_auc"])
+    assert baseline["difference_ci"][0] > 0 and baseline["verdict"] == "beats"
+    page = (abmil / "report" / "index.html").read_text()
+    assert "mean feature, logistic regression" in page and "The model beats the baseline" in page
+
+
 def test_a_patients_slides_stay_in_one_split(abmil, bags):
     splits = pd.read_csv(abmil / "splits.csv").merge(pd.read_csv(bags / "labels.csv"), left_on="id", right_on="slide")
     assert (splits.groupby("patient")["split"].nunique() == 1).all()
@@ -160,6 +174,33 @@ def test_fp16_on_the_cpu_runs_the_grad_scaler_path_of_a_slide_level_run(bags, tm
     assert scaler["scale"] > 0 and "_growth_tracker" in scaler
     summary = pd.read_csv(out / "summary.csv")
     assert np.isfinite(summary["train_loss"]).all() and summary["val_auc"].iloc[-1] > 0.9
+
+
+def test_train_steps_sets_the_length_whatever_the_cohort(bags, tmp_path):
+    """train.steps: 100 steps of one bag over 80 training bags is one epoch and a fifth, and the
+    LR schedule is laid over those 100 bags (train.epochs back at its default: not the length)."""
+    out = tmp_path / "run"
+    assert mil_run(bags, out, "model.mil=mean", "train.steps=100", "train.epochs=10") == "done"
+    summary = pd.read_csv(out / "summary.csv")
+    assert summary["samples_seen"].tolist() == [80, 100]  # one epoch and a fifth of 80 bags
+    assert summary["lr"].iloc[-1] < 0.01 * summary["lr"].max()  # the cosine ends with the 100th step
+
+
+def test_patience_ends_a_run_that_stopped_improving_and_a_rerun_keeps_it_ended(bags, tmp_path):
+    """train.patience=2 with nothing learned (lr 0): epochs 2 and 3 are no better than 1, so the
+    run stops after epoch 3 of 10, tests best.pt (epoch 1), and a rerun trains nothing more."""
+    import torch
+
+    out = tmp_path / "run"
+    common = ("model.mil=mean", "optim.lr=0", "train.patience=2")
+    assert mil_run(bags, out, *common) == "done"
+    assert len(pd.read_csv(out / "summary.csv")) == 3
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["run_state"]
+    assert state["stopped_early"] == 3 and state["best_epoch"] == 1
+    assert torch.load(out / "checkpoints" / "best.pt", weights_only=True)["epoch"] == 1
+    assert (out / "report" / "metrics.json").is_file()
+    assert mil_run(bags, out, *common) == "done"
+    assert len(pd.read_csv(out / "summary.csv")) == 3
 
 
 def test_a_time_budget_fixes_the_epochs_after_the_first_and_a_resume_keeps_them(bags, tmp_path, caplog):

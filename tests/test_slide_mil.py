@@ -143,6 +143,27 @@ def test_every_slide_level_model_trains_reports_and_predicts_slides(slide_run, t
     assert pd.read_csv(tmp_path / "out" / row.id / "tiles.csv")["attention"].sum() == pytest.approx(1, abs=1e-4)
 
 
+def test_features_of_a_patch_model_give_the_report_its_heads_pooled_baselines(slide_run):
+    """extract-features keeps the patch model's tile log-odds beside the features: the report
+    scores each test slide by the head's max, top-3 mean and mean, as the model's baselines."""
+    from sklearn.metrics import roc_auc_score
+
+    metrics = json.loads((slide_run / "run" / "report" / "metrics.json").read_text())
+    test = pd.read_csv(slide_run / "run" / "predictions" / "test.csv")
+    maxima = []
+    for slide in test["id"]:
+        with h5py.File(slide_run / "feats" / f"{slide}.h5") as f:
+            maxima.append((1 / (1 + np.exp(-f["log_odds"][:].astype(np.float64)))).max())
+    baselines = metrics["baselines"]
+    assert set(baselines) == {
+        "patch head, max",
+        "patch head, top3_mean",
+        "patch head, mean",
+        "mean feature, logistic regression",
+    }
+    assert baselines["patch head, max"]["roc_auc"] == pytest.approx(roc_auc_score(test["label"], maxima))
+
+
 def test_a_backbone_changed_since_extraction_is_refused_and_backbone_points_to_the_right_one(
     slide_run, tmp_path, capsys, monkeypatch
 ):

@@ -182,6 +182,11 @@ def check(cfg: Config) -> Config:
             )
     if d.mean is not None and len(d.mean) != 3 or d.std is not None and (len(d.std) != 3 or min(d.std) <= 0):
         raise ConfigError("config keys 'data.mean'/'data.std' need 3 values each (RGB), std above 0")
+    if t.steps is not None and t.epochs != TrainConfig.epochs:
+        raise ConfigError(
+            "config keys 'train.steps' and 'train.epochs' are both set: the run's length is one of them "
+            "(train.steps=null to count epochs)"
+        )
     if t.resume not in ("auto", "none") and not Path(t.resume).is_file():
         raise ConfigError(f"config key 'train.resume': {t.resume} is neither auto, none nor a checkpoint file")
     return cfg

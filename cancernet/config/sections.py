@@ -33,6 +33,8 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     epochs: int = bounded(10, 1)
+    steps: int | None = bounded(None, 1)  # the length in optimizer steps instead (any cohort size trains as long)
+    patience: int | None = bounded(None, 1)  # stop after this many validations without a better select_metric
     batch_size: int = bounded(256, 1)  # per process
     eval_batch_size: int = bounded(512, 1)
     grad_accum: int = bounded(1, 1)

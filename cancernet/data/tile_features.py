@@ -2,6 +2,8 @@
 
     features  (N, D) float16   a backbone's features of each tissue tile
     coords    (N, 2) int64     level-0 (x, y) of each tile's top-left corner
+    log_odds  (N,) float32     when the backbone is a trained patch model: its head's tumour
+                               log-odds of each tile (the baselines a slide-level model must beat)
     attrs     settings (TileSettings as JSON), read (level, slide mpp), slide (its path), seconds
 
 Extraction writes it, slide-level training reads its bags from it, and a slide-level
@@ -135,6 +137,11 @@ class TileFeatures:
     def coords(self) -> np.ndarray:
         with self._open() as f:
             return f["coords"][:]
+
+    def log_odds(self) -> np.ndarray | None:
+        """The patch model's tumour log-odds of each tile, when the backbone was one (else None)."""
+        with self._open() as f:
+            return f["log_odds"][:] if "log_odds" in f else None
 
     def done_with(self, settings: TileSettings) -> bool:
         """Whether the file is whole and was made with these settings (extraction skips it)."""

@@ -88,7 +88,7 @@ class TimeBudget:
         self.shape = Shape(
             per_epoch=sampler.samples_per_epoch(),
             window=sampler.global_batch * cfg.train.grad_accum,
-            cap=sampler.samples_per_epoch() * cfg.train.epochs,
+            cap=training.plan.length,
             eval_every=cfg.train.eval_every,
         )
 

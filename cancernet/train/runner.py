@@ -63,7 +63,8 @@ def run(
         budget = TimeBudget.from_config(training)
         try:
             epoch = training.state.epoch
-            while epoch < training.plan.epochs:  # a time budget may fix the length inside the first epoch
+            # a time budget may fix the length inside the first epoch; train.patience may end it early
+            while epoch < training.plan.epochs and training.state.stopped_early is None:
                 planned = training.plan.budget
                 if not train_epoch(training, epoch, stop, tracker, budget, on_epoch_end):
                     return "stopped"
@@ -150,7 +151,19 @@ def train_epoch(
     if is_best:
         state.best_auc, state.best_val_loss, state.best_val_acc = row.val_auc, row.val_loss, row.val_acc
         state.best_epoch = epoch + 1
-    last = training.checkpointer.last_due(final)
+    if validate:
+        state.stale = 0 if is_best else state.stale + 1
+    patience = cfg.train.patience
+    if patience is not None and state.stale >= patience and not final:
+        state.stopped_early = epoch + 1
+        log.info(
+            "train.patience: no better %s in %d validations; training ends after epoch %d (best: epoch %d)",
+            cfg.train.select_metric,
+            patience,
+            epoch + 1,
+            state.best_epoch,
+        )
+    last = training.checkpointer.last_due(final or state.stopped_early is not None)
     training.checkpointer.save(training, last=last, best=is_best, row=row)
     if budget is not None:
         planned = training.plan.budget

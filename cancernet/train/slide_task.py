@@ -125,7 +125,8 @@ class SlideTask:
         }
 
     def test(self, training, tracker, extra_facts: dict) -> dict | None:
-        return test_report(self.cfg, self.dist, training.run, self.scoring, self.model, tracker, extra_facts)
+        run, table = training.run, self.table
+        return test_report(self.cfg, self.dist, run, self.scoring, self.model, table, tracker, extra_facts)
 
 
 def _split_table(cfg: Config, run: RunDir, resuming: bool) -> tuple[pd.DataFrame, TileSettings, int]:

@@ -73,6 +73,8 @@ class RunState:
     mid_epoch: dict | None = None  # MidEpoch of a run stopped inside an epoch
     wandb_id: str | None = None
     train_s: float = 0.0  # wall time in training epochs, over all sessions
+    stale: int = 0  # validations since the best one (train.patience)
+    stopped_early: int | None = None  # the epoch after which train.patience ended the run
 
 
 @dataclass
@@ -167,7 +169,8 @@ def build(cfg: Config, dist: DistInfo, run: RunDir, resuming: bool = False) -> T
     global_batch = sampler.global_batch * cfg.train.grad_accum
     base_lr = effective_lr(cfg.optim, global_batch)
     per_epoch = sampler.samples_per_epoch()
-    plan = RunPlan(per_epoch, cfg.train.epochs)
+    steps = cfg.train.steps * global_batch if cfg.train.steps else None
+    plan = RunPlan(per_epoch, cfg.train.epochs, steps_samples=steps)
     schedule = LrSchedule(optimizer, cfg.optim, base_lr, lambda: plan.samples, int(cfg.optim.warmup_epochs * per_epoch))
     log.info(
         "optimizer %s, global batch %d, lr %.3g%s; %s",

@@ -256,9 +256,13 @@ class ExtractJob:
             log.info("slide %s: done before, skipped", path.name)
             tiles, dim = target.shape
             return {**row, "tiles": tiles, "dim": dim, "seconds": round(target.seconds, 2), "status": "skipped"}
-        found = slide_features(self.encoder, path, self.reading, self.device)
+        scored = self.encoder.source == "checkpoint"  # a trained patch model: its head's log-odds too
+        found = slide_features(self.encoder, path, self.reading, self.device, scores=scored)
         read = {"level": found.plan.level, "slide_mpp": found.plan.mpp}
-        tile_features.write(target.path, found.features, found.coords, self.settings, read, str(path), found.seconds)
+        extra = {"log_odds": found.log_odds} if scored else None
+        tile_features.write(
+            target.path, found.features, found.coords, self.settings, read, str(path), found.seconds, extra
+        )
         tiles, dim = found.features.shape
         log.info(
             "slide %s: %d tiles x %d features in %.1fs (reader wait %.0f%%)",
