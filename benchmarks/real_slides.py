@@ -99,6 +99,42 @@ def mask_benchmark(out: Path, slides: int, overrides: list[str], seed: int) -> d
     return {"settings": dataclasses.asdict(settings), **report}
 
 
+def cohort(out: Path, slides: int, test_slides: int, seed: int, focus: int = 5) -> None:
+    """Training-cohort slides from 70% of the pool's patches, held-out slides from the other 30%
+    (no patch in both): 8 x 8 patches on a one-patch margin of real glass; a positive slide holds
+    a connected focus of `focus` tumour patches among normal ones, a negative one normal patches
+    only; two slides per patient, one of each label. Patches are drawn without replacement within
+    a slide and with replacement across slides of one side."""
+    from cancernet.wsi.synthetic import focus_cells, write_patch_slide
+
+    labels, patches = read_pool(ROOTS[1])
+    glass = split_glass(patches)
+    rng = np.random.default_rng(seed)
+    label = labels["label"].to_numpy()
+    pools = {}
+    for kind in (0, 1):
+        ids = rng.permutation(np.flatnonzero((label == kind) & ~glass))
+        cut = int(0.7 * len(ids))
+        pools["train", kind], pools["test", kind] = ids[:cut], ids[cut:]
+    tissue = np.zeros((10, 10), bool)
+    tissue[1:9, 1:9] = True
+    rows = []
+    for side, count in (("train", slides), ("test", test_slides)):
+        for i in range(count):
+            positive = i % 2
+            grid = np.full(tissue.shape, -1)
+            grid[tissue] = rng.choice(pools[side, 0], tissue.sum(), replace=False)
+            focal = focus_cells(rng, tissue, focus) if positive else np.zeros_like(tissue)
+            grid[focal] = rng.choice(pools[side, 1], focal.sum(), replace=False)
+            name = f"{side}_{i:04d}"
+            background = patches[rng.choice(np.flatnonzero(glass))]
+            write_patch_slide(out / "slides" / f"{name}.tif", grid, patches, background)
+            rows.append({"slide": name, "label": positive, "patient": f"{side}_p{i // 2:04d}", "side": side})
+    frame = pd.DataFrame(rows)
+    frame[frame["side"] == "train"].drop(columns="side").to_csv(out / "slides.csv", index=False)
+    frame[frame["side"] == "test"].drop(columns="side").to_csv(out / "test.csv", index=False)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("what", choices=["mask", "cohort"])
@@ -111,6 +147,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.what == "mask":
         print(json.dumps(mask_benchmark(args.out, args.slides, args.overrides, args.seed)))
+    else:
+        cohort(args.out, args.slides, args.test_slides, args.seed)
 
 
 if __name__ == "__main__":

@@ -283,9 +283,42 @@ def bench_slide(cfg: Config, slide: str, repeats: int = 2) -> dict:
 
 def bench_ops(cfg: Config, batch: int = 8) -> dict:
     """Operations (aten calls, each a kernel launch on a GPU) that one eager training step
-    dispatches, by phase: the model (forward, loss, backward) and everything else around it
-    (augmentation, optimizer step, EMA, the loss and accuracy sums). A step whose other ops rival
-    the model's is launch-bound on a GPU at small batches. Counted on the CPU, the third step."""
+    dispatches, by phase: the model (forward, loss, backward), everything else around it
+    (augmentation, optimizer step, EMA, the loss and accuracy sums), and what the DDP wrapper adds
+    to the model's phase (ddp_ops: the step again inside DDP, a one-process gloo group). A step
+    whose other ops rival the model's is launch-bound on a GPU at small batches. Counted on the
+    CPU, the third step of each."""
+    from cancernet.train.patch_task import ClassifierLoss
+    from cancernet.train.state import wrap_for_training
+
+    device = torch.device("cpu")
+    cfg = numerics.resolve(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device="cpu")), device)
+    model = build_for_weights(cfg).train()
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    counts, groups = _count_step(cfg, model, ClassifierLoss(model, cfg.optim.label_smoothing), batch)
+    with _one_process_group(device):
+        loss = lambda m: ClassifierLoss(m, cfg.optim.label_smoothing)  # noqa: E731
+        wrapped = wrap_for_training(model, cfg.model, DistInfo(device=device), loss, ddp=True)
+        ddp_ops = _count_step(cfg, model, wrapped, batch)[0]["model"] - counts["model"]
+    other = sum(n for name, n in counts.items() if name != "model")
+    return {
+        "bench": "ops",
+        "arch": cfg.model.arch,
+        "batch_size": batch,
+        "param_groups": groups,
+        **{f"{name}_ops": n for name, n in counts.items()},
+        "other_ops": other,
+        "ddp_ops": ddp_ops,
+        "other_share": round(other / counts["model"], 3),
+        "other_and_ddp_share": round((other + ddp_ops) / counts["model"], 3),
+        **_context(cfg, device),
+    }
+
+
+def _count_step(cfg: Config, model, step_module, batch: int) -> tuple[dict[str, int], int]:
+    """({phase: ops} of the third of three steps of step_module (the loss module, or it wrapped),
+    the optimizer's parameter groups)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from cancernet.data.augment import Augment
@@ -293,7 +326,6 @@ def bench_ops(cfg: Config, batch: int = 8) -> dict:
     from cancernet.train.ema import ModelEma
     from cancernet.train.loop import DeviceSums, optimizer_step
     from cancernet.train.optim import LrSchedule
-    from cancernet.train.patch_task import ClassifierLoss
 
     class Count(TorchDispatchMode):
         def __init__(self):
@@ -305,26 +337,20 @@ def bench_ops(cfg: Config, batch: int = 8) -> dict:
             return func(*args, **(kwargs or {}))
 
     device = torch.device("cpu")
-    cfg = numerics.resolve(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device="cpu")), device)
-    model = build_for_weights(cfg).train()
-    if cfg.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg.optim, model, device)
     schedule = LrSchedule(optimizer, cfg.optim, cfg.optim.lr, 10**6, 0)
     scaler = torch.amp.GradScaler("cpu", enabled=cfg.train.amp == "fp16")
     ema = ModelEma(model, cfg.train.ema_decay, cfg.train.ema_warmup) if cfg.train.ema_decay else None
-    augment = Augment(cfg.data, cfg.train.seed, cfg.model.channels_last)
-    sums, loss_module = DeviceSums(device), ClassifierLoss(model, cfg.optim.label_smoothing)
+    augment, sums = Augment(cfg.data, cfg.train.seed, cfg.model.channels_last), DeviceSums(device)
     images = torch.randint(0, 256, (batch, PATCH_SIZE, PATCH_SIZE, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
     labels, index = torch.randint(0, 2, (batch,)), torch.arange(batch)
-    counts: dict[str, int] = {}
     for step in range(3):
         phases = {name: Count() for name in ("augment", "model", "sums", "optimizer", "ema")}
         with phases["augment"]:
             inputs = augment(images, index, step)
         with phases["model"]:
             with autocast(device, cfg.train.amp):
-                loss, correct = loss_module(inputs, labels)
+                loss, correct = step_module(inputs, labels)
             scaler.scale(loss).backward()
         with phases["sums"]:
             sums.add(loss.detach(), correct.detach(), len(labels))
@@ -334,15 +360,4 @@ def bench_ops(cfg: Config, batch: int = 8) -> dict:
         if ema is not None:
             with phases["ema"]:
                 ema.update((step + 1) * batch)
-        counts = {name: mode.n for name, mode in phases.items()}
-    other = sum(n for name, n in counts.items() if name != "model")
-    return {
-        "bench": "ops",
-        "arch": cfg.model.arch,
-        "batch_size": batch,
-        "param_groups": len(optimizer.param_groups),
-        **{f"{name}_ops": n for name, n in counts.items()},
-        "other_ops": other,
-        "other_share": round(other / counts["model"], 3),
-        **_context(cfg, device),
-    }
+    return {name: mode.n for name, mode in phases.items()}, len(optimizer.param_groups)

@@ -13,15 +13,20 @@ MAX_RESTARTS=${MAX_RESTARTS:-3}   # torchrun restarts the worker group this ofte
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${STOP_TIMEOUT:-90}
 # cancernet.cli.launch = torchrun that survives the repeated TERM of a preemption (cancernet/cli/launch.py)
 
-# node-local disk where the cluster gives one: each node copies the pack there once and reads it
-# from there (data.stage_dir; an override on the command line wins)
-STAGE=()
-if [[ -n "${SLURM_TMPDIR:-}" ]]; then STAGE=("data.stage_dir=$SLURM_TMPDIR"); fi
-TRAIN_ARGS=("$CANCERNET_HOME/train_ddp.py" --config "$CONFIG" "train.out_dir=$RUN_DIR" "${STAGE[@]}" "${OVERRIDES[@]}"
-            train.resume=auto)
+# Node-local disk: each node copies the pack there once and reads it from there (data.stage_dir;
+# an override on the command line wins). The job's own folder where the cluster gives one
+# ($SLURM_TMPDIR), else $TMPDIR, else /tmp; the run says where it staged, or that the disk had no
+# room and it reads the shared pack. (The copy stays for later jobs on the node; remove
+# cancernet-pack-* there when done.) Arrays that may be empty expand as ${A[@]+"${A[@]}"}: bash
+# before 4.4 (RHEL 7) calls an empty "${A[@]}" unbound under set -u.
+STAGE_ROOT=${SLURM_TMPDIR:-${TMPDIR:-/tmp}}
+STAGE=("data.stage_dir=$STAGE_ROOT")
+TRAIN_ARGS=("$CANCERNET_HOME/train_ddp.py" --config "$CONFIG" "train.out_dir=$RUN_DIR" "${STAGE[@]}"
+            ${OVERRIDES[@]+"${OVERRIDES[@]}"} train.resume=auto)
 
 echo "$(date -Is) job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}:" \
-     "${SLURM_NNODES:-1} node(s) x ${NPROC_PER_NODE} process(es), run dir ${RUN_DIR}, python $(command -v python)"
+     "${SLURM_NNODES:-1} node(s) x ${NPROC_PER_NODE} process(es), run dir ${RUN_DIR}, python $(command -v python)," \
+     "node-local staging in ${STAGE_ROOT} (packed data)"
 
 STOPPING=0
 on_signal() {

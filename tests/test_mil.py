@@ -19,6 +19,7 @@ COMMON = (
     "train.device=cpu",
     "train.amp=off",
     "data.num_workers=0",
+    "train.steps=null",  # configs/mil.yaml counts steps; these runs count epochs
     "train.epochs=12",
     "optim.lr=1e-3",
     "data.val_fraction=0.2",
@@ -354,33 +355,32 @@ def test_the_operating_point_is_chosen_on_the_validation_slides(abmil):
     assert (test["pred"] == (test["prob"] >= chosen)).all()
 
 
-def test_aggregate_over_folds_gives_the_spread_and_the_out_of_fold_slide_auc(bags, tmp_path):
-    from cancernet.evaluate.aggregate import aggregate
+def test_cv_runs_folds_times_seeds_and_reports_their_spread_and_the_out_of_fold_slide_auc(
+    bags, tmp_path, capsys, monkeypatch
+):
+    """`cancernet cv`: 2 folds x 2 seeds of configs/mil.yaml in one command, then one report over
+    the four runs; the same command again keeps them and only reports."""
+    from test_wsi import run_cli
 
-    runs = [tmp_path / f"fold{k}" for k in range(2)]
-    for k, out in enumerate(runs):
-        assert (
-            mil_run(
-                bags,
-                out,
-                "model.mil=abmil",
-                "train.epochs=4",
-                "data.val_fraction=0.15",
-                "data.folds=2",
-                f"data.fold={k}",
-            )
-            == "done"
-        )
-    summary = aggregate(runs, tmp_path / "agg")
+    out = tmp_path / "cv"
+    args = ["cv", "--config", "mil", "--folds", "2", "--seeds", "0", "1", "--out", out]
+    settings = [f"data.features={bags}", f"data.slides_csv={bags / 'labels.csv'}", *COMMON]
+    settings = [*settings, "model.mil=abmil", "train.epochs=4", "data.val_fraction=0.15"]
+    code, log, err = run_cli(capsys, monkeypatch, *args, *settings)
+    assert code == 0, err
+    runs = [out / f"fold{k}-seed{s}" for s in (0, 1) for k in (0, 1)]
     each = [json.loads((r / "report" / "metrics.json").read_text()) for r in runs]
+    summary = json.loads((out / "aggregate" / "aggregate.json").read_text())
     auc = summary["metrics"]["roc_auc"]
     assert auc["values"] == [m["roc_auc"] for m in each] and auc["sd"] == pytest.approx(np.std(auc["values"], ddof=1))
     assert all(0 <= m["brier"] <= 1 for m in each) and summary["metrics"]["brier"]["mean"] > 0
-    # every train+val slide scored once, by the fold that did not train on it; a patient's slides together
+    # every train+val slide scored once per seed, by the fold that did not train on it; a patient's slides together
     val = summary["validation"]
     assert val["unit"] == "slides" and val["kind"].startswith("out-of-fold: every train+val slide once")
-    assert val["patches"] == val["unique_patches"] == 160 - each[0]["n"]
-    assert (tmp_path / "agg" / "aggregate.html").read_text().count("slides") >= 1
+    assert val["unique_patches"] == 160 - each[0]["n"]
+    assert "4 runs: test AUC" in log and str(out / "aggregate" / "aggregate.html") in log
+    code, log, _ = run_cli(capsys, monkeypatch, *args, *settings)
+    assert code == 0 and log.count("done before, kept") == 4
 
 
 def test_an_offline_wandb_run_holds_each_epochs_row_and_the_slide_level_test_result(bags, tmp_path, monkeypatch):

@@ -156,3 +156,44 @@ def test_a_checkpoint_that_cannot_be_written_ends_the_run_with_one_line_instead_
     assert code != 0 and "error: cannot write checkpoint" in text and "No space left on device" in text, text[-3000:]
     assert "epoch 1/2 train_loss" in text and "epoch 2/2" not in text
     assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()  # no half file under the name
+
+
+# Loaded into rank 1 through PYTHONPATH: it cannot see last.pt (a node whose view of the shared
+# filesystem is seconds old), as if the file had never been written.
+STALE_LAST = """
+import builtins, os, os.path, pathlib
+if os.environ.get("RANK") == "1":
+    def hidden(p):
+        return str(p).endswith("last.pt")
+    for cls, name in ((pathlib.Path, "is_file"), (pathlib.Path, "exists")):
+        real = getattr(cls, name)
+        setattr(cls, name, lambda self, *a, real=real, **k: False if hidden(self) else real(self, *a, **k))
+    for name in ("isfile", "exists"):
+        real = getattr(os.path, name)
+        setattr(os.path, name, lambda p, real=real: False if hidden(p) else real(p))
+    real_open = builtins.open
+    def open_(f, *a, **k):
+        if hidden(f):
+            raise FileNotFoundError(2, "No such file or directory", str(f))
+        return real_open(f, *a, **k)
+    builtins.open = open_
+"""
+
+
+def test_a_rank_that_cannot_see_last_pt_resumes_with_the_others(packed_root, tmp_path, uninterrupted):
+    """Rank 0 alone decides whether and from what to resume, and sends the checkpoint: a rank
+    whose filesystem does not show last.pt yet resumes from it all the same, and the run ends
+    equal to an uninterrupted one."""
+    out = tmp_path / "run"
+    log_path = tmp_path / "first.log"
+    with open(log_path, "w") as log:
+        code = stop(torchrun(packed_root, out, log), log_path, after="epoch 1/2 train_loss")
+    assert_stopped_cleanly(log_path.read_text(), code)
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(STALE_LAST)
+    env = {**python_env(), "PYTHONPATH": str(tmp_path / "inject")}
+    with open(tmp_path / "resume.log", "w") as log:
+        code = torchrun(packed_root, out, log, env=env).wait(timeout=300)
+    text = (tmp_path / "resume.log").read_text()
+    assert code == 0 and "resumed from" in text, text[-3000:]
+    assert_same_run(uninterrupted, out, epochs=[1, 2])

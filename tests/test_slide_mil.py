@@ -58,6 +58,7 @@ def slide_run(tmp_path_factory):
             "train.device=cpu",
             "train.amp=off",
             "data.num_workers=0",
+            "train.steps=null",
             "train.epochs=2",
             "data.val_fraction=0.25",
             "data.test_fraction=0.25",
@@ -123,7 +124,7 @@ def test_every_slide_level_model_trains_reports_and_predicts_slides(slide_run, t
             f"data.slides_csv={slide_run / 'slides.csv'}",
             f"train.out_dir={tmp_path / 'run'}",
             f"model.mil={arch}",
-            *("train.device=cpu", "train.amp=off", "data.num_workers=0", "train.epochs=2"),
+            *("train.device=cpu", "train.amp=off", "data.num_workers=0", "train.steps=null", "train.epochs=2"),
             *("data.val_fraction=0.25", "data.test_fraction=0.25", "report.bootstrap=50"),
         ],
     )

@@ -48,6 +48,8 @@ def sbatch(
         "sbatch",
         "--parsable",
         "--gres=none",
+        "--cpus-per-task=1",  # the scripts ask for what a GPU node has; this cluster's nodes have 2 cores
+        "--mem=0",
         f"--output={tmp_path}/%j.out",
         *sbatch_args,
         str(ROOT / "slurm" / script),
@@ -244,3 +246,33 @@ def test_an_extraction_array_splits_the_slides_over_its_tasks_and_a_resubmission
         ]
         assert {s for f in listed for s in f["status"]} == ({"done"} if attempt == 0 else {"skipped"}), logs
     assert sorted(p.stem for p in feats.glob("*.h5")) == [f"slide_{i:03d}" for i in range(5)]
+
+
+SBATCH = sorted((ROOT / "slurm").glob("*.sbatch"))
+
+
+@pytest.mark.parametrize("script", SBATCH, ids=[s.name for s in SBATCH])
+def test_a_job_that_asks_for_gpus_asks_for_the_cores_and_memory_its_run_uses(script):
+    """A job given --gres=gpu and nothing else gets one core and the default memory per core at
+    most sites: loader workers starved, or the job killed for memory (and not requeued)."""
+    options = [line.split(None, 1)[1].strip() for line in script.read_text().splitlines() if line.startswith("#SBATCH")]
+    if not any(o.startswith("--gres=gpu") for o in options):
+        return
+    whole_node = "--exclusive" in options and "--mem=0" in options
+    cores = any(o.startswith(("--cpus-per-task=", "--cpus-per-gpu=")) for o in options)
+    memory = any(o.startswith(("--mem=", "--mem-per-cpu=", "--mem-per-gpu=")) for o in options)
+    assert whole_node or (cores and memory), (script.name, options)
+
+
+@pytest.mark.parametrize("script", [*SBATCH, *(ROOT / "slurm").glob("*.sh")], ids=lambda p: p.name)
+def test_arrays_that_may_be_empty_expand_safely_under_set_u_in_old_bash(script):
+    """bash before 4.4 (RHEL 7's 4.2) calls an empty "${A[@]}" an unbound variable under set -u:
+    an array that can be empty (made empty, or from the command line's arguments) must expand as
+    ${A[@]+"${A[@]}"}."""
+    import re
+
+    text = script.read_text()
+    may_be_empty = set(re.findall(r"\b(\w+)=\((?:\)|\"\$@\"\))", text))
+    for name in may_be_empty:
+        bare = re.findall(rf'(?<!\+)"\$\{{{name}\[@\]\}}"', text)
+        assert not bare, f'{script.name}: "${{{name}[@]}}" may be empty: write ${{{name}[@]+"${{{name}[@]}}"}}'

@@ -89,7 +89,12 @@ def cmd_aggregate(args) -> int:
     from cancernet.evaluate.aggregate import aggregate
 
     out = Path(args.out) if args.out else Path(args.runs[0]).parent / "aggregate"
-    summary = aggregate(args.runs, out)
+    log_aggregate(aggregate(args.runs, out), out)
+    return 0
+
+
+def log_aggregate(summary: dict, out) -> None:
+    """The aggregate's line: test AUC mean and SD over the runs, the pooled validation AUC, where it is."""
     auc = summary["metrics"]["roc_auc"]
     log.info(
         "%d runs: test AUC %.4f ± %.4f (SD); %s validation AUC %.4f -> %s",
@@ -100,7 +105,6 @@ def cmd_aggregate(args) -> int:
         summary["validation"]["pooled_auc"],
         out,
     )
-    return 0
 
 
 def register(sub) -> None:

@@ -293,6 +293,22 @@ def read_on_main(path: str | Path, dist: DistInfo, extra: Callable[[], dict] | N
     return ckpt if dist.is_main else Checkpoint(shared, path)
 
 
+def resume_on_main(path: str | Path, dist: DistInfo) -> Checkpoint:
+    """The whole checkpoint (training parts included), read by rank 0 and sent to every rank: a
+    resume that every rank takes from the same bytes, whatever its view of the filesystem. A
+    collective; an error is raised on every rank."""
+    state = None
+    if dist.is_main:
+        try:
+            state = Checkpoint.load(path).state
+        except (CheckpointError, OSError) as e:
+            state = {"error": str(e)}
+    state = broadcast_object(state, dist)
+    if "error" in state and len(state) == 1:
+        raise CheckpointError(state["error"])
+    return Checkpoint(state, path)
+
+
 def load_weights_on_main(ckpt: Checkpoint, model: nn.Module, dist: DistInfo) -> None:
     """Rank 0 loads ckpt's weights into model (from read_on_main), the others get them by broadcast."""
     error = None

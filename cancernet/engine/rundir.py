@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from cancernet.runtime.distributed import DistInfo, barrier
+from cancernet.runtime.distributed import DistInfo, barrier, on_main
 from cancernet.runtime.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -106,8 +106,16 @@ class RunDir:
 
 
 def prepare_run_dir(cfg, dist: DistInfo, run: RunDir):
-    """The checkpoint to resume from (or None); a fresh run never mixes with an earlier one.
-    cfg: a cancernet.config.Config; a collective."""
+    """The checkpoint to resume from (or None), decided by rank 0 alone and sent to every rank; a
+    fresh run never mixes with an earlier one. Only rank 0 looks: on a shared filesystem another
+    node may not see a last.pt written seconds ago (a stale directory cache), and would start
+    afresh while the others resume. cfg: a cancernet.config.Config; a collective."""
+    resume_from = on_main(lambda: _decide(cfg, run), dist)
+    barrier(dist)  # rank 0 has cleared what it had to before any rank writes
+    return resume_from
+
+
+def _decide(cfg, run: RunDir):
     from cancernet.engine.checkpoint import resume_path
 
     resume_from = resume_path(cfg.train.resume, run.last)
@@ -117,15 +125,7 @@ def prepare_run_dir(cfg, dist: DistInfo, run: RunDir):
                 f"train.out_dir {run.root} already holds a run: continue it with train.resume=auto, "
                 "choose a new train.out_dir, or replace it with train.overwrite=true"
             )
-        barrier(dist)  # every rank has looked before rank 0 removes anything
-        if dist.is_main:
-            log.warning(
-                "%s: replacing the run files there (%s)",
-                run.root,
-                "train.overwrite=true"
-                if cfg.train.resume == "none"
-                else "an earlier start that never wrote a checkpoint",
-            )
-            run.clear()
-    barrier(dist)
+        why = "train.overwrite=true" if cfg.train.resume == "none" else "an earlier start that never wrote a checkpoint"
+        log.warning("%s: replacing the run files there (%s)", run.root, why)
+        run.clear()
     return resume_from

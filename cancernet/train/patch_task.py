@@ -20,7 +20,7 @@ from cancernet.engine.rundir import RunDir
 from cancernet.evaluate.patch_eval import evaluate_run
 from cancernet.models.classifier import build_model, count_parameters, resolve_preprocessing
 from cancernet.runtime.atomic import write_text
-from cancernet.runtime.distributed import DistInfo, broadcast_buffers
+from cancernet.runtime.distributed import DistInfo, broadcast_buffers, on_main
 from cancernet.runtime.errors import ConfigError
 from cancernet.train import features
 from cancernet.train.budget import forward_seconds
@@ -65,7 +65,7 @@ class PatchTask:
     def build(cls, cfg: Config, dist: DistInfo, run: RunDir, meta: dict, resuming: bool) -> PatchTask:
         """The validated, split table (splits.csv, bad_images.csv), the model on the device, the
         feature store when train.feature_cache is on, the loaders of each split."""
-        saved_splits = run.read_splits() if resuming else None
+        saved_splits = on_main(run.read_splits, dist) if resuming else None  # rank 0 reads, all reuse
         table, bad = load_table(cfg, dist, saved_splits)
         check_validation_split(table)
         if dist.is_main:

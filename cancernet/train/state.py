@@ -144,7 +144,14 @@ def wrap_for_training(
     use_ddp = dist.is_distributed if ddp is None else ddp
 
     def wrap(m: torch.nn.Module) -> torch.nn.Module:
-        return DDP(m, device_ids=[dist.device] if dist.device.type == "cuda" else None) if use_ddp else m
+        if not use_ddp:
+            return m
+        # No per-forward broadcast of buffers: a training forward normalises with its own batch's
+        # statistics, so the running ones matter at evaluation only, where every rank gets rank 0's
+        # first (broadcast_buffers before validation; checkpoints and the EMA hold rank 0's too).
+        # Gradients as views of the all-reduce buckets: no copy in and out of them each step.
+        device_ids = [dist.device] if dist.device.type == "cuda" else None
+        return DDP(m, device_ids=device_ids, broadcast_buffers=False, gradient_as_bucket_view=True)
 
     if not cfg.compile:
         return wrap(loss_module(trained))
@@ -188,7 +195,7 @@ def build(cfg: Config, dist: DistInfo, run: RunDir, resuming: bool = False) -> T
 def restore(training: Training, path) -> None:
     """Continue from a checkpoint: weights, optimizer moments, EMA, RNG and position; the schedule
     follows the current config from the position reached."""
-    ckpt = checkpoint.Checkpoint.load(path)
+    ckpt = checkpoint.resume_on_main(path, training.dist)  # rank 0 reads; every rank resumes from its bytes
     checkpoint.check_resumable(ckpt.config_dict, training.cfg.to_dict(), path)
     if not ckpt.is_resumable:
         raise UserError(
