@@ -1,5 +1,6 @@
-"""The GPU check's table from its bench.jsonl: each measurement, end to end as a share of the step
-ceiling, and the recipe's end-to-end rate over the seed-like pipeline's.
+"""The GPU check's table from its bench.jsonl: the launch verdict first (host vs device time of
+the shipped step), then each measurement, end to end as a share of the step ceiling, and the
+recipe's end-to-end rate over the seed-like pipeline's.
 
     python benchmarks/gpu_summary.py OUT/bench.jsonl
 """
@@ -14,8 +15,13 @@ def key(row: dict) -> tuple:
 
 def main(path: str) -> None:
     rows = [json.loads(line) for line in open(path) if line.startswith("{")]
+    for r in (r for r in rows if r["bench"] == "launch"):
+        print(
+            f"launch {r['arch']} batch {r['batch_size']:4d} eager DDP step: host {r['host_ms']:.2f} ms to issue, "
+            f"device {r['device_ms']:.2f} ms to run ({100 * r['host_share']:.0f}%): {r['verdict']}"
+        )
     ceiling = {key(r): r["images_per_s"] for r in rows if r["bench"] == "step" and not r.get("ddp")}
-    for r in rows:
+    for r in (r for r in rows if r["bench"] != "launch"):
         if r["bench"] == "boundary":
             print(
                 f"epoch boundary {r['arch']} {r['path']}: validation of {r['val_images']} images {r['val_s']} s, "

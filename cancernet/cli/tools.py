@@ -23,6 +23,8 @@ def cmd_bench(args) -> int:
         results = [bench.bench_step(cfg, args.steps, ddp=args.ddp)]
     elif args.what == "ops":
         results = [bench.bench_ops(cfg, args.batch)]
+    elif args.what == "launch":
+        results = [bench.bench_launch(cfg, args.steps)]
     elif args.what == "slide":
         if not args.slide:
             raise UserError("bench slide needs --slide PATH")
@@ -49,7 +51,7 @@ def register(sub) -> None:
 
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="throughput: data path, train step ceiling, real loop (JSON lines)")
-    p.add_argument("what", choices=["data", "step", "train", "slide", "ops"])
+    p.add_argument("what", choices=["data", "step", "train", "slide", "ops", "launch"])
     config_option(p)
     p.add_argument("--steps", type=int, default=20, help="timed batches (after a warm-up)")
     p.add_argument(

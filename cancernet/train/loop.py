@@ -135,17 +135,12 @@ def train_one_epoch(
         closes_window = (k + 1) % accum == 0 or k + 1 == n_batches
         sync_grads = contextlib.nullcontext() if closes_window or not dist.is_distributed else parts.model.no_sync()
         with sync_grads:
-            with autocast(dist.device, cfg.amp):  # forward only: backward runs outside autocast
-                loss, correct = parts.model(inputs, labels)
-            parts.scaler.scale(loss / window).backward()
-        sums.add(loss.detach(), correct.detach(), len(labels))
+            loss, correct = forward_backward(parts, inputs, labels, cfg.amp, window)
+        sums.add(loss, correct, len(labels))
         n = len(labels) * dist.world_size  # host arithmetic: the shape is known without the device
         images, in_epoch, window_samples = images + len(labels), in_epoch + n, window_samples + n
         if closes_window:
-            parts.schedule.step(position, window_samples)
-            optimizer_step(parts.optimizer, parts.scaler, cfg.clip_grad)
-            if parts.ema is not None:
-                parts.ema.update(position + window_samples)
+            update(parts, position, window_samples, cfg.clip_grad)
             position, window_samples, optimizer_steps = position + window_samples, 0, optimizer_steps + 1
             # A sync point every sync_every optimizer steps, and when a log line is due (it reads the device)
             if optimizer_steps % cfg.sync_every == 0 or clock.log_due(k + 1):
@@ -178,6 +173,26 @@ def train_one_epoch(
     return EpochStats(
         earlier + session, images * dist.world_size, clock.elapsed(), position, in_epoch if stopped else None
     )
+
+
+def forward_backward(
+    parts: StepParts, inputs: torch.Tensor, labels: torch.Tensor, amp: str, window: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss module's forward under autocast, the scaled backward (the loss over the window of
+    micro-batches one optimizer step takes); the loss and correct predictions, still on the device."""
+    with autocast(inputs.device, amp):  # forward only: backward runs outside autocast
+        loss, correct = parts.model(inputs, labels)
+    parts.scaler.scale(loss / window).backward()
+    return loss.detach(), correct.detach()
+
+
+def update(parts: StepParts, position: int, samples: int, clip_grad: float | None) -> None:
+    """One optimizer step after `position` samples, over `samples` more: the LR, the (clipped,
+    unscaled) step, the EMA."""
+    parts.schedule.step(position, samples)
+    optimizer_step(parts.optimizer, parts.scaler, clip_grad)
+    if parts.ema is not None:
+        parts.ema.update(position + samples)
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, clip_grad: float | None) -> None:

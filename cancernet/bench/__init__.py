@@ -9,17 +9,16 @@ import contextlib
 import dataclasses
 import itertools
 import json
-import platform
-import resource
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-import torch.distributed as tdist
 import torch.nn.functional as F
 
+from cancernet.bench.common import context, one_process_group, peak_rss_mb, sync
+from cancernet.bench.steps import bench_launch, bench_ops  # noqa: F401 (python -m cancernet bench ops | launch)
 from cancernet.config import Config
 from cancernet.data.datasets import to_device
 from cancernet.data.formats import format_of, open_source_pack
@@ -30,31 +29,6 @@ from cancernet.models.classifier import build_for_weights
 from cancernet.runtime.distributed import DistInfo, pick_device
 from cancernet.train.loop import train_one_epoch
 from cancernet.train.optim import build_optimizer
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _context(cfg: Config, device: torch.device) -> dict:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    return {
-        "device": name,
-        "threads": torch.get_num_threads(),
-        "image_size": cfg.data.image_size,
-        "augment": cfg.data.augment,
-        "amp": cfg.train.amp,
-        "channels_last": cfg.model.channels_last,
-        "torch": str(torch.__version__),
-    }
-
-
-def peak_rss_mb() -> dict:
-    """Peak resident memory of this process and of its largest finished child (loader workers)."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return {"peak_rss_mb": round(own, 1), "peak_child_rss_mb": round(children, 1)}
 
 
 def bench_data(cfg: Config, batches: int, warmup: int = 2, paths=("folder", "packed")) -> Iterator[dict]:
@@ -77,13 +51,13 @@ def bench_data(cfg: Config, batches: int, warmup: int = 2, paths=("folder", "pac
         seen, start = 0, time.perf_counter()
         for step, batch in enumerate(itertools.islice(split.loader, total)):
             if step == warmup and batches:
-                _sync(device)
+                sync(device)
                 start, seen = time.perf_counter(), 0
             (images, labels), index = to_device(batch[:2], device), batch[2]
             if augmented:
                 split.augment(images, index, 0)
             seen += len(labels)
-        _sync(device)
+        sync(device)
         seconds = time.perf_counter() - start
         yield (
             {
@@ -95,26 +69,10 @@ def bench_data(cfg: Config, batches: int, warmup: int = 2, paths=("folder", "pac
                 "seconds": round(seconds, 3),
                 "batch_size": cfg.train.batch_size,
                 "num_workers": cfg.data.num_workers,
-                **_context(cfg, device),
+                **context(cfg, device),
                 **(peak_rss_mb() if batches == 0 else {}),
             }
         )
-
-
-@contextlib.contextmanager
-def _one_process_group(device: torch.device):
-    """A process group of this process alone, so that a single device can time the DDP wrapper."""
-    tdist.init_process_group(
-        "nccl" if device.type == "cuda" else "gloo",
-        store=tdist.HashStore(),
-        rank=0,
-        world_size=1,
-        device_id=device if device.type == "cuda" else None,
-    )
-    try:
-        yield
-    finally:
-        tdist.destroy_process_group()
 
 
 def bench_step(cfg: Config, steps: int, warmup: int = 5, ddp: bool = False) -> dict:
@@ -124,7 +82,7 @@ def bench_step(cfg: Config, steps: int, warmup: int = 5, ddp: bool = False) -> d
     puts it: the cost of the wrapper and of the graph breaks, not of the all-reduce itself."""
     device = pick_device(cfg.train.device, 0)
     cfg = numerics.resolve(cfg, device)
-    with _one_process_group(device) if ddp else contextlib.nullcontext():
+    with one_process_group(device) if ddp else contextlib.nullcontext():
         return _bench_step(cfg, device, steps, warmup, ddp)
 
 
@@ -145,7 +103,7 @@ def _bench_step(cfg: Config, device: torch.device, steps: int, warmup: int, ddp:
     model.train()
     for step in range(warmup + steps):
         if step == warmup:
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
         with autocast(device, cfg.train.amp):
             loss = F.cross_entropy(model(images).float(), labels)
@@ -153,7 +111,7 @@ def _bench_step(cfg: Config, device: torch.device, steps: int, warmup: int, ddp:
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-    _sync(device)
+    sync(device)
     seconds = time.perf_counter() - start
     return {
         "bench": "step",
@@ -165,7 +123,7 @@ def _bench_step(cfg: Config, device: torch.device, steps: int, warmup: int, ddp:
         "batch_size": n,
         "steps": steps,
         "seconds": round(seconds, 3),
-        **_context(cfg, device),
+        **context(cfg, device),
     }
 
 
@@ -201,11 +159,11 @@ def bench_train(cfg: Config, steps: int, warmup: int = 5) -> Iterator[dict]:
         cfg, task, timings = training.cfg, training.task, []
         for epoch, n in enumerate((warmup, steps)):
             task.sampler.set_epoch(epoch)
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             loader = _Limited(task.train_loader, n)
             stats = train_one_epoch(training.parts, loader, task, cfg, training.dist, epoch, position=0)
-            _sync(device)
+            sync(device)
             timings.append((stats.images, time.perf_counter() - start))
             if epoch == 1:
                 yield _train_row(cfg, device, *timings[1])
@@ -220,7 +178,7 @@ def bench_train(cfg: Config, steps: int, warmup: int = 5) -> Iterator[dict]:
             "val_images": len(task.loaders["val"].ids),
             "ckpt_s": round(ckpt_s, 3),
             "batch_size": cfg.train.batch_size,
-            **_context(cfg, device),
+            **context(cfg, device),
         }
 
 
@@ -235,7 +193,7 @@ def _train_row(cfg: Config, device: torch.device, images: int, seconds: float) -
         "seconds": round(seconds, 3),
         "batch_size": cfg.train.batch_size,
         "num_workers": cfg.data.num_workers,
-        **_context(cfg, device),
+        **context(cfg, device),
         **peak_rss_mb(),
     }
 
@@ -266,7 +224,7 @@ def bench_slide(cfg: Config, slide: str, repeats: int = 2) -> dict:
         summary = json.loads((Path(tmp) / str(repeats - 1) / Path(slide).stem / "slide.json").read_text())
     return {
         "bench": "slide",
-        **_context(cfg, device),
+        **context(cfg, device),
         "arch": cfg.model.arch,
         "amp": amp,
         "num_workers": cfg.data.num_workers,
@@ -279,85 +237,3 @@ def bench_slide(cfg: Config, slide: str, repeats: int = 2) -> dict:
         "pixels_read_per_cell_pixel": round(summary["pixels_read_per_cell_pixel"], 2),
         **peak_rss_mb(),
     }
-
-
-def bench_ops(cfg: Config, batch: int = 8) -> dict:
-    """Operations (aten calls, each a kernel launch on a GPU) that one eager training step
-    dispatches, by phase: the model (forward, loss, backward), everything else around it
-    (augmentation, optimizer step, EMA, the loss and accuracy sums), and what the DDP wrapper adds
-    to the model's phase (ddp_ops: the step again inside DDP, a one-process gloo group). A step
-    whose other ops rival the model's is launch-bound on a GPU at small batches. Counted on the
-    CPU, the third step of each."""
-    from cancernet.train.patch_task import ClassifierLoss
-    from cancernet.train.state import wrap_for_training
-
-    device = torch.device("cpu")
-    cfg = numerics.resolve(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device="cpu")), device)
-    model = build_for_weights(cfg).train()
-    if cfg.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    counts, groups = _count_step(cfg, model, ClassifierLoss(model, cfg.optim.label_smoothing), batch)
-    with _one_process_group(device):
-        loss = lambda m: ClassifierLoss(m, cfg.optim.label_smoothing)  # noqa: E731
-        wrapped = wrap_for_training(model, cfg.model, DistInfo(device=device), loss, ddp=True)
-        ddp_ops = _count_step(cfg, model, wrapped, batch)[0]["model"] - counts["model"]
-    other = sum(n for name, n in counts.items() if name != "model")
-    return {
-        "bench": "ops",
-        "arch": cfg.model.arch,
-        "batch_size": batch,
-        "param_groups": groups,
-        **{f"{name}_ops": n for name, n in counts.items()},
-        "other_ops": other,
-        "ddp_ops": ddp_ops,
-        "other_share": round(other / counts["model"], 3),
-        "other_and_ddp_share": round((other + ddp_ops) / counts["model"], 3),
-        **_context(cfg, device),
-    }
-
-
-def _count_step(cfg: Config, model, step_module, batch: int) -> tuple[dict[str, int], int]:
-    """({phase: ops} of the third of three steps of step_module (the loss module, or it wrapped),
-    the optimizer's parameter groups)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    from cancernet.data.augment import Augment
-    from cancernet.data.patch import PATCH_SIZE
-    from cancernet.train.ema import ModelEma
-    from cancernet.train.loop import DeviceSums, optimizer_step
-    from cancernet.train.optim import LrSchedule
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.n += 1
-            return func(*args, **(kwargs or {}))
-
-    device = torch.device("cpu")
-    optimizer = build_optimizer(cfg.optim, model, device)
-    schedule = LrSchedule(optimizer, cfg.optim, cfg.optim.lr, 10**6, 0)
-    scaler = torch.amp.GradScaler("cpu", enabled=cfg.train.amp == "fp16")
-    ema = ModelEma(model, cfg.train.ema_decay, cfg.train.ema_warmup) if cfg.train.ema_decay else None
-    augment, sums = Augment(cfg.data, cfg.train.seed, cfg.model.channels_last), DeviceSums(device)
-    images = torch.randint(0, 256, (batch, PATCH_SIZE, PATCH_SIZE, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
-    labels, index = torch.randint(0, 2, (batch,)), torch.arange(batch)
-    for step in range(3):
-        phases = {name: Count() for name in ("augment", "model", "sums", "optimizer", "ema")}
-        with phases["augment"]:
-            inputs = augment(images, index, step)
-        with phases["model"]:
-            with autocast(device, cfg.train.amp):
-                loss, correct = step_module(inputs, labels)
-            scaler.scale(loss).backward()
-        with phases["sums"]:
-            sums.add(loss.detach(), correct.detach(), len(labels))
-        schedule.step(step * batch, batch)
-        with phases["optimizer"]:
-            optimizer_step(optimizer, scaler, cfg.train.clip_grad)
-        if ema is not None:
-            with phases["ema"]:
-                ema.update((step + 1) * batch)
-    return {name: mode.n for name, mode in phases.items()}, len(optimizer.param_groups)
