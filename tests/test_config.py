@@ -161,7 +161,7 @@ def test_a_time_budget_reads_as_a_duration(value, seconds):
 # Every key that acts on both kinds of run (patches, and slides under model.mil); the keys that act
 # on one kind only are config.ONE_KIND's. A new key fails the first test until it is placed.
 BOTH = {
-    *("data.num_workers", "data.val_fraction", "data.test_fraction", "data.folds", "data.fold"),
+    *("data.num_workers", "data.val_fraction", "data.test_fraction", "data.folds", "data.fold", "data.split_seed"),
     "model.mil",
     *("optim.name", "optim.lr", "optim.lr_scale", "optim.max_lr", "optim.base_batch", "optim.weight_decay"),
     *("optim.decay_norm_bias", "optim.momentum", "optim.schedule", "optim.warmup_epochs"),

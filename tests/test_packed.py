@@ -13,7 +13,7 @@ from cancernet.data.datasets import FolderDataset, PackedDataset
 from cancernet.data.formats import open_source_pack as open_pack
 from cancernet.data.formats import prepare
 from cancernet.data.patch import read_patch
-from cancernet.runtime.errors import DataError
+from cancernet.runtime.errors import ConfigError, DataError
 
 from conftest import ROOT, python_env, train
 from conftest import copy_dataset as _copy
@@ -74,10 +74,12 @@ def test_bad_image_fails_prepare_or_is_skipped_and_listed(synth_root, tmp_path):
     prepare(DataConfig(root=str(root), on_bad_image="skip"), workers=1)
     assert list(open_pack(DataConfig(root=str(root))).bad_images) == [bad]
     out = tmp_path / "run"
-    train(root, out, "data.format=packed", "data.on_bad_image=skip", "train.epochs=1")
+    with pytest.raises(ConfigError, match="cannot fill one global batch of 32"):  # 28 training images
+        train(root, out, "data.format=packed", "data.on_bad_image=skip", "train.epochs=1")
+    train(root, out, "data.format=packed", "data.on_bad_image=skip", "train.epochs=1", "train.batch_size=8")
     assert pd.read_csv(out / "bad_images.csv", dtype={"id": str})["id"].tolist() == [bad]
     with pytest.raises(DataError, match=bad):  # a training run that does not allow skipping
-        train(root, tmp_path / "run2", "data.format=packed", "train.epochs=1")
+        train(root, tmp_path / "run2", "data.format=packed", "train.epochs=1", "train.batch_size=8")
 
 
 @pytest.mark.slow

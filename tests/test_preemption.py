@@ -31,7 +31,8 @@ COMMON = (
 )
 
 
-def torchrun(root, out, log, *overrides, env=None) -> subprocess.Popen:
+def torchrun(root, out, log, *overrides, env=None, session=False) -> subprocess.Popen:
+    """session: its own process group, as a command started from a terminal (Ctrl-C goes to all of it)."""
     return subprocess.Popen(
         [
             sys.executable,
@@ -51,6 +52,7 @@ def torchrun(root, out, log, *overrides, env=None) -> subprocess.Popen:
         env=env or python_env(),
         stdout=log,
         stderr=subprocess.STDOUT,
+        start_new_session=session,
     )
 
 
@@ -196,4 +198,33 @@ def test_a_rank_that_cannot_see_last_pt_resumes_with_the_others(packed_root, tmp
         code = torchrun(packed_root, out, log, env=env).wait(timeout=300)
     text = (tmp_path / "resume.log").read_text()
     assert code == 0 and "resumed from" in text, text[-3000:]
+    assert_same_run(uninterrupted, out, epochs=[1, 2])
+
+
+def test_ctrl_c_mid_epoch_saves_the_epoch_with_one_line_and_the_rerun_continues_there(
+    packed_root, tmp_path, uninterrupted
+):
+    """Ctrl-C in the terminal: SIGINT to the whole process group (the launcher, both ranks, their
+    loader workers). Like a preemption, the ranks stop together at the next sync point with last.pt
+    inside the epoch: one line each, no traceback, and the same command continues there."""
+    import os
+
+    out, log_path = tmp_path / "run", tmp_path / "first.log"
+    with open(log_path, "w") as log:
+        proc = torchrun(packed_root, out, log, session=True)
+        deadline = time.time() + 180
+        while "epoch 1/2 train_loss" not in log_path.read_text():
+            assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGINT)
+        code = proc.wait(timeout=120)
+    text = log_path.read_text()
+    assert code in (0, 130) and "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
+    for rank in (0, 1):
+        assert f"[rank{rank}] WARNING stopped in epoch 2 after" in text, text[-3000:]
+    saved = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert saved["epoch"] == 1 and saved["run_state"]["mid_epoch"]["samples"] > 0  # inside epoch 2
+    with open(tmp_path / "resume.log", "w") as log:
+        assert torchrun(packed_root, out, log).wait(timeout=300) == 0, (tmp_path / "resume.log").read_text()[-3000:]
+    assert "into epoch 2" in (tmp_path / "resume.log").read_text()
     assert_same_run(uninterrupted, out, epochs=[1, 2])

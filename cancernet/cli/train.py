@@ -29,6 +29,7 @@ def cmd_cv(args) -> int:
     """Every (seed, fold) run in turn in this process group (each a normal run: a finished one is
     kept, a stopped one resumes), then rank 0 aggregates them."""
     from cancernet.config import load_config
+    from cancernet.data.splits import split_seed
     from cancernet.evaluate.aggregate import aggregate
     from cancernet.runtime.console import setup_logging
     from cancernet.runtime.distributed import session
@@ -37,6 +38,8 @@ def cmd_cv(args) -> int:
     base = load_config(args.config, args.overrides)
     out = Path(args.out or Path("runs") / f"{Path(args.config).stem}-cv")
     runs = [(seed, fold, out / f"fold{fold}-seed{seed}") for seed in args.seeds for fold in range(args.folds)]
+    # seeds vary the training, not the data: every run shares one test split and one set of folds
+    same_data = f"data.split_seed={split_seed(base)}"
     with session(base.train.device, base.dist.backend, base.dist.timeout_min) as dist:
         setup_logging(dist.rank)
         for i, (seed, fold, run_dir) in enumerate(runs):
@@ -46,7 +49,13 @@ def cmd_cv(args) -> int:
                 )
                 continue
             log.info("cv run %d/%d: seed %d, fold %d of %d -> %s", i + 1, len(runs), seed, fold, args.folds, run_dir)
-            cv = [f"data.folds={args.folds}", f"data.fold={fold}", f"train.seed={seed}", f"train.out_dir={run_dir}"]
+            cv = [
+                f"data.folds={args.folds}",
+                f"data.fold={fold}",
+                f"train.seed={seed}",
+                same_data,
+                f"train.out_dir={run_dir}",
+            ]
             if run(load_config(args.config, [*args.overrides, *cv]), dist) != "done":
                 log.warning("cv stopped during run %s; the same command continues it", run_dir)
                 return 0

@@ -24,6 +24,7 @@ class DataConfig:
     split_by: str = choice("random", "random", "pcam")  # pcam: PCam's own splits, from link-pcam's groups_csv
     folds: int = bounded(1, 1)  # > 1: train+val rotate over this many (grouped, stratified) folds
     fold: int = bounded(0, 0)  # which fold validates
+    split_seed: int | None = bounded(None, 0)  # seeds the splits and folds; null: train.seed
     on_bad_image: str = choice("fail", "fail", "skip")
     verify_ids: str = choice("auto", "auto", "on", "off")  # each patch's pixels hash to its id (Kaggle's SHA-1s)
     augment: str = choice("dihedral", "dihedral", "seed", "none")  # seed = hflip + rotation +-10 deg

@@ -46,6 +46,11 @@ def _folds(unit: np.ndarray, labels: np.ndarray, folds: int, seed: int, grouped:
     return out
 
 
+def split_seed(cfg) -> int:
+    """The seed of a run's splits: data.split_seed, else train.seed."""
+    return cfg.train.seed if cfg.data.split_seed is None else cfg.data.split_seed
+
+
 def make_splits(
     frame: pd.DataFrame,
     val_fraction: float,

@@ -17,7 +17,7 @@ from cancernet.data.augment import Augment, Preprocess
 from cancernet.data.datasets import EpochSampler, FolderDataset, PackedDataset, ShardSampler
 from cancernet.data.formats import format_of, open_source_pack
 from cancernet.data.patch import PATCH_SHAPE
-from cancernet.data.splits import make_splits, read_groups, reuse_splits
+from cancernet.data.splits import make_splits, read_groups, reuse_splits, split_seed
 from cancernet.runtime.distributed import DistInfo, broadcast_object
 from cancernet.runtime.errors import DataError
 from cancernet.runtime.signals import loader_workers
@@ -60,7 +60,7 @@ def load_table(
                 f"id, group, pcam_split); {dc.groups_csv or 'none is set'}"
             )
         given = known["pcam_split"]
-    return make_splits(frame, dc.val_fraction, dc.test_fraction, cfg.train.seed, groups, dc.folds, dc.fold, given), bad
+    return make_splits(frame, dc.val_fraction, dc.test_fraction, split_seed(cfg), groups, dc.folds, dc.fold, given), bad
 
 
 def check_validation_split(table: pd.DataFrame) -> None:

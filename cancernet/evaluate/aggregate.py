@@ -91,15 +91,17 @@ def aggregate(roots: list[str | Path], out: str | Path) -> dict:
             "values": values.tolist(),
         }
     pooled = pd.concat([r["val"] for r in runs])
-    folds = per_run["fold"].tolist()
-    oof = len(set(folds)) == len(folds) and int(runs[0]["config"]["data"].get("folds", 1)) == len(folds)
+    k = int(runs[0]["config"]["data"].get("folds", 1))
+    by_seed = per_run.groupby("seed")["fold"].apply(sorted)
+    oof = k > 1 and all(folds == list(range(k)) for folds in by_seed)  # each seed ran every fold once
+    once = " once per seed" if len(by_seed) > 1 else " once"
     one, many = ("slide", "slides") if runs[0]["metrics"].get("level") == "slide" else ("patch", "patches")
     summary["validation"] = {
         "pooled_auc": roc_auc(pooled["label"].to_numpy(), pooled["prob"].to_numpy()),
         "unit": many,  # MIL runs score slides
         "patches": len(pooled),  # of the unit (the key kept for readers of older files)
         "unique_patches": int(pooled["id"].nunique()),
-        "kind": f"out-of-fold: every train+val {one} once, scored by the run that did not train on it"
+        "kind": f"out-of-fold: every train+val {one}{once}, scored by the run that did not train on it"
         if oof
         else f"pooled over the runs ({many} may repeat: seeds share their validation split)",
     }

@@ -25,6 +25,9 @@ def main_guard(main: Callable[[], int]) -> int:
     """Run main; a UserError becomes 'error: <message>' on stderr and exit code 2."""
     try:
         return main()
+    except KeyboardInterrupt:  # a second Ctrl-C (the first stops at a checkpoint), or one before training
+        print("interrupted: stopped at once; a resume continues from the last checkpoint", file=sys.stderr, flush=True)
+        return 130
     except UserError as e:
         rank = os.environ.get("RANK", "0")
         # an error re-raised from a loader worker carries its traceback: keep the last line

@@ -34,7 +34,9 @@ import sys
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+# Slurm's time-limit warning, preemption, and Ctrl-C (a terminal sends SIGINT to the whole
+# foreground process group: torchrun, the ranks and their loader workers)
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
 
 @dataclass
@@ -42,14 +44,23 @@ class StopFlag:
     """Set from a signal handler; the training loop checks it (on all ranks together) at sync points."""
 
     requested: bool = False
+    interrupted: bool = False  # Ctrl-C came once: a second one quits at once
 
 
 @contextlib.contextmanager
 def stop_on_signals(stop: StopFlag):
-    """While inside, USR1 and TERM only set the flag; the previous handlers come back on exit."""
+    """While inside, USR1, TERM and a first Ctrl-C only set the flag (the run stops at its next sync
+    point with a checkpoint, inside the epoch); a second Ctrl-C raises KeyboardInterrupt, which the
+    command ends on with one line. The previous handlers come back on exit."""
 
     def handler(signum, frame):
-        log.warning("received signal %d: stopping at the next sync point", signum)
+        if signum == signal.SIGINT:
+            if stop.interrupted:
+                raise KeyboardInterrupt
+            stop.interrupted = True
+            log.warning("Ctrl-C: stopping at the next sync point with a checkpoint; Ctrl-C again quits at once")
+        else:
+            log.warning("received signal %d: stopping at the next sync point", signum)
         stop.requested = True
 
     previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from cancernet.config import SLIDE, Config
 from cancernet.data.bags import Bags, BalancedBags, bag_loader, slide_table
-from cancernet.data.splits import make_splits, reuse_splits
+from cancernet.data.splits import make_splits, reuse_splits, split_seed
 from cancernet.data.tile_features import TileSettings
 from cancernet.engine import checkpoint
 from cancernet.engine.rundir import RunDir
@@ -142,4 +142,4 @@ def _split_table(cfg: Config, run: RunDir, resuming: bool) -> tuple[pd.DataFrame
         return reuse_splits(saved, table), settings, dim
     grouped = table["group"].nunique() < len(table)
     groups = pd.Series(table["group"].to_numpy(), index=table["id"]) if grouped else None
-    return make_splits(table, d.val_fraction, d.test_fraction, cfg.train.seed, groups, d.folds, d.fold), settings, dim
+    return make_splits(table, d.val_fraction, d.test_fraction, split_seed(cfg), groups, d.folds, d.fold), settings, dim

@@ -18,7 +18,7 @@ from cancernet.data.augment import sample_seed
 from cancernet.engine import checkpoint, numerics
 from cancernet.engine.rundir import RunDir
 from cancernet.runtime.distributed import DistInfo
-from cancernet.runtime.errors import CheckpointError, UserError
+from cancernet.runtime.errors import CheckpointError, ConfigError, UserError
 from cancernet.train.checkpointer import BUDGET_PLAN, Checkpointer
 from cancernet.train.ema import ModelEma
 from cancernet.train.loop import StepParts
@@ -176,6 +176,11 @@ def build(cfg: Config, dist: DistInfo, run: RunDir, resuming: bool = False) -> T
     global_batch = sampler.global_batch * cfg.train.grad_accum
     base_lr = effective_lr(cfg.optim, global_batch)
     per_epoch = sampler.samples_per_epoch()
+    if per_epoch == 0:
+        raise ConfigError(
+            f"the training split cannot fill one global batch of {sampler.global_batch} "
+            f"(train.batch_size x {dist.world_size} ranks): lower train.batch_size"
+        )
     steps = cfg.train.steps * global_batch if cfg.train.steps else None
     plan = RunPlan(per_epoch, cfg.train.epochs, steps_samples=steps)
     schedule = LrSchedule(optimizer, cfg.optim, base_lr, lambda: plan.samples, int(cfg.optim.warmup_epochs * per_epoch))
