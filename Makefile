@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_DATA := data/synthetic
 DEMO_SLIDES := data/synthetic_slides
 
-.PHONY: setup demo test test-fast test-other-cpu lint clean
+.PHONY: setup demo test test-docs test-fast test-other-cpu lint clean
 
 setup: $(STAMP)
 
@@ -18,32 +18,29 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-$(DEMO_DATA)/train_labels.csv: | $(STAMP)
-	$(PY) -m cancernet synth $(DEMO_DATA) --n-train 3000 --n-test 200 --seed 0
-
-$(DEMO_SLIDES)/slides.csv: | $(STAMP)
-	$(PY) -m cancernet synth-slides $(DEMO_SLIDES) --n 2 --rows 36 --cols 48 --seed 0
-
-demo: $(STAMP) $(DEMO_DATA)/train_labels.csv $(DEMO_SLIDES)/slides.csv
-	$(PY) train_ddp.py --config configs/demo.yaml
-	# the trained model over two synthetic slides: heatmaps, slide and cell AUC (runs/demo/slides/)
-	$(PY) -m cancernet evaluate-slides --checkpoint runs/demo/checkpoints/best.pt --slides $(DEMO_SLIDES)/slides \
-	    --labels $(DEMO_SLIDES)/slides.csv --masks $(DEMO_SLIDES)/masks --mask-downsample 16 --out runs/demo/slides
+# synthetic patches and slides (made once), a CPU training run, the model over the slides (cancernet demo)
+demo: $(STAMP)
+	$(PY) -m cancernet demo --data-dir $(DEMO_DATA) --slides-dir $(DEMO_SLIDES) --out runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not docs" tests
+
+# README's and docs/SLIDES.md's shell blocks as written, in a fresh copy after `make demo` (minutes)
+test-docs: $(STAMP)
+	$(PY) -m pytest -q -m docs tests
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m "not slow and not docs" tests
 
 # the fast tier as a CPU without AVX-512/AMX kernels and without native bf16 computes it (CI runs
 # both): a test tuned to one CPU's numerics fails here before it fails on another machine
 test-other-cpu: $(STAMP)
-	ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 CANCERNET_CPU_BF16=0 $(PY) -m pytest -q -m "not slow" tests
+	ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 CANCERNET_CPU_BF16=0 $(PY) -m pytest -q -m "not slow and not docs" tests
 
 clean:
-	rm -rf runs/demo $(DEMO_DATA) $(DEMO_SLIDES)
+	rm -rf runs/demo runs/mil_demo $(DEMO_DATA) $(DEMO_SLIDES) data/slides demo_slides demo_feats demo_dx \
+	    heatmaps heatmaps_tta heatmaps_qupath preds.csv exported

@@ -241,6 +241,16 @@ def test_extending_a_finished_run_follows_the_new_schedule(synth_root, tmp_path,
     assert (summary["lr"].iloc[2:] > 1e-5).all()  # the old schedule had reached 0 here
     assert summary["train_loss"].iloc[2] < summary["train_loss"].iloc[0]  # from the trained weights, not anew
     assert "train.epochs: 2 -> 4" in caplog.text
+    assert f"report: open {out / 'report' / 'index.html'}" in caplog.text  # the run's last line names it
+    # finished, then asked for another learning rate: it would train nothing and record an lr its
+    # weights never saw; refused, its record kept
+    config, metrics = (out / "config.yaml").read_text(), (out / "report" / "metrics.json").read_text()
+    with pytest.raises(
+        CheckpointError, match=r"finished training \(4 epochs\).*optim.lr: .*-> 0.05.*raise train.epochs"
+    ):
+        train(synth_root, out, *base, "train.epochs=4", "optim.lr=0.05")
+    assert (out / "config.yaml").read_text() == config and (out / "report" / "metrics.json").read_text() == metrics
+    train(synth_root, out, *base, "train.epochs=4", "train.progress=off")  # how it runs, not what it learns: fine
 
 
 @pytest.mark.parametrize(

@@ -273,3 +273,18 @@ def test_the_shipped_slide_level_config_sets_only_keys_a_slide_level_run_reads()
 def test_a_length_in_steps_and_in_epochs_at_once_is_refused():
     with pytest.raises(ConfigError, match="'train.steps' and 'train.epochs' are both set"):
         load_config(None, ["train.steps=100", "train.epochs=5"])
+
+
+def test_loader_workers_follow_the_cores_when_the_config_does_not_say(monkeypatch):
+    """configs/mil.yaml leaves data.num_workers unset: one worker per core of this process's share
+    of the node, less one for the rank (torch warns when a config asks for more than there are)."""
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert load_config(CONFIGS / "mil.yaml").data.num_workers == 7
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four ranks on the node: two cores each
+    assert load_config(CONFIGS / "mil.yaml").data.num_workers == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert load_config(CONFIGS / "mil.yaml").data.num_workers == 0
+    assert load_config(CONFIGS / "mil.yaml", ["data.num_workers=3"]).data.num_workers == 3  # said: kept

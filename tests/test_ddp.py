@@ -93,7 +93,6 @@ def test_two_process_validation_scores_one_model_on_every_shard(ddp_run, tmp_pat
         [
             "cancernet",
             "evaluate",
-            "--run",
             str(run),
             "--split",
             "val",

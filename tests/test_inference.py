@@ -59,7 +59,6 @@ def test_submission_follows_the_ids_file_order(synth_root, ckpt, tmp_path, capsy
         "predict",
         "--checkpoint",
         str(ckpt),
-        "--images",
         str(synth_root / "train"),
         "--ids",
         str(tmp_path / "ids.csv"),
@@ -88,7 +87,6 @@ def test_each_probability_belongs_to_the_image_named_beside_it(synth_root, ckpt,
         "predict",
         "--checkpoint",
         str(ckpt),
-        "--images",
         str(synth_root / "train"),
         "--ids",
         str(tmp_path / "ids.csv"),
@@ -128,7 +126,6 @@ def test_predict_a_whole_folder_of_png_and_tif(synth_root, ckpt, tmp_path, capsy
         "predict",
         "--checkpoint",
         str(ckpt),
-        "--images",
         str(folder),
         "--out",
         str(out),
@@ -149,7 +146,6 @@ def test_torchrun_predict_matches_single_process(synth_root, ckpt, tmp_path, cap
         "predict",
         "--checkpoint",
         str(ckpt),
-        "--images",
         str(synth_root / "train"),
         "--ids",
         str(tmp_path / "ids.csv"),
@@ -174,7 +170,7 @@ def test_torchrun_predict_matches_single_process(synth_root, ckpt, tmp_path, cap
 def test_operating_points_are_chosen_and_applied_on_predictions_made_the_same_way(
     synth_root, run_dir, ckpt, tmp_path, capsys, monkeypatch
 ):
-    code, err = run_cli(capsys, monkeypatch, "evaluate", "--run", str(run_dir), "--tta", "--target-sensitivity", "0.95")
+    code, err = run_cli(capsys, monkeypatch, "evaluate", str(run_dir), "--tta", "--target-sensitivity", "0.95")
     assert code == 0, err
     metrics = json.loads((run_dir / "report" / "metrics.json").read_text())
     # the mean of eight views of one model: never much worse than one view (0.02 is ~15 of the
@@ -209,7 +205,6 @@ def test_operating_points_are_chosen_and_applied_on_predictions_made_the_same_wa
         "predict",
         "--checkpoint",
         str(ckpt),
-        "--images",
         str(synth_root / "train"),
         "--ids",
         str(tmp_path / "ids.csv"),
@@ -250,7 +245,7 @@ def test_operating_points_are_chosen_and_applied_on_predictions_made_the_same_wa
         "--tta",
         "--threshold-from-checkpoint",
     )
-    assert code == 2 and "TTA" in err and "evaluate --run RUN --tta" in err
+    assert code == 2 and "TTA" in err and "evaluate RUN --tta" in err
     assert not (tmp_path / "x.csv").exists() and not (tmp_path / "y.csv").exists()
 
 
@@ -288,7 +283,6 @@ def test_missing_image_is_a_clear_error_and_nothing_is_written(synth_root, ckpt,
         "predict",
         "--checkpoint",
         str(ckpt),
-        "--images",
         str(synth_root / "train"),
         "--ids",
         str(tmp_path / "ids.csv"),
@@ -308,7 +302,6 @@ def test_an_id_that_would_leave_the_image_folder_is_refused(synth_root, ckpt, tm
         "predict",
         "--checkpoint",
         str(ckpt),
-        "--images",
         str(synth_root / "train"),
         "--ids",
         str(tmp_path / "ids.csv"),
@@ -329,7 +322,6 @@ def test_unreadable_image_is_a_clear_error(synth_root, ckpt, tmp_path, capsys, m
         "predict",
         "--checkpoint",
         str(ckpt),
-        "--images",
         str(folder),
         "--out",
         str(tmp_path / "s.csv"),
@@ -349,7 +341,6 @@ def test_corrupt_checkpoint_is_a_clear_error(synth_root, tmp_path, capsys, monke
         "predict",
         "--checkpoint",
         str(bad),
-        "--images",
         str(synth_root / "train"),
         "--out",
         str(tmp_path / "s.csv"),

@@ -192,7 +192,6 @@ def test_evaluate_command_rewrites_the_report(run_dir):
             "-m",
             "cancernet",
             "evaluate",
-            "--run",
             str(run_dir),
             "--split",
             "val",
@@ -220,7 +219,7 @@ def test_evaluate_command_on_a_non_run_is_a_clear_error(tmp_path, capsys, monkey
     from cancernet.cli import main
     from cancernet.runtime.console import main_guard
 
-    monkeypatch.setattr(sys, "argv", ["cancernet", "evaluate", "--run", str(tmp_path)])
+    monkeypatch.setattr(sys, "argv", ["cancernet", "evaluate", str(tmp_path)])
     assert main_guard(main) == 2 and "not a run directory" in capsys.readouterr().err
 
 

@@ -195,7 +195,7 @@ def test_patch_only_options_and_patch_commands_refuse_a_mil_checkpoint(slide_run
     assert code == 2 and "--tta, --geojson: not for a slide-level (MIL) checkpoint" in err, err
     with pytest.raises(UserError, match="is a slide-level \\(MIL\\) model.*predict-slide"):
         Predictor.load(best, DistInfo())
-    code, _, err = run_cli(capsys, monkeypatch, "evaluate", "--run", slide_run / "run")
+    code, _, err = run_cli(capsys, monkeypatch, "evaluate", slide_run / "run")
     assert code == 2 and "is a slide-level (MIL) run" in err and "evaluate-slides" in err, err
 
 
@@ -212,7 +212,6 @@ def test_evaluate_slides_scores_new_labelled_slides_by_slide_prob_and_the_attent
         "evaluate-slides",
         "--checkpoint",
         best,
-        "--slides",
         slide_run / "slides",
         "--labels",
         slide_run / "slides.csv",
@@ -239,3 +238,56 @@ def test_evaluate_slides_scores_new_labelled_slides_by_slide_prob_and_the_attent
     # cells: the attention against the tumour masks, over every tissue tile of the slides
     assert 0 < metrics["cells_tumour"] < metrics["cells"] and 0 <= metrics["cell_auc"] <= 1
     assert (tmp_path / "ev" / "slides_report.png").is_file() and (tmp_path / "ev" / "slides_roc.png").is_file()
+
+
+def test_the_whole_path_runs_on_slides_of_real_patches_with_the_documented_commands(tmp_path, capsys, monkeypatch):
+    """Genuine patches all the way: a patch model trained on the 20 real fixture patches
+    (`train`), eight slides made of those patches on real glass, `extract-features --checkpoint`,
+    configs/mil.yaml (`train`), `predict-slide` with its best.pt. The tissue mask keeps every real
+    tissue tile and no glass; every command ends well."""
+    from test_tissue import FIXTURES, real_patches
+    from test_wsi import run_cli
+
+    from cancernet.wsi.synthetic import focus_cells, write_patch_slide
+
+    patches, labels, glass = real_patches()
+    patches, labels = patches[:20], labels[:20]  # the pcam_real fixture: 10 tumour, 10 normal
+    device = ("train.device=cpu", "train.amp=off", "data.num_workers=0", "train.progress=off")
+    code, _, err = run_cli(
+        capsys, monkeypatch, "train", "--config", CONFIGS / "cpu_test.yaml", f"data.root={FIXTURES / 'pcam_real'}",
+        f"train.out_dir={tmp_path / 'patch'}", "data.image_size=96", "train.batch_size=4", "train.epochs=1", *device,
+    )  # fmt: skip
+    assert code == 0, err
+    rng = np.random.default_rng(0)
+    tissue = np.zeros((6, 6), bool)
+    tissue[1:5, 1:5] = True  # 16 patches on a margin of glass
+    rows = []
+    for i in range(8):
+        grid = np.full(tissue.shape, -1)
+        grid[tissue] = rng.choice(np.flatnonzero(labels == 0), tissue.sum(), replace=True)
+        focus = focus_cells(rng, tissue, 3) if i % 2 else np.zeros_like(tissue)
+        grid[focus] = rng.choice(np.flatnonzero(labels == 1), focus.sum(), replace=False)
+        write_patch_slide(tmp_path / "slides" / f"s{i}.tif", grid, patches, glass[i % 2])
+        rows.append({"slide": f"s{i}", "label": i % 2})
+    pd.DataFrame(rows).to_csv(tmp_path / "slides.csv", index=False)
+    best = tmp_path / "patch" / "checkpoints" / "best.pt"
+    code, _, err = run_cli(
+        capsys, monkeypatch, "extract-features", tmp_path / "slides", "--out", tmp_path / "feats",
+        "--checkpoint", best, "--device", "cpu", "--num-workers", "0",
+    )  # fmt: skip
+    assert code == 0, err
+    for i in range(8):
+        with h5py.File(tmp_path / "feats" / f"s{i}.h5", "r") as f:
+            assert len(f["features"]) == tissue.sum()  # every real tissue patch kept, no glass
+    code, _, err = run_cli(
+        capsys, monkeypatch, "train", "--config", CONFIGS / "mil.yaml", f"data.features={tmp_path / 'feats'}",
+        f"data.slides_csv={tmp_path / 'slides.csv'}", f"train.out_dir={tmp_path / 'mil'}", "train.steps=20",
+        "data.val_fraction=0.25", "data.test_fraction=0.25", "report.bootstrap=20", *device,
+    )  # fmt: skip
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "mil" / "report" / "metrics.json").read_text())
+    assert metrics["level"] == "slide" and metrics["n"] == 2 and "patch head, max" in metrics["baselines"]
+    code, _, err = predict(capsys, monkeypatch, tmp_path / "mil" / "checkpoints" / "best.pt", tmp_path / "dx",
+                           tmp_path / "slides" / "s1.tif")  # fmt: skip
+    assert code == 0, err
+    assert 0 <= json.loads((tmp_path / "dx" / "s1" / "slide.json").read_text())["slide_prob"] <= 1

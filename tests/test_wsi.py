@@ -220,30 +220,35 @@ def test_bad_slides_cost_one_line_each_and_the_rest_are_done(ckpt, slide, tmp_pa
     blank = write_slide(tmp_path / "glass.tif", np.zeros_like(tissue), np.zeros_like(tissue))
     shutil.copy(blank, folder / "blank.tif")
     write_slide(folder / "nompp.tif", tissue, tumour, seed=2, resolution=False)
+    tifffile.imwrite(folder / "patch.tif", np.full((96, 96, 3), 200, np.uint8))  # a Kaggle patch, not a slide
     code, log, err = predict(capsys, monkeypatch, ckpt, tmp_path / "out", folder)
     assert code == 1
     errors = [line for line in log.splitlines() if " ERROR " in line]
-    assert len(errors) == 5, log
+    assert len(errors) == 6, log
     for name, why in (
         ("truncated.tif", "a TIFF that OpenSlide cannot open"),
         ("corrupt.tif", "could not read"),
         ("notes.svs", "not a format OpenSlide reads"),
         ("blank.tif", "no tissue"),
         ("nompp.tif", "pass --mpp"),
+        (
+            "patch.tif",
+            "a 96 x 96 image, a patch rather than a slide; patches are scored by `python -m cancernet predict",
+        ),
     ):
         assert any(name in line and why in line for line in errors), (name, errors)
-    assert "5 of 6 slides failed" in err
+    assert "6 of 7 slides failed" in err
     done = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert done == ["good", "slides.csv"]  # nothing half-written for the failed slides
     table = pd.read_csv(tmp_path / "out" / "slides.csv").set_index("slide")
     assert table["status"].to_dict() == {name: "done" if name == "good" else "failed" for name in table.index}
-    assert len(table) == 6 and "no tissue" in table.loc["blank", "error"]
+    assert len(table) == 7 and "no tissue" in table.loc["blank", "error"]
     stamp = (tmp_path / "out" / "good" / "slide.json").stat().st_mtime_ns
     code, log, err = predict(
         capsys, monkeypatch, ckpt, tmp_path / "out", folder / "good.tif", folder / "nompp.tif", "--mpp", "0.486"
     )
     assert code == 0, err
-    assert "done before" in log
+    assert "done before" in log and f"results: open {tmp_path / 'out' / 'slides.csv'}" in log
     assert (tmp_path / "out" / "good" / "slide.json").stat().st_mtime_ns == stamp  # resumed, not redone
     heatmap = np.load(tmp_path / "out" / "nompp" / "heatmap.npy")  # read at the --mpp given
     assert heatmap.shape == (ROWS, COLS)
@@ -269,7 +274,6 @@ def test_evaluate_slides_scores_slides_and_cells(ckpt, tmp_path, capsys, monkeyp
         "evaluate-slides",
         "--checkpoint",
         str(ckpt),
-        "--slides",
         str(tmp_path / "set" / "slides"),
         "--labels",
         str(tmp_path / "set" / "slides.csv"),

@@ -6,7 +6,7 @@ import logging
 import os
 import time
 
-from cancernet.cli.options import config_option, takes_overrides
+from cancernet.cli.options import positional, takes_overrides
 
 log = logging.getLogger("cancernet")
 
@@ -70,17 +70,17 @@ def register(sub) -> None:
 
 def _add_synth(sub) -> None:
     p = sub.add_parser("synth", help="write a synthetic dataset in the Kaggle layout (or PCam's release layout)")
-    p.add_argument("out")
+    positional(p, "out", "folder to write (train_labels.csv, train/, test/; or the PCam files)")
     p.add_argument(
         "--format",
         choices=["kaggle", "pcam"],
         default="kaggle",
         help="kaggle: train/*.tif + train_labels.csv; pcam: the HDF5 release (x/y .h5 + meta CSVs)",
     )
-    p.add_argument("--n-train", type=int, default=2000)
+    p.add_argument("--n-train", type=int, default=2000, help="labelled patches (train/ and train_labels.csv)")
     p.add_argument("--n-valid", type=int, default=200, help="pcam: patches in the valid split")
-    p.add_argument("--n-test", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-test", type=int, default=200, help="unlabelled patches (test/), as Kaggle's")
+    p.add_argument("--seed", type=int, default=0, help="random seed (the same seed writes the same set)")
     p.add_argument("--gzip", action="store_true", help="pcam: write .h5.gz files, as the release is distributed")
     p.add_argument(
         "--duplicates",
@@ -101,13 +101,15 @@ def _add_synth(sub) -> None:
         default=None,
         help="render only this many distinct patches and reuse them (fast scale tests)",
     )
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="writing processes")
     p.set_defaults(func=cmd_synth)
 
 
 def _add_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="pack data.root's images (or a PCam release) into one array file")
-    config_option(p)
+    p.add_argument(
+        "--config", default=None, help="a YAML file or a shipped config's name, for its data: section (default: none)"
+    )
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding processes")
     takes_overrides(p, "data.root=/data/pcam")
     p.set_defaults(func=cmd_prepare)
@@ -119,7 +121,7 @@ def _add_link_pcam(sub) -> None:
         help="the slide of every labelled Kaggle patch, from PCam's release "
         "(ids are SHA-1s of the pixels): KAGGLE_ROOT/pcam_slides.csv for data.groups_csv",
     )
-    p.add_argument("kaggle_root")
-    p.add_argument("pcam_release")
+    p.add_argument("kaggle_root", help="the Kaggle set's folder (train_labels.csv, train/)")
+    p.add_argument("pcam_release", help="PCam's release folder (camelyonpatch_level_2_split_*.h5[.gz], meta CSVs)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="hashing processes (one per split file)")
     p.set_defaults(func=cmd_link_pcam)

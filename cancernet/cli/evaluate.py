@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from cancernet.cli.options import calibration_option, device_options, takes_overrides, tta_option
+from cancernet.cli.options import calibration_option, device_options, positional, takes_overrides, tta_option
 from cancernet.runtime.console import setup_logging
 from cancernet.runtime.errors import UserError
 
@@ -119,8 +119,8 @@ def _add_evaluate(sub) -> None:
         "evaluate",
         help="evaluate a run's checkpoint and rewrite its report (also under torchrun: ranks share the work)",
     )
-    p.add_argument("--run", required=True, help="run directory (train.out_dir)")
-    p.add_argument("--split", choices=["test", "val"], default="test")
+    positional(p, "run", "run directory (train.out_dir)")
+    p.add_argument("--split", choices=["test", "val"], default="test", help="which split to report on")
     p.add_argument("--checkpoint", default="best", help="best | last | a checkpoint path")
     tta_option(p, "also report metrics averaged over the 8 dihedral views, with their own operating point")
     p.add_argument(
@@ -141,8 +141,8 @@ def _add_evaluate(sub) -> None:
 
 def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="predict P(tumour) for every patch of a folder (Kaggle submission CSV)")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--images", required=True, help="folder of .tif/.png patches")
+    positional(p, "images", "folder of .tif/.png patches")
+    p.add_argument("--checkpoint", required=True, help="a trained patch model (best.pt)")
     p.add_argument("--out", required=True, help="CSV to write: id,label")
     p.add_argument(
         "--ids", default=None, help="CSV with an id column (e.g. sample_submission.csv): predict these, in this order"
@@ -166,7 +166,7 @@ def _add_export(sub) -> None:
         help="model.ts (TorchScript) and model.pt2 (torch.export) with preprocessing "
         "inside, weights.pt (state dict), model.json",
     )
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="a trained patch model (best.pt)")
     p.add_argument("--out", required=True, help="folder for model.ts, model.pt2, weights.pt, model.json")
     p.add_argument("--no-calibration", action="store_true", help="leave the fitted temperature out")
     p.set_defaults(func=cmd_export)
@@ -174,10 +174,10 @@ def _add_export(sub) -> None:
 
 def _add_audit_aggregate(sub) -> None:
     p = sub.add_parser("audit", help="leak audit of a run's splits: pixels and slides in more than one split")
-    p.add_argument("run", help="run directory")
+    positional(p, "run", "run directory")
     takes_overrides(p, "data.root=/data/pcam")
     p.set_defaults(func=cmd_audit)
     p = sub.add_parser("aggregate", help="one report over runs that differ only in seed and/or fold")
-    p.add_argument("runs", nargs="+", help="run directories")
+    positional(p, "runs", "run directories", many=True)
     p.add_argument("--out", default=None, help="folder for aggregate.json/.html/.png (default: beside the runs)")
     p.set_defaults(func=cmd_aggregate)

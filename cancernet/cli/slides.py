@@ -5,8 +5,16 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from pathlib import Path
 
-from cancernet.cli.options import calibration_option, device_options, slide_mpp_option, takes_overrides, tta_option
+from cancernet.cli.options import (
+    calibration_option,
+    device_options,
+    positional,
+    slide_mpp_option,
+    takes_overrides,
+    tta_option,
+)
 from cancernet.runtime.console import setup_logging
 from cancernet.runtime.errors import UserError
 
@@ -115,6 +123,8 @@ def _outcome(rows: list[dict], out, dist) -> int:
                 f" and {len(failed) - 5} more" if len(failed) > 5 else ""
             )
             print(f"error: {len(failed)} of {len(rows)} slides failed: {shown}", file=sys.stderr)
+        if done or len(rows) > len(failed):
+            log.info("results: open %s (a line per slide, naming its outputs)", Path(out) / "slides.csv")
     return 1 if failed else 0
 
 
@@ -141,7 +151,7 @@ def cmd_evaluate_slides(args) -> int:
         scorer = slide_scorer(args, dist, _checkpoint(args, dist))
         metrics = evaluate_slides(
             scorer,
-            Path(args.slides),
+            args.slides,
             Path(args.labels),
             Path(args.out),
             args.masks and Path(args.masks),
@@ -213,7 +223,9 @@ def _part(text: str) -> tuple[int, int]:
 
 
 def _slide_options(p) -> None:
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument(
+        "--checkpoint", required=True, help="a patch model's or a slide-level (MIL) model's checkpoint (best.pt)"
+    )
     p.add_argument("--out", required=True, help="folder: one sub-folder of outputs per slide")
     tta_option(p)
     p.add_argument("--stride", type=int, default=None, help="tile step in training pixels (slide.stride, default 32)")
@@ -244,7 +256,9 @@ def _slide_options(p) -> None:
     )
     device_options(p, "slide-reading processes")
     timeout_option(p)
-    p.add_argument("--progress", choices=["auto", "on", "off"], default=None)
+    p.add_argument(
+        "--progress", choices=["auto", "on", "off"], default=None, help="a progress bar per slide (auto: on a terminal)"
+    )
     takes_overrides(p, "slide.score=max")
 
 
@@ -254,7 +268,7 @@ def register(sub) -> None:
         help="a checkpoint over whole slides (OpenSlide): tumour heatmaps, tiles.csv, slide.json per "
         "slide, or with a MIL checkpoint the slide's probability and attention map; a folder resumes where it stopped",
     )
-    p.add_argument("slides", nargs="+", help="slide files or folders of slides")
+    positional(p, "slides", "slide files or folders of slides", many=True)
     _slide_options(p)
     p.set_defaults(func=cmd_predict_slide)
     p = sub.add_parser(
@@ -262,7 +276,7 @@ def register(sub) -> None:
         help="slide-level ROC AUC (bootstrap CI) and cell-level AUC against "
         "tumour masks, over a folder of labelled slides",
     )
-    p.add_argument("--slides", required=True, help="folder of slides")
+    positional(p, "slides", "slide files or folders of slides", many=True)
     p.add_argument("--labels", required=True, help="CSV slide,label (slide: file name or stem; 1 = tumour)")
     p.add_argument("--masks", default=None, help="folder of tumour masks <slide>.png (nonzero = tumour)")
     p.add_argument("--mask-downsample", type=float, default=None, help="level-0 pixels per mask pixel")
@@ -273,7 +287,7 @@ def register(sub) -> None:
         help="a backbone's features of every tissue tile of each slide, one .h5 per slide (for MIL); "
         "torchrun deals the slides out over the ranks; a folder resumes where it stopped",
     )
-    p.add_argument("slides", nargs="+", help="slide files or folders of slides")
+    positional(p, "slides", "slide files or folders of slides", many=True)
     p.add_argument("--out", required=True, help="folder: <slide>.h5 per slide and slides.csv")
     p.add_argument("--arch", default=None, help="a backbone (model.arch: torchvision, timm:NAME, hf-hub:ORG/NAME)")
     p.add_argument("--checkpoint", default=None, help="or a trained patch model's backbone (best.pt)")
@@ -308,11 +322,11 @@ def register(sub) -> None:
         help="synthetic pyramidal TIFF slides with known tumour regions, their "
         "masks and slides.csv (evaluate-slides' input)",
     )
-    p.add_argument("out")
-    p.add_argument("--n", type=int, default=4)
+    positional(p, "out", "folder to write: slides/<name>.tif, masks/<name>.png, slides.csv")
+    p.add_argument("--n", type=int, default=4, help="slides to write")
     p.add_argument("--rows", type=int, default=48, help="cells (32 training px) down")
     p.add_argument("--cols", type=int, default=64, help="cells across")
     p.add_argument("--mpp", type=float, default=0.486, help="level-0 microns per pixel")
-    p.add_argument("--tumour-rate", type=float, default=0.5)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tumour-rate", type=float, default=0.5, help="share of slides with a tumour region")
+    p.add_argument("--seed", type=int, default=0, help="random seed (the same seed writes the same slides)")
     p.set_defaults(func=cmd_synth_slides)

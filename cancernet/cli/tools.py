@@ -51,7 +51,12 @@ def register(sub) -> None:
 
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="throughput: data path, train step ceiling, real loop (JSON lines)")
-    p.add_argument("what", choices=["data", "step", "train", "slide", "ops", "launch"])
+    p.add_argument(
+        "what",
+        choices=["data", "step", "train", "slide", "ops", "launch"],
+        help="data: loaders; step: the train step's ceiling; train: the real loop; slide: predict-slide; "
+        "ops: kernels per step; launch: is the step launch-bound",
+    )
     config_option(p)
     p.add_argument("--steps", type=int, default=20, help="timed batches (after a warm-up)")
     p.add_argument(

@@ -28,6 +28,7 @@ from cancernet.data.formats import check_format, format_of
 from cancernet.models.archs import check_arch
 from cancernet.models.config import ModelConfig
 from cancernet.runtime.errors import ConfigError
+from cancernet.runtime.signals import auto_workers
 
 __all__ = [
     "KIND_NAMES",
@@ -256,7 +257,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
                 f"not a {type(values).__name__}"
             )
         values.pop("meta", None)  # written by resolved_yaml; not a setting
-    return check(from_dict(merge(values, parse_overrides(list(overrides)))))
+    cfg = check(from_dict(merge(values, parse_overrides(list(overrides)))))
+    if cfg.data.num_workers is None:  # resolved here, once: config.yaml records what ran
+        cfg.data.num_workers = auto_workers()
+    return cfg
 
 
 def git_commit() -> str | None:

@@ -15,30 +15,30 @@ from cancernet.runtime.schema import bounded, choice
 
 @dataclass
 class OptimConfig:
-    name: str = choice("adamw", "adam", "adamw", "sgd")
-    lr: float = bounded(1e-3, 0)
+    name: str = choice("adamw", "adam", "adamw", "sgd")  # adamw | adam | sgd
+    lr: float = bounded(1e-3, 0)  # the peak learning rate (before lr_scale)
     lr_scale: str = choice("none", "none", "linear", "sqrt")  # lr x (global batch / base_batch), or its root
     max_lr: float | None = bounded(None, 0)  # cap on the scaled lr (null: none)
-    base_batch: int = bounded(256, 1)
-    weight_decay: float = bounded(1e-4, 0)
+    base_batch: int = bounded(256, 1)  # the global batch that lr is given for (lr_scale)
+    weight_decay: float = bounded(1e-4, 0)  # decoupled (adamw) or L2 (adam, sgd)
     decay_norm_bias: bool = False  # weight decay on normalisation weights and biases too
-    momentum: float = bounded(0.9, 0, 1)
-    schedule: str = choice("cosine", "cosine", "onecycle", "none")
-    warmup_epochs: float = bounded(0.0, 0)
-    label_smoothing: float = bounded(0.0, 0, 1, hi_open=True)
+    momentum: float = bounded(0.9, 0, 1)  # sgd only
+    schedule: str = choice("cosine", "cosine", "onecycle", "none")  # cosine | onecycle | none, over the whole run
+    warmup_epochs: float = bounded(0.0, 0)  # linear warm-up from 0, in epochs (fractions allowed)
+    label_smoothing: float = bounded(0.0, 0, 1, hi_open=True)  # targets 1 - e/2 and e/2
     head_lr_mult: float = bounded(1.0, 0)  # head LR = lr x head_lr_mult
     layer_decay: float = bounded(1.0, 0, 1)  # layer-wise LR decay over the backbone's stages; 1 = off
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = bounded(10, 1)
+    epochs: int = bounded(10, 1)  # the length in epochs (the last may be short under a time budget)
     steps: int | None = bounded(None, 1)  # the length in optimizer steps instead (any cohort size trains as long)
     patience: int | None = bounded(None, 1)  # stop after this many validations without a better select_metric
     batch_size: int = bounded(256, 1)  # per process
-    eval_batch_size: int = bounded(512, 1)
-    grad_accum: int = bounded(1, 1)
-    clip_grad: float | None = bounded(None, 0)
+    eval_batch_size: int = bounded(512, 1)  # per process, for validation, test and prediction
+    grad_accum: int = bounded(1, 1)  # batches per optimizer step (a global batch of batch_size x ranks x grad_accum)
+    clip_grad: float | None = bounded(None, 0)  # clip the gradient norm to this (null: no clipping)
     amp: str = choice("auto", "auto", "bf16", "fp16", "off")  # on every device; auto: the fastest correct one
     deterministic: bool = False  # repeatable kernels (no cuDNN autotuning), slower on GPUs
     feature_cache: str = choice("auto", "auto", "on", "off")  # frozen backbone: its features computed once
@@ -49,30 +49,30 @@ class TrainConfig:
     select_metric: str = choice("val_auc", "val_auc", "val_loss", "val_acc")  # what makes best.pt the best
     ema_decay: float = bounded(0.0, 0, 1, hi_open=True)  # EMA of the weights; 0 = off
     ema_warmup: int = bounded(0, 0)  # training samples over which the EMA's decay ramps up from 0; 0 = none
-    device: str = choice("auto", "auto", "cpu", "cuda")
-    out_dir: str = "runs/default"
+    device: str = choice("auto", "auto", "cpu", "cuda")  # auto: CUDA when there is one
+    out_dir: str = "runs/default"  # the run directory (config, checkpoints, report)
     resume: str = "auto"  # auto | none | path to a checkpoint
     overwrite: bool = False  # a fresh run (resume=none) may replace the run files in out_dir
-    seed: int = 0
+    seed: int = 0  # initial weights, training order, augmentation (and the splits unless data.split_seed)
     eval_every: int = bounded(1, 1)  # validate every N epochs, and always after the last
     log_every: int = bounded(50, 0)  # steps between log lines when no progress bar is shown
     sync_every: int = bounded(10, 1)  # optimizer steps between the all-ranks check for stop / NaN loss
-    progress: str = choice("auto", "auto", "on", "off")
+    progress: str = choice("auto", "auto", "on", "off")  # progress bars on rank 0 (auto: when attached to a terminal)
 
 
 @dataclass
 class DistConfig:
-    backend: str = choice("auto", "auto", "nccl", "gloo")
-    timeout_min: int = bounded(30, 1)
+    backend: str = choice("auto", "auto", "nccl", "gloo")  # auto: nccl on CUDA, gloo on CPU
+    timeout_min: int = bounded(30, 1)  # minutes a collective may wait for a slow rank before the run fails
 
 
 @dataclass
 class WandbConfig:
-    mode: str = choice("disabled", "online", "offline", "disabled")
-    project: str = "cancernet"
-    entity: str | None = None
-    name: str | None = None
-    tags: list[str] = field(default_factory=list)
+    mode: str = choice("disabled", "online", "offline", "disabled")  # online | offline (wandb sync later) | disabled
+    project: str = "cancernet"  # the W&B project
+    entity: str | None = None  # the W&B team or user (null: your default)
+    name: str | None = None  # the W&B run name (null: the run directory's name)
+    tags: list[str] = field(default_factory=list)  # W&B tags
     log_model: bool = False  # upload best.pt (weights only) as a model artifact
     init_timeout: float = bounded(20.0, 1)  # seconds the online start may take before falling back
 
@@ -96,7 +96,7 @@ class SlideConfig:
     min_tissue: float = bounded(0.25, 0, 1, hi_open=True)  # tissue share a cell needs to be scored
     block: int = bounded(8, 1)  # cells per side read as one region (tiles overlap: one read serves many)
     top_k: int = bounded(20, 1)  # slide score: mean of the top-k cells
-    score: str = choice("top_k_mean", "top_k_mean", "max")
+    score: str = choice("top_k_mean", "top_k_mean", "max")  # the mean of the top_k cells, or the highest
 
     def __post_init__(self):
         if self.stride % 2:

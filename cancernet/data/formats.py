@@ -59,10 +59,9 @@ def pack_dir(cfg: DataConfig) -> Path:
 
 
 def _hint(cfg: DataConfig) -> str:
-    return (
-        f"run `python -m cancernet prepare --config CFG` with data.format={cfg.format} and the same "
-        "data.root/data.packed_dir"
-    )
+    keys = [f"data.root={cfg.root}"] + [f"data.format={cfg.format}"] * (cfg.format != "folder")
+    keys += [f"data.packed_dir={cfg.packed_dir}"] * bool(cfg.packed_dir)
+    return f"run `python -m cancernet prepare {' '.join(keys)}`"
 
 
 def open_source_pack(cfg: DataConfig) -> Pack:

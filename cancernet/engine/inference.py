@@ -108,7 +108,7 @@ class Predictor:
             how = "--tta " if tta else ""
             raise UserError(
                 f"checkpoint {path} holds no operating point chosen on {'TTA' if tta else 'plain'} "
-                f"predictions; run `python -m cancernet evaluate --run RUN {how}[--target-sensitivity S]` "
+                f"predictions; run `python -m cancernet evaluate RUN {how}[--target-sensitivity S]` "
                 "first, or pass --threshold"
             )
         if point.get("tta", False) != tta:

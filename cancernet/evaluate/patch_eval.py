@@ -203,6 +203,7 @@ def evaluate_checkpoint(
         time.perf_counter() - start,
         report.headline(metrics),
     )
+    log.info("report: open %s", setup.run.index_html)
     if tracker is not None:
         tracker.log_images(figures)
         tracker.log_summary({f"{split}/{k}": metrics[k] for k in (*HEADLINE, *CALIBRATION) if k in metrics})

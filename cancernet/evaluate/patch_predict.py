@@ -32,7 +32,7 @@ def list_images(folder: str | Path, ids_csv: str | Path | None) -> tuple[list[st
     """ids and paths: every .tif/.png of folder (sorted), or the ids of ids_csv in its order."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise DataError(f"--images {folder} is not a folder")
+        raise DataError(f"{folder} is not a folder of patches")
     found = {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
     if ids_csv is None:
         if not found:

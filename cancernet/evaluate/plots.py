@@ -81,25 +81,25 @@ def confusion_matrix(labels, probs, threshold: float) -> Figure:
         yticklabels=CLASS_NAMES,
         xlabel="predicted",
         ylabel="true",
-        title=f"Confusion matrix (threshold {threshold:.3f}; row %)",
+        title=f"Confusion matrix\nthreshold {threshold:.3f}; row %",
     )
     fig.colorbar(image, ax=ax, label="fraction of true class")
     return fig
 
 
 def roc(labels, probs, threshold: float | None = None) -> Figure:
+    labels = np.asarray(labels)
     fpr, tpr, thresholds = skm.roc_curve(labels, probs)
     fig, (ax,) = _axes(width=5, height=4.6)
     ax.plot(fpr, tpr, color="C3", label=f"ROC (AUC = {skm.auc(fpr, tpr):.4f})")
     ax.plot([0, 1], [0, 1], ":", color="gray", label="chance")
     if threshold is not None:
         pred = np.asarray(probs) >= threshold
-        labels = np.asarray(labels)
         ax.plot(
             pred[labels == 0].mean(), pred[labels == 1].mean(), "ko", label=f"operating point (t = {threshold:.3f})"
         )
     ax.set(
-        title="ROC curve",
+        title=f"ROC curve (n = {len(labels):,}, {int(labels.sum()):,} positive)",
         xlabel="false positive rate (1 - specificity)",
         ylabel="true positive rate (sensitivity)",
         xlim=(-0.01, 1.01),

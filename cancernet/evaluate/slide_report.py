@@ -123,6 +123,7 @@ def test_report(
     log.info("test (slides, n=%d): %s", len(test), report.headline(metrics))
     for line in describe(metrics["baselines"], f"model.mil={cfg.model.mil}"):
         log.info("%s", line)
+    log.info("report: open %s", run_dir.index_html)
     tracker.log_summary({f"test/{k}": metrics[k] for k in ("roc_auc", "balanced_accuracy")})
     return metrics
 

@@ -15,10 +15,10 @@ class ModelConfig:
     arch: str = "resnet34"  # any torchvision classifier
     pretrained: str = "imagenet"  # imagenet | none | path to a state dict
     weights_url: str | None = None  # mirror folder for the ImageNet weight files
-    freeze_backbone: bool = False
-    head: str = choice("linear", "seed", "linear")
-    channels_last: bool = True
-    compile: bool = False
+    freeze_backbone: bool = False  # train the head only (with train.feature_cache: features computed once)
+    head: str = choice("linear", "seed", "linear")  # linear, or the notebook's small MLP head (seed)
+    channels_last: bool = True  # NHWC memory layout (faster convolutions on GPUs)
+    compile: bool = False  # torch.compile the model
     compile_scope: str = choice("model", "model", "ddp")  # compile the bare model inside DDP, or DDP itself
     sync_bn: bool = False  # SyncBatchNorm across ranks (CUDA)
     mil: str = choice("none", "none", *MIL_ARCHS)  # a slide-level model: the run trains on slides, not patches

@@ -29,6 +29,7 @@ import logging
 import multiprocessing
 import multiprocessing.forkserver
 import multiprocessing.resource_tracker
+import os
 import signal
 import sys
 from dataclasses import dataclass
@@ -75,6 +76,14 @@ def ignore_stop_signals(*_) -> None:
     """worker_init_fn of every DataLoader and initializer of every process pool a rank starts."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+
+
+def auto_workers() -> int:
+    """Loader processes per rank when the config does not say: the cores this process may use,
+    shared by the ranks of its node (torchrun's LOCAL_WORLD_SIZE), less one for the rank itself; at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(0, min(8, cores // max(ranks, 1) - 1))
 
 
 def loader_workers(num_workers: int) -> dict:

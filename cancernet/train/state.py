@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -149,9 +150,13 @@ def wrap_for_training(
         # No per-forward broadcast of buffers: a training forward normalises with its own batch's
         # statistics, so the running ones matter at evaluation only, where every rank gets rank 0's
         # first (broadcast_buffers before validation; checkpoints and the EMA hold rank 0's too).
-        # Gradients as views of the all-reduce buckets: no copy in and out of them each step.
+        # Gradients as views of the all-reduce buckets: no copy in and out of them each step. What
+        # stays is one kernel per parameter, the reducer's copy-and-divide of each new gradient into
+        # its bucket (a gradient kept between steps instead costs autograd an add per parameter).
         device_ids = [dist.device] if dist.device.type == "cuda" else None
-        return DDP(m, device_ids=device_ids, broadcast_buffers=False, gradient_as_bucket_view=True)
+        with warnings.catch_warnings():  # newer torch renames it (forward_sync_buffers); 2.4 knows this name only
+            warnings.filterwarnings("ignore", message=".*broadcast_buffers.* is deprecated", category=FutureWarning)
+            return DDP(m, device_ids=device_ids, broadcast_buffers=False, gradient_as_bucket_view=True)
 
     if not cfg.compile:
         return wrap(loss_module(trained))
@@ -197,6 +202,28 @@ def build(cfg: Config, dist: DistInfo, run: RunDir, resuming: bool = False) -> T
     return Training(cfg, dist, run, task, parts, plan, Checkpointer(run, dist, cfg.train.checkpoint_every), meta)
 
 
+# what the weights learned from: changed on a finished run, it would train nothing but rewrite its record
+LEARNED = ("train.batch_size", "train.grad_accum", "train.clip_grad", "train.ema_decay", "train.ema_warmup")
+LEARNED += ("train.seed", "train.steps", "train.epochs", "train.time_budget", "train.patience", "train.amp")
+LEARNED += tuple(f"data.{k}" for k in ("augment", "jitter", "hue", "stain", "stain_sigma", "stain_bias"))
+LEARNED += ("data.max_instances",)
+
+
+def _refuse_retraining_a_finished_run(training: Training, changes: list[str], path) -> None:
+    """A finished run asked to train with another setting (e.g. optim.lr) keeps its record: it
+    would train nothing and config.yaml would name a setting its weights never saw."""
+    state = training.state
+    if state.position < training.plan.samples and state.stopped_early is None:
+        return  # there is training left: the rest follows the new settings (the log line says so)
+    learned = [c for c in changes if c.startswith("optim.") or c.split(":")[0] in LEARNED]
+    if learned:
+        raise CheckpointError(
+            f"{training.run.root} finished training ({state.epoch} epochs); it was not trained with "
+            f"{'; '.join(learned)}, and keeps its record. To train longer, raise train.epochs (or "
+            "train.steps); to train with other settings, use a new train.out_dir"
+        )
+
+
 def restore(training: Training, path) -> None:
     """Continue from a checkpoint: weights, optimizer moments, EMA, RNG and position; the schedule
     follows the current config from the position reached."""
@@ -239,6 +266,7 @@ def restore(training: Training, path) -> None:
     changes = checkpoint.changed_settings(ckpt.config_dict, training.cfg.to_dict())
     if ckpt.get(checkpoint.WORLD_SIZE, training.dist.world_size) != training.dist.world_size:
         changes.append(f"world size: {ckpt.get(checkpoint.WORLD_SIZE)} -> {training.dist.world_size}")
+    _refuse_retraining_a_finished_run(training, changes, path)
     mid, schedule = training.state.mid_epoch, training.parts.schedule
     log.info(
         "resumed from %s after epoch %d%s: sample %d of %d, lr %.3g%s",

@@ -20,7 +20,27 @@ def _extents(summary: dict) -> tuple[tuple, tuple]:
     return (0, width * mm, height * mm, 0), (0, cols * cell, rows * cell, 0)
 
 
-def draw_overlay(ax, thumb, heatmap: np.ndarray, summary: dict, alpha: float = 0.6, cmap: str = CMAP):
+CLEAR_BELOW, OPAQUE_FROM = 0.1, 0.5  # a cell's value -> its overlay's opacity ramps from 0 to `alpha`
+
+
+def opacity(values: np.ndarray, alpha: float) -> np.ndarray:
+    """Per-cell opacity: clear below CLEAR_BELOW (the tissue's morphology shows through where the
+    model sees nothing), full `alpha` from OPAQUE_FROM, linear between."""
+    ramp = np.clip((np.nan_to_num(values, nan=0.0) - CLEAR_BELOW) / (OPAQUE_FROM - CLEAR_BELOW), 0, 1)
+    return ramp * alpha
+
+
+def attention_percentiles(attention: np.ndarray) -> np.ndarray:
+    """Each tile's attention as its percentile within the slide (as CLAM draws it; NaN stays NaN):
+    the weights of a slide of thousands of tiles are all tiny, and a near-uniform map would show one
+    colour. Every attention picture uses this one scale."""
+    scored = np.isfinite(attention)
+    ranks = np.full(attention.shape, np.nan)
+    ranks[scored] = (np.argsort(np.argsort(attention[scored])) + 1) / max(scored.sum(), 1)
+    return ranks
+
+
+def draw_overlay(ax, thumb, heatmap: np.ndarray, summary: dict, alpha: float = 0.7, cmap: str = CMAP):
     slide_extent, map_extent = _extents(summary)
     ax.imshow(np.asarray(thumb), extent=slide_extent)
     image = ax.imshow(
@@ -28,7 +48,7 @@ def draw_overlay(ax, thumb, heatmap: np.ndarray, summary: dict, alpha: float = 0
         cmap=cmap,
         vmin=0,
         vmax=1,
-        alpha=alpha,
+        alpha=opacity(heatmap, alpha),
         extent=map_extent,
         interpolation="nearest",
     )
@@ -59,12 +79,7 @@ def attention_figure(path: Path, thumb, attention: np.ndarray, heatmap: np.ndarr
     panels = 1 if heatmap is None else 2
     fig = Figure(figsize=(6.2 * panels + 0.6, max(3.0, 5.0 * height / width + 1.4)), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, panels))
-    # shown as each tile's percentile within the slide (as CLAM draws it): attention weights of a
-    # slide of thousands of tiles are all tiny, and a near-uniform map would show one colour
-    scored = np.isfinite(attention)
-    ranks = np.full(attention.shape, np.nan)
-    ranks[scored] = (np.argsort(np.argsort(attention[scored])) + 1) / max(scored.sum(), 1)
-    image = draw_overlay(axes[0], thumb, ranks, summary, alpha=0.65, cmap="viridis")
+    image = draw_overlay(axes[0], thumb, attention_percentiles(attention), summary, alpha=0.75, cmap="viridis")
     fig.colorbar(image, ax=axes[0], label="attention percentile within the slide", shrink=0.8)
     axes[0].set_title(f"attention ({summary['score_kind']}; highest {summary['attention_max']:.3g})", fontsize=9)
     if heatmap is not None:
@@ -85,7 +100,9 @@ def slides_page(path: Path, entries: list[dict], title: str, label: str = "P(tum
     axes = np.atleast_2d(fig.subplots(len(entries), ncols, squeeze=False))
     image = None
     for row, e in zip(axes, entries):
-        image = draw_overlay(row[0], e["thumb"], e["heatmap"], e["summary"])
+        attention = label == "attention"
+        shown = attention_percentiles(e["heatmap"]) if attention else e["heatmap"]
+        image = draw_overlay(row[0], e["thumb"], shown, e["summary"], cmap="viridis" if attention else CMAP)
         row[0].set_title(f"{e['name']} (label {e['label']}): score {e['summary']['score']:.3f}", fontsize=9)
         if masks:
             ax = row[1]
@@ -101,6 +118,7 @@ def slides_page(path: Path, entries: list[dict], title: str, label: str = "P(tum
             ax.set(xlim=slide_extent[:2], ylim=slide_extent[2:], xlabel="mm", title=f"tumour mask ({extra})")
             ax.title.set_fontsize(9)
     if image is not None:
-        fig.colorbar(image, ax=axes[:, 0].tolist(), label=label, shrink=0.6)
+        shown = "attention percentile within the slide" if label == "attention" else label
+        fig.colorbar(image, ax=axes[:, 0].tolist(), label=shown, shrink=0.6)
     fig.suptitle(title, fontsize=11)
     fig.savefig(path, dpi=90)

@@ -24,6 +24,20 @@ TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic and BigTIFF, bo
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm")
 
 
+PATCH_SIDE_MAX = 1024  # an image no larger than this each way is a patch, not a slide
+
+
+def _image_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) of an image PIL reads, else None."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except Exception:  # noqa: BLE001  (any failure: not an image PIL reads)
+        return None
+
+
 def open_slide(path: Path):
     """An openslide.OpenSlide, or a DataError naming the file."""
     import openslide
@@ -34,6 +48,12 @@ def open_slide(path: Path):
         with open(path, "rb") as f:
             magic = f.read(4)
         if magic in TIFF_MAGIC:  # what most slide formats are; a broken directory chain lands here
+            size = _image_size(path)
+            if size and max(size) <= PATCH_SIDE_MAX:
+                raise DataError(
+                    f"slide {path}: a {size[0]} x {size[1]} image, a patch rather than a slide; "
+                    "patches are scored by `python -m cancernet predict FOLDER --checkpoint ...`"
+                ) from None
             raise DataError(
                 f"slide {path}: a TIFF that OpenSlide cannot open ({path.stat().st_size:,} bytes): "
                 "truncated or corrupt?"

@@ -76,7 +76,7 @@ def cell_labels(path: Path, downsample: float, summary: dict) -> np.ndarray:
 
 def evaluate_slides(
     scorer: Scorer | SlideModel,  # either kind of checkpoint, as a slide scorer
-    slides_dir: Path,
+    slides: list[str],  # slide files or folders of slides
     labels_csv: Path,
     out: Path,
     masks: Path | None = None,
@@ -86,7 +86,7 @@ def evaluate_slides(
     """Predict the labelled slides (those done before are reused), then rank 0 scores them."""
     if masks is not None and mask_downsample is None:
         raise DataError("--masks needs --mask-downsample (level-0 pixels per mask pixel)")
-    table = read_labels(Path(labels_csv), list_slides([str(slides_dir)]))
+    table = read_labels(Path(labels_csv), list_slides([str(s) for s in slides]))
     out = Path(out)
     outcome = drive(scorer.job(out, mpp), list(table["slide"]), out, scorer.dist)
     if not scorer.dist.is_main:
@@ -171,4 +171,6 @@ def evaluate_slides(
 
         roc(frame["label"], frame["score"]).savefig(out / "slides_roc.png", dpi=100)
     log.info("evaluate-slides: %s", json.dumps({k: v for k, v in metrics.items() if k != "checkpoint"}))
+    shown = out / "slides_report.png"
+    log.info("report: open %s (each slide: %s)", shown if shown.is_file() else out / "slides.csv", out / "<slide>")
     return metrics
