@@ -422,3 +422,16 @@ def test_a_big_slide_gives_another_draw_of_its_tiles_each_epoch_and_the_same_on_
     first, again, later = big[(3, 0)][0], big[(3, 0)][0], big[(3, 1)][0]
     assert first.shape[0] == 50 and first.dtype == torch.float16
     assert (first == again).all() and not (first == later).all()
+
+
+def test_a_validation_split_without_both_classes_is_refused_before_training(bags, tmp_path):
+    """best.pt is chosen by validation AUC: a split of one slide (or one class) would train a run
+    that never writes it; refused at the start, saying what to change."""
+    from cancernet.runtime.errors import DataError
+
+    pd.read_csv(bags / "labels.csv").head(4).to_csv(tmp_path / "labels.csv", index=False)  # a cohort of 4 slides
+    with pytest.raises(
+        DataError, match=r"validation split holds 0 slide\(s\) of class\(es\) \[\] only: raise data.val"
+    ):
+        mil_run(bags, tmp_path / "run", f"data.slides_csv={tmp_path / 'labels.csv'}", "data.test_fraction=0.25")
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -49,6 +49,9 @@ def test_the_wheel_holds_every_module_of_the_package(wheel):
     assert source - packed == set()  # every module, every subpackage (cancernet/wsi was missing once)
     shipped = {p.relative_to(ROOT).as_posix() for p in (ROOT / "cancernet" / "configs").glob("*.yaml")}
     assert "cancernet/configs/base.yaml" in shipped and shipped <= names  # `--config base` works
+    static = {p.relative_to(ROOT).as_posix() for p in (ROOT / "cancernet" / "wsi" / "static").rglob("*") if p.is_file()}
+    assert {"cancernet/wsi/static/openseadragon/openseadragon.min.js", "cancernet/wsi/static/viewer.js"} <= static
+    assert "cancernet/wsi/static/openseadragon/LICENSE.txt" in static and static <= names  # `cancernet view` offline
 
 
 @pytest.mark.slow

@@ -125,6 +125,8 @@ def _outcome(rows: list[dict], out, dist) -> int:
             print(f"error: {len(failed)} of {len(rows)} slides failed: {shown}", file=sys.stderr)
         if done or len(rows) > len(failed):
             log.info("results: open %s (a line per slide, naming its outputs)", Path(out) / "slides.csv")
+            if (Path(out) / (rows[0]["slide"] if rows else "") / "slide.json").is_file():
+                log.info("in the browser: python -m cancernet view %s", out)
     return 1 if failed else 0
 
 
@@ -196,6 +198,21 @@ def cmd_synth_slides(args) -> int:
         args.out,
         time.perf_counter() - start,
     )
+    return 0
+
+
+def cmd_view(args) -> int:
+    from cancernet.wsi.viewer import make_server
+
+    server = make_server(Path(args.folder), args.host, args.port)
+    host, port = server.server_address[:2]
+    log.info("serving %s on http://%s:%d/  (Ctrl-C to stop)", args.folder, host, port)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        log.info("stopped")
+    finally:
+        server.server_close()
     return 0
 
 
@@ -330,3 +347,11 @@ def register(sub) -> None:
     p.add_argument("--tumour-rate", type=float, default=0.5, help="share of slides with a tumour region")
     p.add_argument("--seed", type=int, default=0, help="random seed (the same seed writes the same slides)")
     p.set_defaults(func=cmd_synth_slides)
+    p = sub.add_parser(
+        "view",
+        help="a predict-slide or evaluate-slides output in the browser: the slides in deep zoom, the map over them",
+    )
+    positional(p, "folder", "predict-slide's or evaluate-slides' --out folder")
+    p.add_argument("--port", type=int, default=8765, help="the port to serve on (0: any free one)")
+    p.add_argument("--host", default="127.0.0.1", help="the address to serve on (0.0.0.0: every interface)")
+    p.set_defaults(func=cmd_view)

@@ -76,29 +76,6 @@ def cmd_config(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
-    """What `make demo` runs: synthetic patches and slides (made once), a CPU training run of
-    configs/demo.yaml, the trained model over the slides; then the lines naming what to open."""
-    from cancernet.cli import main
-
-    data, slides, out = Path(args.data_dir), Path(args.slides_dir), Path(args.out)
-    if not (data / "train_labels.csv").is_file():
-        main(["synth", str(data), "--n-train", "3000", "--n-test", "200", "--seed", "0"])
-    if not (slides / "slides.csv").is_file():
-        main(["synth-slides", str(slides), "--n", "2", "--rows", "36", "--cols", "48", "--seed", "0"])
-    main(["train", "--config", "demo", f"data.root={data}", f"train.out_dir={out}", *args.overrides])
-    if not (out / "report" / "metrics.json").is_file():
-        log.warning("the demo's training stopped before its report; the same command continues it")
-        return 0
-    best = out / "checkpoints" / "best.pt"
-    code = main(
-        ["evaluate-slides", str(slides / "slides"), "--checkpoint", str(best), "--labels", str(slides / "slides.csv")]
-        + ["--masks", str(slides / "masks"), "--mask-downsample", "16", "--out", str(out / "slides")]
-    )
-    log.info("demo done: open %s (the patch report) and %s (the slides)", out / "report" / "index.html", out / "slides")
-    return code
-
-
 def register(sub) -> None:
     p = sub.add_parser(
         "train",
@@ -127,12 +104,3 @@ def register(sub) -> None:
     p.add_argument("--config", default=None, help="a YAML file or a shipped config's name (default: the defaults)")
     takes_overrides(p, "train.epochs=2")
     p.set_defaults(func=cmd_config)
-    p = sub.add_parser(
-        "demo",
-        help="the CPU demo (what `make demo` runs): synthetic data, a short training run, its report, two slides",
-    )
-    p.add_argument("--data-dir", default="data/synthetic", help="the synthetic patches (written when missing)")
-    p.add_argument("--slides-dir", default="data/synthetic_slides", help="the synthetic slides (written when missing)")
-    p.add_argument("--out", default="runs/demo", help="the run directory")
-    takes_overrides(p, "train.epochs=1")
-    p.set_defaults(func=cmd_demo)

@@ -63,13 +63,13 @@ def load_table(
     return make_splits(frame, dc.val_fraction, dc.test_fraction, split_seed(cfg), groups, dc.folds, dc.fold, given), bad
 
 
-def check_validation_split(table: pd.DataFrame) -> None:
+def check_validation_split(table: pd.DataFrame, unit: str = "image", more: str = "data.limit") -> None:
     """Best-checkpoint selection by val AUC needs both classes in the validation split."""
     val = table[table["split"] == "val"]
     if val["label"].nunique() < 2:
         raise DataError(
-            f"the validation split holds {len(val)} image(s) of class(es) {sorted(set(val['label']))} only: "
-            "raise data.val_fraction or data.limit so that it holds both classes"
+            f"the validation split holds {len(val)} {unit}(s) of class(es) {sorted(set(val['label']))} only: "
+            f"raise data.val_fraction or {more} so that it holds both classes"
         )
 
 

@@ -60,12 +60,12 @@ def score_bags(model, loader: DataLoader, dist: DistInfo, amp: str) -> pd.DataFr
     values = torch.stack(stats).cpu().numpy() if stats else np.zeros((0, 4))
     rows = pd.DataFrame(
         {
-            "index": index,
+            "index": np.asarray(index, dtype=np.int64),  # int even when this rank scored no bag
             "logit": values[:, 0].astype(np.float64),
             "attention_max": values[:, 1],
             "attention_entropy": values[:, 2],
             "top_tile": values[:, 3].astype(np.int64),
-            "tiles": tiles,
+            "tiles": np.asarray(tiles, dtype=np.int64),
         }
     )
     frame = pd.concat(gather_objects(rows, dist)).sort_values("index")

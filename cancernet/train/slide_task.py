@@ -22,6 +22,7 @@ from cancernet.data.bags import Bags, BalancedBags, bag_loader, slide_table
 from cancernet.data.splits import make_splits, reuse_splits, split_seed
 from cancernet.data.tile_features import TileSettings
 from cancernet.engine import checkpoint
+from cancernet.engine.loaders import check_validation_split
 from cancernet.engine.rundir import RunDir
 from cancernet.evaluate.slide_report import score_bags, scoring_loader, test_report
 from cancernet.models.mil import build_mil
@@ -73,6 +74,7 @@ class SlideTask:
             columns = ["id", "split", *(["fold"] if "fold" in table else [])]
             write_text(run.splits, table[columns].to_csv(index=False))
         log.info("slides: %s", {str(k): int(v) for k, v in table["split"].value_counts().items()})
+        check_validation_split(table, "slide", "the slides in data.slides_csv")
         part = {s: table[table["split"] == s].reset_index(drop=True) for s in ("train", "val", "test")}
         bags = {
             s: Bags(d.features, p["id"], p["label"].to_numpy(), d.max_instances if s == "train" else None, seed)

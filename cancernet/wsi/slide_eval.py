@@ -173,4 +173,5 @@ def evaluate_slides(
     log.info("evaluate-slides: %s", json.dumps({k: v for k, v in metrics.items() if k != "checkpoint"}))
     shown = out / "slides_report.png"
     log.info("report: open %s (each slide: %s)", shown if shown.is_file() else out / "slides.csv", out / "<slide>")
+    log.info("in the browser: python -m cancernet view %s", out)
     return metrics
