@@ -24,7 +24,7 @@ TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic and BigTIFF, bo
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm")
 
 
-PATCH_SIDE_MAX = 1024  # an image no larger than this each way is a patch, not a slide
+PATCH_SIDE_MAX = 512  # an image no larger than this each way is a patch (96-512 px), not a slide
 
 
 def _image_size(path: Path) -> tuple[int, int] | None:
