@@ -1,4 +1,4 @@
-"""Commands for data: synth, prepare, link-pcam."""
+"""Commands for data: synth, prepare, link-pcam, synth-slides."""
 
 from __future__ import annotations
 
@@ -62,10 +62,26 @@ def cmd_link_pcam(args) -> int:
     return 0
 
 
+def cmd_synth_slides(args) -> int:
+    from cancernet.wsi.synthetic import write_slide_set
+
+    start = time.perf_counter()
+    frame = write_slide_set(args.out, args.n, args.rows, args.cols, args.mpp, args.seed, args.tumour_rate)
+    log.info(
+        "wrote %d synthetic slides (%d with tumour) to %s in %.1fs",
+        len(frame),
+        frame["label"].sum(),
+        args.out,
+        time.perf_counter() - start,
+    )
+    return 0
+
+
 def register(sub) -> None:
     _add_synth(sub)
     _add_prepare(sub)
     _add_link_pcam(sub)
+    _add_synth_slides(sub)
 
 
 def _add_synth(sub) -> None:
@@ -125,3 +141,19 @@ def _add_link_pcam(sub) -> None:
     p.add_argument("pcam_release", help="PCam's release folder (camelyonpatch_level_2_split_*.h5[.gz], meta CSVs)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="hashing processes (one per split file)")
     p.set_defaults(func=cmd_link_pcam)
+
+
+def _add_synth_slides(sub) -> None:
+    p = sub.add_parser(
+        "synth-slides",
+        help="synthetic pyramidal TIFF slides with known tumour regions, their "
+        "masks and slides.csv (evaluate-slides' input)",
+    )
+    positional(p, "out", "folder to write: slides/<name>.tif, masks/<name>.png, slides.csv")
+    p.add_argument("--n", type=int, default=4, help="slides to write")
+    p.add_argument("--rows", type=int, default=48, help="cells (32 training px) down")
+    p.add_argument("--cols", type=int, default=64, help="cells across")
+    p.add_argument("--mpp", type=float, default=0.486, help="level-0 microns per pixel")
+    p.add_argument("--tumour-rate", type=float, default=0.5, help="share of slides with a tumour region")
+    p.add_argument("--seed", type=int, default=0, help="random seed (the same seed writes the same slides)")
+    p.set_defaults(func=cmd_synth_slides)

@@ -1,10 +1,9 @@
-"""Commands for whole slides: predict-slide, evaluate-slides, synth-slides."""
+"""Commands for whole slides: predict-slide, evaluate-slides, extract-features, view."""
 
 from __future__ import annotations
 
 import logging
 import sys
-import time
 from pathlib import Path
 
 from cancernet.cli.options import (
@@ -186,21 +185,6 @@ def cmd_extract_features(args) -> int:
         return _outcome(rows, args.out, dist)
 
 
-def cmd_synth_slides(args) -> int:
-    from cancernet.wsi.synthetic import write_slide_set
-
-    start = time.perf_counter()
-    frame = write_slide_set(args.out, args.n, args.rows, args.cols, args.mpp, args.seed, args.tumour_rate)
-    log.info(
-        "wrote %d synthetic slides (%d with tumour) to %s in %.1fs",
-        len(frame),
-        frame["label"].sum(),
-        args.out,
-        time.perf_counter() - start,
-    )
-    return 0
-
-
 def cmd_view(args) -> int:
     from cancernet.wsi.viewer import make_server
 
@@ -334,19 +318,6 @@ def register(sub) -> None:
     timeout_option(p)
     takes_overrides(p, "model.pretrained=none")
     p.set_defaults(func=cmd_extract_features)
-    p = sub.add_parser(
-        "synth-slides",
-        help="synthetic pyramidal TIFF slides with known tumour regions, their "
-        "masks and slides.csv (evaluate-slides' input)",
-    )
-    positional(p, "out", "folder to write: slides/<name>.tif, masks/<name>.png, slides.csv")
-    p.add_argument("--n", type=int, default=4, help="slides to write")
-    p.add_argument("--rows", type=int, default=48, help="cells (32 training px) down")
-    p.add_argument("--cols", type=int, default=64, help="cells across")
-    p.add_argument("--mpp", type=float, default=0.486, help="level-0 microns per pixel")
-    p.add_argument("--tumour-rate", type=float, default=0.5, help="share of slides with a tumour region")
-    p.add_argument("--seed", type=int, default=0, help="random seed (the same seed writes the same slides)")
-    p.set_defaults(func=cmd_synth_slides)
     p = sub.add_parser(
         "view",
         help="a predict-slide or evaluate-slides output in the browser: the slides in deep zoom, the map over them",
