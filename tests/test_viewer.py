@@ -238,3 +238,37 @@ def test_a_slide_level_models_output_shows_its_attention_layer(chromium, tmp_pat
         assert layer.shape[:2] == tuple(grid) and layer[..., 3].max() > 0  # one pixel per cell, visible
     finally:
         server.shutdown()
+
+
+def test_an_evaluate_slides_output_outlines_the_given_tumour_mask_on_its_cells(chromium, served, ckpt, tmp_path):  # noqa: F811
+    """evaluate-slides with --masks keeps each mask on the map's cell grid; the page draws its outline."""
+    from cancernet.cli import main
+
+    url, out = served
+    _, tumour = regions()
+    slides = [json.loads((out / n / "slide.json").read_text())["slide"] for n in ("case", "clear")]
+    summary = json.loads((out / "case" / "slide.json").read_text())
+    (tmp_path / "masks").mkdir()
+    Image.fromarray((tumour * 255).astype(np.uint8)).save(tmp_path / "masks" / "case.png")  # a pixel per cell
+    (tmp_path / "labels.csv").write_text("slide,label\ncase,1\nclear,0\n")
+    downsample = summary["cell_um"] / summary["mpp"]
+    assert main(["evaluate-slides", *slides, "--checkpoint", str(ckpt), "--labels", str(tmp_path / "labels.csv"),
+                 "--masks", str(tmp_path / "masks"), "--mask-downsample", str(downsample),
+                 "--out", str(tmp_path / "eval"), "--device", "cpu", "--num-workers", "0"]) == 0  # fmt: skip
+    assert (np.load(tmp_path / "eval" / "case" / "mask_cells.npy") == tumour).all()
+    assert not (tmp_path / "eval" / "clear" / "mask_cells.npy").exists()  # no mask given for it
+    server, here = serve(tmp_path / "eval")
+    try:
+        dom = browse(chromium, f"{here}/slide/case", tmp_path)
+        assert "the given tumour mask: magenta outline" in dom and body(dom)["errors"] == ""
+        status, png = _get(here, "/truth/case.png")
+        outline = np.asarray(Image.open(io.BytesIO(png)))[..., 3] > 0
+        rows, cols = np.nonzero(outline)
+        inside = np.argwhere(tumour)
+        assert status == 200 and outline.shape == (4 * tumour.shape[0], 4 * tumour.shape[1])
+        assert rows.min() // 4 == inside[:, 0].min() and rows.max() // 4 == inside[:, 0].max()  # around the region
+        assert cols.min() // 4 == inside[:, 1].min() and cols.max() // 4 == inside[:, 1].max()
+        assert outline.sum() < 0.5 * 16 * tumour.sum()  # an outline, not the filled region
+        assert _get(here, "/truth/clear.png")[0] == 404
+    finally:
+        server.shutdown()

@@ -14,12 +14,14 @@ import pandas as pd
 from PIL import Image
 
 from cancernet.evaluate.metrics import METRICS, bootstrap_cis
-from cancernet.runtime.atomic import write_text
+from cancernet.runtime.atomic import atomic_path, write_text
 from cancernet.runtime.errors import DataError
 from cancernet.wsi.diagnose import SlideModel
 from cancernet.wsi.driver import RESULT, drive, list_slides
 from cancernet.wsi.heatmap import Scorer
 from cancernet.wsi.slide import cell_share
+
+TRUTH = "mask_cells.npy"  # evaluate-slides: a slide's tumour mask as cells (bool, the map's grid)
 
 log = logging.getLogger(__name__)
 PAGE_SLIDES = 12  # slides on the report page: the highest and lowest scored of each class
@@ -118,6 +120,8 @@ def evaluate_slides(
                 row["cell_auc"] = METRICS["roc_auc"](truth[scored], heatmap[scored])
             if found is not None:
                 entry["mask"] = np.asarray(Image.open(found).convert("L")) > 0
+                with atomic_path(out / path.stem / TRUTH) as tmp, open(tmp, "wb") as f:
+                    np.save(f, truth)  # the mask on the cell grid: `cancernet view` outlines it
         elif masks is not None:
             log.warning("slide %s: label 1 but no mask in %s; left out of the cell-level AUC", path.name, masks)
         entry["cell_auc"] = row["cell_auc"]

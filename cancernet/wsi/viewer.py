@@ -151,6 +151,26 @@ def _overlay(catalogue: Catalogue, name: str) -> bytes | None:
 
 
 @functools.lru_cache(maxsize=256)
+def _truth(catalogue: Catalogue, name: str) -> bytes | None:
+    """evaluate-slides' tumour mask on the cell grid, outlined in magenta (4 px a cell), as a PNG."""
+    from PIL import Image
+
+    from cancernet.wsi.slide_eval import TRUTH
+
+    path = catalogue.file(f"{name}/{TRUTH}")
+    if path is None:
+        return None
+    inside = np.kron(np.load(path).astype(bool), np.ones((4, 4), bool))
+    padded = np.pad(inside, 1)
+    interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    rgba = np.zeros((*inside.shape, 4), np.uint8)
+    rgba[inside & ~interior] = (255, 0, 200, 255)
+    buffer = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@functools.lru_cache(maxsize=256)
 def _regions(catalogue: Catalogue, name: str) -> bytes | None:
     """tumour.geojson's outlines as a PNG over the same grid (4 px a cell)."""
     from PIL import Image, ImageDraw
@@ -214,10 +234,11 @@ class Handler(BaseHTTPRequestHandler):
                 return self._send(
                     target.read_bytes(), mimetypes.guess_type(target.name)[0] or "application/octet-stream"
                 )
-        if parts[0] in ("overlay", "regions") and len(parts) == 2 and parts[1].endswith(".png"):
+        layers = {"overlay": _overlay, "regions": _regions, "truth": _truth}
+        if parts[0] in layers and len(parts) == 2 and parts[1].endswith(".png"):
             name = parts[1].removesuffix(".png")
             if name in c.summaries:
-                return self._send((_overlay if parts[0] == "overlay" else _regions)(c, name), "image/png")
+                return self._send(layers[parts[0]](c, name), "image/png")
         if parts[0] == "dzi":
             return self._deepzoom(parts[1:])
         self._send(None)

@@ -102,6 +102,7 @@ def slide_page(catalogue, name: str) -> bytes:
         "dzi": f"/dzi/{name}.dzi",
         "overlay": f"/overlay/{name}.png" if catalogue.layer(name) is not None else None,
         "regions": f"/regions/{name}.png" if catalogue.file(f"{name}/tumour.geojson") else None,
+        "truth": f"/truth/{name}.png" if catalogue.file(f"{name}/mask_cells.npy") else None,
         "overlayWidth": cols * cell_px / width,  # viewport units: the slide is 1 wide
         "slideWidth": width,
         "slideHeight": height,
@@ -112,7 +113,10 @@ def slide_page(catalogue, name: str) -> bytes:
         + f"</table><p>{layer}: opacity <input id='opacity' type='range' min='0' max='1' step='0.05' value='0.7'></p>"
         f"<div class='bar' style='background:linear-gradient(to right,{cmap})'></div>"
         "<div class='scale'><span>0</span><span>0.5</span><span>1</span></div>"
-        "<p>clear below 0.1, full from 0.5" + (" (tumour regions: cyan outlines)" if config["regions"] else "") + "</p>"
+        "<p>clear below 0.1, full from 0.5"
+        + (" (tumour regions at the threshold: cyan outlines)" if config["regions"] else "")
+        + (" (the given tumour mask: magenta outline)" if config["truth"] else "")
+        + "</p>"
         f"<h4>top tiles</h4><ol id='tiles'>{tiles}</ol>"
     )
     body = (

@@ -9,6 +9,7 @@ viewer.addHandler('open',function(){
     width:CONFIG.overlayWidth,opacity:parseFloat(document.getElementById('opacity').value),
     success:function(e){layer=e.item;go()}})}else{go()}
   if(CONFIG.regions){viewer.addTiledImage({tileSource:{type:'image',url:CONFIG.regions},x:0,y:0,width:CONFIG.overlayWidth})}
+  if(CONFIG.truth){viewer.addTiledImage({tileSource:{type:'image',url:CONFIG.truth},x:0,y:0,width:CONFIG.overlayWidth})}
 });
 document.getElementById('opacity').addEventListener('input',function(e){if(layer){layer.setOpacity(parseFloat(e.target.value))}});
 function centre(){var c=slide().viewportToImageCoordinates(viewer.viewport.getCenter(true));
