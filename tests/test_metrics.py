@@ -92,3 +92,9 @@ def test_the_report_page_and_headline_show_every_metric_of_the_table_with_its_in
         if spec.interval:
             ci = (metrics if key not in OPERATING else metrics["at_val_threshold"])[f"{key}_ci"]
             assert ci[0] <= value <= ci[1] and f"[{ci[0]:.3f}, {ci[1]:.3f}]" in line, key
+    assert "operating threshold" not in page  # 0.4: near 0.5, nothing to explain
+    low = report.compute_metrics(
+        pd.DataFrame({"label": labels, "prob": probs}), {"threshold": 0.031, "method": "youden_j"}, 0
+    )
+    low.update(brier=0.1, ece=0.02, temperature=1.0, split="test")
+    assert "The operating threshold t = 0.031 maximises sensitivity + specificity" in report.index_html(low, [])

@@ -267,6 +267,21 @@ def _row(name: str, value) -> str:
     return f"<tr><th>{html.escape(name)}</th><td>{html.escape(shown)}</td></tr>"
 
 
+def _threshold_note(metrics: dict) -> str:
+    """A line on why the operating point is where it is, when it is far from 0.5."""
+    point = metrics.get("val_threshold", {})
+    t = point.get("value")
+    if t is None or 0.2 <= t <= 0.8:
+        return ""
+    how = "maximises sensitivity + specificity (Youden's J)" if point.get("method") == "youden_j" else "was chosen"
+    return (
+        f"<p>The operating threshold t = {t:.3f} {how} on the validation split. A threshold this far "
+        "from 0.5 says the probabilities are shifted (a short or small run, or classes weighted "
+        "otherwise than in training): the ranking (AUC) is what to judge; the t = 0.5 rows show what "
+        "the raw probabilities give.</p>"
+    )
+
+
 def index_html(metrics: dict, images: list[str]) -> str:
     """One offline page: what was evaluated, the headline with CIs, both operating points, every figure."""
     facts = metrics.get("run", {})
@@ -316,7 +331,7 @@ def index_html(metrics: dict, images: list[str]) -> str:
 th,td{{border:1px solid #ccc;padding:4px 10px;text-align:left}}figure{{display:inline-block;margin:8px}}
 img{{max-width:640px}}pre{{background:#f6f6f6;padding:8px}}</style></head><body>
 <h1>cancernet evaluation report</h1><p><b>{html.escape(headline(metrics))}</b></p>
-<table>{"".join(_row(k, v) for k, v in about)}</table>
+<table>{"".join(_row(k, v) for k, v in about)}</table>{_threshold_note(metrics)}
 <h2>Metrics (95% bootstrap intervals in brackets)</h2><table>{"".join(_row(k, v) for k, v in rows)}</table>
 <h2>Classification report (t = 0.5)</h2><pre>{html.escape(metrics["classification_report"])}</pre>
 <h2>Figures</h2>{figures}</body></html>
