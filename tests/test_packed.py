@@ -13,7 +13,7 @@ from cancernet.data.datasets import FolderDataset, PackedDataset
 from cancernet.data.formats import open_source_pack as open_pack
 from cancernet.data.formats import prepare
 from cancernet.data.patch import read_patch
-from cancernet.runtime.errors import ConfigError, DataError
+from cancernet.runtime.errors import ConfigError, DataError, UserError
 
 from conftest import ROOT, python_env, train
 from conftest import copy_dataset as _copy
@@ -205,3 +205,19 @@ def test_loader_workers_are_sent_the_rows_they_read_not_the_packs_id_list(packed
     restored = pickle.loads(pickle.dumps(few))
     images, labels, index = restored[[0, 3]]
     assert torch.equal(images, PackedDataset(pack, pack.ids, pack.labels)[[0, 3]][0])
+
+
+def test_a_run_refused_at_its_start_names_what_to_do_and_leaves_no_files(synth_root, tmp_path):
+    """data.format=packed before `prepare`, or weights that are not there: one line saying what to
+    do, and nothing written to the run directory (no splits.csv for a run that never started)."""
+    root = _copy(synth_root, tmp_path / "d", n=40)
+    out = tmp_path / "run"
+    with pytest.raises(
+        DataError,
+        match=rf"no complete pack at .*: run `python -m cancernet prepare data.root={root} data.format=packed`",
+    ):
+        train(root, out, "data.format=packed", "train.batch_size=8")
+    assert not (out / "splits.csv").exists() and not (out / "checkpoints").exists()
+    with pytest.raises(UserError, match="model.pretrained: .*missing.pt does not exist"):  # weights not there
+        train(root, out, "train.batch_size=8", f"model.pretrained={tmp_path / 'missing.pt'}")
+    assert not (out / "splits.csv").exists()

@@ -68,11 +68,6 @@ class PatchTask:
         saved_splits = on_main(run.read_splits, dist) if resuming else None  # rank 0 reads, all reuse
         table, bad = load_table(cfg, dist, saved_splits)
         check_validation_split(table)
-        if dist.is_main:
-            columns = [c for c in ("id", "split", "fold") if c in table.columns]
-            write_text(run.splits, table[columns].to_csv(index=False))
-            if bad:
-                write_text(run.bad_images, pd.DataFrame(bad.items(), columns=["id", "reason"]).to_csv(index=False))
         log.info("images: %s", {str(k): int(v) for k, v in table["split"].value_counts().items()})
         model = build_model(cfg.model, cfg.data.image_size)
         if cfg.model.sync_bn and dist.is_distributed:
@@ -89,6 +84,11 @@ class PatchTask:
             s: make_loader(cfg, dist, table[table["split"] == s], s == "train", store, persistent=s != "test")
             for s in ("train", "val", "test")
         }
+        if dist.is_main:  # once the model and the data opened: a refused run leaves no files behind
+            columns = [c for c in ("id", "split", "fold") if c in table.columns]
+            write_text(run.splits, table[columns].to_csv(index=False))
+            if bad:
+                write_text(run.bad_images, pd.DataFrame(bad.items(), columns=["id", "reason"]).to_csv(index=False))
         return cls(cfg, dist, table, model, loaders, stored, meta["preprocessing"])
 
     @property
