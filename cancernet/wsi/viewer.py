@@ -131,11 +131,18 @@ def _tile(catalogue: Catalogue, name: str, level: int, col: int, row: int) -> by
     return buffer.getvalue()
 
 
+def _png(rgba: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buffer, "PNG")
+    return buffer.getvalue()
+
+
 @functools.lru_cache(maxsize=256)
 def _overlay(catalogue: Catalogue, name: str) -> bytes | None:
     """The map as a PNG, one pixel per cell: coloured, clear outside tissue and below 0.1."""
     from matplotlib import colormaps
-    from PIL import Image
 
     from cancernet.wsi.figures import opacity
 
@@ -145,15 +152,12 @@ def _overlay(catalogue: Catalogue, name: str) -> bytes | None:
     values, cmap = found
     rgba = colormaps[cmap](np.nan_to_num(values, nan=0.0), bytes=True)
     rgba[..., 3] = np.rint(255 * opacity(values, 1.0)).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(rgba, "RGBA").save(buffer, "PNG")
-    return buffer.getvalue()
+    return _png(rgba)
 
 
 @functools.lru_cache(maxsize=256)
 def _truth(catalogue: Catalogue, name: str) -> bytes | None:
     """evaluate-slides' tumour mask on the cell grid, outlined in magenta (4 px a cell), as a PNG."""
-    from PIL import Image
 
     from cancernet.wsi.slide_eval import TRUTH
 
@@ -165,9 +169,7 @@ def _truth(catalogue: Catalogue, name: str) -> bytes | None:
     interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
     rgba = np.zeros((*inside.shape, 4), np.uint8)
     rgba[inside & ~interior] = (255, 0, 200, 255)
-    buffer = io.BytesIO()
-    Image.fromarray(rgba, "RGBA").save(buffer, "PNG")
-    return buffer.getvalue()
+    return _png(rgba)
 
 
 @functools.lru_cache(maxsize=256)
